@@ -1,0 +1,45 @@
+"""Packaging for topd_jax.
+
+The accelerator backend is chosen by extras and never hard-pinned:
+  pip install -e .            # CPU (jaxlib wheels from PyPI)
+  pip install -e ".[tpu]"     # Cloud TPU VMs   (jax[tpu])
+  pip install -e ".[cuda]"    # NVIDIA GPUs     (jax[cuda12])
+  pip install -e ".[test]"    # test suite, parity references and notebooks
+"""
+
+from setuptools import find_packages, setup
+
+JAX = "jax>=0.7.1,<0.13"
+
+setup(
+    name="topd_jax",
+    version="0.1.0",
+    description="Trajectory-aware On-Policy Distillation (TOPD) in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["topd_jax", "topd_jax.*"]),
+    include_package_data=True,
+    install_requires=[
+        JAX,
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "tpu": ["jax[tpu]>=0.7.1,<0.13"],
+        "cuda": ["jax[cuda12]>=0.7.1,<0.13"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "scipy>=1.11",
+            "nbmake>=1.5",
+            "transformers>=4.51,<6",
+            "safetensors>=0.4",
+            # The CPU wheel: parity references run on the host, never on an accelerator.
+            "torch==2.13.0",
+        ],
+    },
+)

@@ -1,0 +1,49 @@
+"""The TOPD loss library: pure, jittable functions of arrays, one per equation of TOPD.md.
+
+    rollout (s, b, q, m) -> opd_loss                          section 1
+                         -> select_candidates                  section 2
+    windows (embeddings) -> ot_distance                        section 4
+    OT distances         -> divergent_mask                     section 4 (threshold)
+    everything           -> topd_loss(TopdInputs, TopdConfig)  sections 5-6
+"""
+
+from topd_jax.losses.candidates import (
+    gather_tokens,
+    reference_positions,
+    select_candidates,
+    window_kl_proxy,
+)
+from topd_jax.losses.divergence import divergence_threshold, divergent_mask
+from topd_jax.losses.opd import aggregate, opd_loss, reverse_kl, reverse_kl_on_support
+from topd_jax.losses.ot import cosine_cost, ot_distance, sinkhorn_plan
+from topd_jax.losses.stats import masked_quantile, spearman
+from topd_jax.losses.topd import (
+    TopdConfig,
+    TopdInputs,
+    forward_kl_topk,
+    topd_loss,
+    trajectory_loss,
+)
+
+__all__ = [
+    "TopdConfig",
+    "TopdInputs",
+    "aggregate",
+    "cosine_cost",
+    "divergence_threshold",
+    "divergent_mask",
+    "forward_kl_topk",
+    "gather_tokens",
+    "masked_quantile",
+    "opd_loss",
+    "ot_distance",
+    "reference_positions",
+    "reverse_kl",
+    "reverse_kl_on_support",
+    "select_candidates",
+    "sinkhorn_plan",
+    "spearman",
+    "topd_loss",
+    "trajectory_loss",
+    "window_kl_proxy",
+]
