@@ -13,6 +13,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Aggregation = Literal["token_mean", "sequence_mean"]
 AGGREGATIONS = ("token_mean", "sequence_mean")
+_MAX_LOG_RATIO = 20.0
 
 
 def aggregate(per_token: Array, mask: Array, agg: Aggregation = "token_mean") -> Array:
@@ -74,8 +75,10 @@ def opd_loss(
     weights = jnp.ones_like(student_logprobs) if weights is None else weights
     weights = jax.lax.stop_gradient(weights.astype(dtype))
 
-    # Masked entries may hold anything finite (padding); keep exp() away from them.
+    # Masked entries may hold anything finite (padding); keep exp() away from them. The clamp
+    # (|log rho| <= 20, rho within 5e8 of 1) only bites far off-policy and keeps rho finite.
     log_ratio = jnp.where(mask > 0, student_logprobs - behaviour, 0.0)
+    log_ratio = jnp.clip(log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     ratio = jnp.exp(log_ratio)
     surrogate = advantage * ratio
     clipped = jnp.zeros_like(ratio)

@@ -187,9 +187,11 @@ def trajectory_loss(
     """
     k = step_loss.shape[-1]
     mask = window_mask.astype(jnp.float32)
-    w = jnp.asarray(gamma, jnp.float32) ** jnp.arange(k, dtype=jnp.float32) * mask
+    # l_r is invariant to rescaling w, so use gamma^(k-1) / max_k gamma^(k-1): finite for any gamma.
+    log_w = jnp.arange(k, dtype=jnp.float32) * jnp.log(jnp.asarray(gamma, jnp.float32))
+    w = jnp.exp(log_w - jnp.max(log_w)) * mask
     total_w = jnp.sum(w, axis=-1)
-    per_window = jnp.sum(w * jnp.where(mask > 0, step_loss, 0.0), axis=-1) / jnp.maximum(total_w, 1e-30)
+    per_window = jnp.sum(w * jnp.where(mask > 0, step_loss, 0.0), axis=-1) / jnp.where(total_w > 0, total_w, 1.0)
     counted = (divergent > 0) & (total_w > 0)
     count = jnp.sum(counted)
     loss = jnp.sum(jnp.where(counted, per_window, 0.0)) / jnp.maximum(count, 1)
