@@ -66,8 +66,8 @@ def test_invalid_arguments_are_clear_errors():
 def test_window_kl_proxy_hand_computed():
     d = jnp.array([[1.0, 2.0, 3.0, 100.0, 4.0]])
     mask = jnp.array([[1, 1, 1, 0, 1]])
-    # window 2: [1,2] -> 1.5, [2,3] -> 2.5, [3,pad] -> 3, [pad,4] -> 4, [4] -> 4.
-    np.testing.assert_allclose(window_kl_proxy(d, mask, window=2), [[1.5, 2.5, 3.0, 4.0, 4.0]])
+    # window 2 after t: [2,3] -> 2.5, [3,pad] -> 3, [pad,4] -> 4, [4] -> 4, nothing -> 0.
+    np.testing.assert_allclose(window_kl_proxy(d, mask, window=2), [[2.5, 3.0, 4.0, 4.0, 0.0]])
 
 
 def test_window_kl_proxy_equals_loop_reference():
@@ -78,8 +78,8 @@ def test_window_kl_proxy_equals_loop_reference():
     expected = np.zeros_like(d)
     for i in range(3):
         for t in range(20):
-            m = mask[i, t : t + window]
-            expected[i, t] = (m * d[i, t : t + window]).sum() / max(m.sum(), 1)
+            m = mask[i, t + 1 : t + 1 + window]
+            expected[i, t] = (m * d[i, t + 1 : t + 1 + window]).sum() / max(m.sum(), 1)
     np.testing.assert_allclose(window_kl_proxy(jnp.asarray(d), jnp.asarray(mask), window=window), expected, rtol=1e-5, atol=1e-6)
 
 

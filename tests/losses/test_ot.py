@@ -118,6 +118,13 @@ def test_no_gradient_and_finite_for_degenerate_inputs():
     np.testing.assert_array_equal(grad, 0.0)
 
 
+@pytest.mark.parametrize("num_iters", [1, 2, 3])
+def test_few_iterations_stay_a_transport_cost(num_iters):
+    x, y = random_windows(8, 4, 10, 8)
+    got = np.asarray(ot_distance(jnp.asarray(x), jnp.asarray(y), num_iters=num_iters))
+    assert np.all((got >= 0) & (got <= 2)), got
+
+
 def test_cost_is_one_minus_cosine():
     x, y = random_windows(6, 1, 4, 5)
     np.testing.assert_allclose(cosine_cost(jnp.asarray(x[0]), jnp.asarray(y[0])), 1 - unit(x[0]) @ unit(y[0]).T, rtol=1e-5, atol=1e-6)

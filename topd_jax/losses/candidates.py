@@ -55,23 +55,23 @@ def select_candidates(
 def window_kl_proxy(divergence: Array, mask: Array, *, window: int) -> Array:
     """Zero-branch locator: the mean of d over the rollout's own next `window` tokens. [B, T] -> [B, T].
 
-        P_t = sum_{j=t}^{t+K-1} m_j d_j / max(1, sum_{j=t}^{t+K-1} m_j)
+        P_t = sum_{j=t+1}^{t+K} m_j d_j / max(1, sum_{j=t+1}^{t+K} m_j)
 
-    The window starts at t because the look-ahead windows branch from the prefix y_<t, so the
-    rollout's own continuation from that prefix is y_t .. y_{t+K-1}. Computed as one windowed
-    sum (no cumulative-sum cancellation), 0 where the window holds no valid token.
+    The near future after t, not d_t itself: a candidate is high-loss at t by construction, and
+    the question is whether the divergence persists (drift) or was an isolated spike. Computed
+    as one windowed sum (no cumulative-sum cancellation), 0 where no valid token follows.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     m = mask.astype(jnp.float32)
     d = jnp.where(m > 0, divergence.astype(jnp.float32), 0.0)
 
-    def forward_sum(x):
-        return jax.lax.reduce_window(
-            x, 0.0, jax.lax.add, (1, window), (1, 1), ((0, 0), (0, window - 1))
-        )
+    def future_sum(x):
+        # Windows [t + 1, t + K]: pad K on the right, drop the first window (which starts at t).
+        sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, window), (1, 1), ((0, 0), (0, window)))
+        return sums[:, 1:]
 
-    return forward_sum(d * m) / jnp.maximum(forward_sum(m), 1.0)
+    return future_sum(d * m) / jnp.maximum(future_sum(m), 1.0)
 
 
 def gather_tokens(values: Array, positions: Array) -> Array:

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 Array = jax.Array
+
+
+def replicated(*xs: Array) -> tuple[Array, ...]:
+    """The arrays without explicit sharding. Order statistics over a whole batch (sort, ranks)
+    need every element on every device; under an Explicit-axes mesh that must be said."""
+
+    def unshard(x):
+        if any(axis is not None for axis in jax.typeof(x).sharding.spec):
+            return jax.sharding.reshard(x, PartitionSpec())
+        return x
+
+    return tuple(unshard(x) for x in xs)
 
 
 def masked_quantile(values: Array, valid: Array, q: float) -> tuple[Array, Array]:
@@ -13,6 +26,9 @@ def masked_quantile(values: Array, valid: Array, q: float) -> tuple[Array, Array
 
     Returns (quantile, defined); `defined` is False and the quantile 0 when nothing is valid.
     """
+    values, valid = replicated(values, valid)
+    if values.size == 0:
+        return jnp.zeros((), jnp.float32), jnp.asarray(False)
     x = values.reshape(-1).astype(jnp.float32)
     v = valid.reshape(-1)
     n = jnp.sum(v)
@@ -46,6 +62,7 @@ def spearman(x: Array, y: Array, valid: Array) -> Array:
 
     rho = Pearson(rank(x), rank(y)) with average ranks for ties, as scipy.stats.spearmanr.
     """
+    x, y, valid = replicated(x, y, valid)
     x = x.reshape(-1)
     y = y.reshape(-1)
     v = valid.reshape(-1)
@@ -61,6 +78,7 @@ def spearman(x: Array, y: Array, valid: Array) -> Array:
 
 def masked_histogram(values: Array, valid: Array, *, bins: int, low: float, high: float) -> Array:
     """Counts of values[valid] in `bins` equal bins over [low, high] (outliers clipped in). -> [bins]."""
+    values, valid = replicated(values, valid)
     x = values.reshape(-1).astype(jnp.float32)
     idx = jnp.clip(jnp.floor((x - low) / (high - low) * bins), 0, bins - 1).astype(jnp.int32)
     return jnp.zeros((bins,), jnp.float32).at[idx].add(valid.reshape(-1).astype(jnp.float32))

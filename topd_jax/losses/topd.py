@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from topd_jax import configuration
 from topd_jax.losses.candidates import gather_tokens, select_candidates, window_kl_proxy
-from topd_jax.losses.divergence import divergence_threshold
+from topd_jax.losses.divergence import THRESHOLD_MODES, divergence_threshold
 from topd_jax.losses.opd import AGGREGATIONS, opd_loss
 from topd_jax.losses.ot import DEFAULT_EPSILON, DEFAULT_NUM_ITERS
 from topd_jax.losses.stats import masked_histogram, spearman
@@ -26,6 +26,7 @@ from topd_jax.losses.stats import masked_histogram, spearman
 Array = jax.Array
 OT_HISTOGRAM_BINS = 20
 PRESETS = ("opd", "opd_suppress", "topd")
+_LOG_ZERO = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,30 +74,31 @@ class TopdConfig:
     ot_num_iters: int = DEFAULT_NUM_ITERS
 
     def __post_init__(self):
+        # (field, ok, requirement): each failure is one line naming the field and its value.
         checks = [
-            (self.clip_eps is None or self.clip_eps > 0, "clip_eps must be > 0 or None"),
-            (self.agg in AGGREGATIONS, f"agg must be one of {AGGREGATIONS}"),
-            (0.0 <= self.candidate_quantile < 1.0, "candidate_quantile must be in [0, 1)"),
-            (self.max_candidates >= 0, "max_candidates must be >= 0"),
-            (self.window >= 1, "window must be >= 1"),
-            (self.window_temperature is None or self.window_temperature >= 0, "window_temperature must be >= 0 or None"),
-            (self.num_reference >= 0, "num_reference must be >= 0"),
-            (self.locator in ("ot", "window_kl"), "locator must be 'ot' or 'window_kl'"),
-            (self.threshold_mode in ("reference", "quantile", "absolute"), "threshold_mode must be reference, quantile or absolute"),
-            (0.0 <= self.threshold_quantile <= 1.0, "threshold_quantile must be in [0, 1]"),
-            (self.threshold_mode != "absolute" or self.tau is not None, "threshold_mode='absolute' needs tau"),
-            (self.threshold_mode != "reference" or self.num_reference > 0, "threshold_mode='reference' needs num_reference > 0"),
-            (0.0 <= self.suppress_weight <= 1.0, "suppress_weight must be in [0, 1]"),
-            (self.traj_weight >= 0.0, "traj_weight must be >= 0"),
-            (self.traj_gamma > 0.0, "traj_gamma must be > 0"),
-            (self.traj_loss in ("sampled", "topk_fkl"), "traj_loss must be 'sampled' or 'topk_fkl'"),
-            (self.traj_top_k >= 1, "traj_top_k must be >= 1"),
-            (self.ot_epsilon > 0.0, "ot_epsilon must be > 0"),
-            (self.ot_num_iters >= 1, "ot_num_iters must be >= 1"),
+            ("clip_eps", self.clip_eps is None or self.clip_eps > 0, "> 0 or None"),
+            ("agg", self.agg in AGGREGATIONS, f"one of {AGGREGATIONS}"),
+            ("candidate_quantile", 0.0 <= self.candidate_quantile <= 1.0, "in [0, 1]"),
+            ("max_candidates", self.max_candidates >= 0, ">= 0"),
+            ("window", self.window >= 1, ">= 1"),
+            ("window_temperature", self.window_temperature is None or self.window_temperature >= 0, ">= 0 or None"),
+            ("num_reference", self.num_reference >= 0, ">= 0"),
+            ("locator", self.locator in ("ot", "window_kl"), "'ot' or 'window_kl'"),
+            ("threshold_mode", self.threshold_mode in THRESHOLD_MODES, f"one of {THRESHOLD_MODES}"),
+            ("threshold_quantile", 0.0 <= self.threshold_quantile <= 1.0, "in [0, 1]"),
+            ("tau", self.threshold_mode != "absolute" or self.tau is not None, "set when threshold_mode='absolute'"),
+            ("num_reference", self.threshold_mode != "reference" or self.num_reference > 0, "> 0 when threshold_mode='reference'"),
+            ("suppress_weight", 0.0 <= self.suppress_weight <= 1.0, "in [0, 1]"),
+            ("traj_weight", self.traj_weight >= 0.0, ">= 0"),
+            ("traj_gamma", self.traj_gamma > 0.0, "> 0"),
+            ("traj_loss", self.traj_loss in ("sampled", "topk_fkl"), "'sampled' or 'topk_fkl'"),
+            ("traj_top_k", self.traj_top_k >= 1, ">= 1"),
+            ("ot_epsilon", self.ot_epsilon > 0.0, "> 0"),
+            ("ot_num_iters", self.ot_num_iters >= 1, ">= 1"),
         ]
-        for ok, message in checks:
+        for name, ok, requirement in checks:
             if not ok:
-                raise configuration.ConfigError(f"TopdConfig: {message}")
+                raise configuration.ConfigError(f"TopdConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TopdConfig":
@@ -169,7 +171,8 @@ def forward_kl_topk(student_topk_logprobs: Array, teacher_topk_logprobs: Array) 
     The student keeps its full-vocabulary log-probs (not renormalised), so KL >= 0 and is 0 only
     when the student puts exactly p~_T on S.
     """
-    t = jax.lax.stop_gradient(teacher_topk_logprobs).astype(jnp.float32)
+    # A -inf teacher entry (a zero-probability token in the support) contributes exactly 0.
+    t = jnp.maximum(jax.lax.stop_gradient(teacher_topk_logprobs).astype(jnp.float32), _LOG_ZERO)
     t = t - jax.nn.logsumexp(t, axis=-1, keepdims=True)
     return jnp.sum(jnp.exp(t) * (t - student_topk_logprobs.astype(jnp.float32)), axis=-1)
 
@@ -187,9 +190,10 @@ def trajectory_loss(
     """
     k = step_loss.shape[-1]
     mask = window_mask.astype(jnp.float32)
-    # l_r is invariant to rescaling w, so use gamma^(k-1) / max_k gamma^(k-1): finite for any gamma.
+    # l_r is invariant to rescaling w: divide by the largest valid weight, finite for any gamma.
     log_w = jnp.arange(k, dtype=jnp.float32) * jnp.log(jnp.asarray(gamma, jnp.float32))
-    w = jnp.exp(log_w - jnp.max(log_w)) * mask
+    log_w_max = jnp.max(jnp.where(mask > 0, log_w, -jnp.inf), axis=-1, keepdims=True)
+    w = jnp.exp(jnp.where(mask > 0, log_w - log_w_max, -jnp.inf))
     total_w = jnp.sum(w, axis=-1)
     per_window = jnp.sum(w * jnp.where(mask > 0, step_loss, 0.0), axis=-1) / jnp.where(total_w > 0, total_w, 1.0)
     counted = (divergent > 0) & (total_w > 0)
@@ -204,20 +208,78 @@ def _require(value: Array | None, name: str, why: str) -> Array:
     return value
 
 
+# Leading axes each field must share with the others, named as in the shapes above.
+_FIELD_AXES = {
+    "student_logprobs": "BT",
+    "behaviour_logprobs": "BT",
+    "teacher_logprobs": "BT",
+    "mask": "BT",
+    "positions": "BM",
+    "valid": "BM",
+    "ot": "BM",
+    "reference_ot": "BR",
+    "reference_valid": "BR",
+    "reference_positions": "BR",
+    "window_logprobs": "BMK",
+    "window_mask": "BMK",
+    "window_student_topk_logprobs": "BMKk",
+    "window_teacher_topk_logprobs": "BMKk",
+    "teacher_agrees": "BT",
+    "finished": "B",
+}
+
+
+def check_shapes(inputs: TopdInputs) -> dict[str, int]:
+    """The named sizes {B, T, M, K, R, k} of `inputs`, or a one-line error naming the first field
+    whose shape disagrees with the others."""
+    sizes: dict[str, int] = {}
+    for name, axes in _FIELD_AXES.items():
+        value = getattr(inputs, name)
+        if value is None:
+            continue
+        if value.ndim != len(axes):
+            raise ValueError(f"TopdInputs.{name} must be [{', '.join(axes)}], got shape {tuple(value.shape)}")
+        for axis, size in zip(axes, value.shape):
+            if sizes.setdefault(axis, size) != size:
+                raise ValueError(
+                    f"TopdInputs.{name} has {axis}={size} but earlier fields have {axis}={sizes[axis]} "
+                    f"(shape {tuple(value.shape)})"
+                )
+    if (inputs.positions is None) != (inputs.valid is None):
+        raise ValueError("TopdInputs.positions and TopdInputs.valid must be given together")
+    return sizes
+
+
 def _locator_scores(inputs: TopdInputs, config: TopdConfig, divergence: Array, positions: Array):
-    """D at the candidates [B, M] and at the references [B, R] (or None)."""
+    """D at the candidates [B, M], and at the references [B, R] when they are available."""
+    needs_reference = config.threshold_mode == "reference"
     if config.locator == "window_kl":
         proxy = window_kl_proxy(divergence, inputs.mask, window=config.window)
-        reference = None
-        if config.threshold_mode == "reference":
-            ref_positions = _require(inputs.reference_positions, "reference_positions", "for locator='window_kl' with reference thresholds")
-            reference = gather_tokens(proxy, ref_positions)
+        ref_positions = inputs.reference_positions
+        if needs_reference:
+            ref_positions = _require(ref_positions, "reference_positions", "for locator='window_kl' with threshold_mode='reference'")
+        reference = None if ref_positions is None else gather_tokens(proxy, ref_positions)
         return gather_tokens(proxy, positions), reference
     ot = _require(inputs.ot, "ot", "for locator='ot' when candidates are used")
-    reference = None
-    if config.threshold_mode == "reference":
-        reference = _require(inputs.reference_ot, "reference_ot", "for threshold_mode='reference'")
-    return ot, reference
+    if needs_reference:
+        _require(inputs.reference_ot, "reference_ot", "for threshold_mode='reference'")
+    return ot, inputs.reference_ot
+
+
+def _window_step_loss(inputs: TopdInputs, config: TopdConfig, window_mask: Array) -> Array:
+    """ell_k [B, M, K]: -log pi_s(v_k | ...) or the top-k forward KL at each window step."""
+    if config.traj_loss == "sampled":
+        return -_require(inputs.window_logprobs, "window_logprobs", "when traj_weight > 0")
+    why = "for traj_loss='topk_fkl'"
+    student = _require(inputs.window_student_topk_logprobs, "window_student_topk_logprobs", why)
+    teacher = _require(inputs.window_teacher_topk_logprobs, "window_teacher_topk_logprobs", why)
+    # Steps past a window's end may hold anything (e.g. -inf); keep them out of the arithmetic.
+    step_valid = (window_mask > 0)[..., None]
+    return forward_kl_topk(jnp.where(step_valid, student, 0.0), jnp.where(step_valid, teacher, 0.0))
+
+
+def _mean_where(values: Array, where: Array) -> Array:
+    return jnp.sum(jnp.where(where, values, 0.0)) / jnp.maximum(jnp.sum(where), 1)
 
 
 def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, Array]]:
@@ -230,22 +292,24 @@ def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, 
         L      = L_OPD(w) + lambda * L_traj(R)
 
     Metrics (TOPD.md section 6): loss, loss_opd, loss_traj, reverse_kl_sampled,
-    importance_ratio, clip_fraction, rollout_length_mean, and when candidates are scored:
-    num_candidates, num_divergent, low_divergence_share (share of valid candidates below tau),
-    loss_ot_spearman (Spearman of d vs D over candidates), suppressed_fraction (of valid tokens),
-    divergence_threshold, ot_candidates_mean, ot_reference_mean, ot_hist_candidates,
-    ot_hist_reference (counts in 20 bins over [0, 2]), window_length_mean; eos_rate and
-    teacher_agreement when `finished` / `teacher_agrees` are given.
+    importance_ratio, clip_fraction, suppressed_fraction (share of valid tokens whose OPD weight
+    is alpha < 1), rollout_length_mean; when candidates are scored: num_candidates,
+    num_divergent, low_divergence_share (share of the valid candidates, at most M per rollout,
+    with D < tau), loss_ot_spearman (Spearman of d vs D over candidates), divergence_threshold,
+    ot_candidates_mean, ot_hist_candidates, window_length_mean, and with references
+    ot_reference_mean, ot_hist_reference (histograms: counts in 20 bins over [0, 2]; with the
+    window_kl locator the ot_* names hold proxy scores); eos_rate and teacher_agreement when
+    `finished` / `teacher_agrees` are given.
     """
+    check_shapes(inputs)
     mask = inputs.mask
-    divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
-    scored = config.uses_candidates or inputs.ot is not None
     valid_tokens = mask > 0
+    divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
     metrics: dict[str, Array] = {"suppressed_fraction": jnp.zeros((), jnp.float32)}
     weights = None
     loss_traj = jnp.zeros((), jnp.float32)
 
-    if scored:
+    if config.uses_candidates or inputs.ot is not None:
         if inputs.positions is None:
             positions, valid = select_candidates(
                 divergence, mask, quantile=config.candidate_quantile, max_candidates=config.max_candidates
@@ -267,20 +331,17 @@ def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, 
         )
         divergent = valid & (scores >= tau)
         low = valid & ~divergent
-        rows = jnp.arange(mask.shape[0])[:, None]
-        suppressed = jnp.zeros(mask.shape, bool).at[rows, positions].max(low) & valid_tokens
+
         if config.suppress_weight != 1.0:
+            # A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B as is.
+            at_position = positions[..., None] == jnp.arange(mask.shape[-1])
+            suppressed = jnp.any(at_position & low[..., None], axis=1) & valid_tokens
             weights = jnp.where(suppressed, config.suppress_weight, 1.0)
+            metrics["suppressed_fraction"] = _mean_where(suppressed.astype(jnp.float32), valid_tokens)
 
         if config.traj_weight != 0.0:
             window_mask = _require(inputs.window_mask, "window_mask", "when traj_weight > 0")
-            if config.traj_loss == "topk_fkl":
-                step_loss = forward_kl_topk(
-                    _require(inputs.window_student_topk_logprobs, "window_student_topk_logprobs", "for traj_loss='topk_fkl'"),
-                    _require(inputs.window_teacher_topk_logprobs, "window_teacher_topk_logprobs", "for traj_loss='topk_fkl'"),
-                )
-            else:
-                step_loss = -_require(inputs.window_logprobs, "window_logprobs", "when traj_weight > 0")
+            step_loss = _window_step_loss(inputs, config, window_mask)
             loss_traj, _ = trajectory_loss(step_loss, window_mask, divergent, gamma=config.traj_gamma)
 
         num_valid = jnp.sum(valid)
@@ -289,19 +350,18 @@ def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, 
             num_divergent=jnp.sum(divergent).astype(jnp.float32),
             low_divergence_share=jnp.sum(low) / jnp.maximum(num_valid, 1),
             loss_ot_spearman=spearman(gather_tokens(divergence, positions), scores, valid),
-            suppressed_fraction=jnp.sum(suppressed) / jnp.maximum(jnp.sum(valid_tokens), 1),
             divergence_threshold=jnp.where(tau_defined, tau, 0.0),
-            ot_candidates_mean=jnp.sum(jnp.where(valid, scores, 0.0)) / jnp.maximum(num_valid, 1),
+            ot_candidates_mean=_mean_where(scores, valid),
             ot_hist_candidates=masked_histogram(scores, valid, bins=OT_HISTOGRAM_BINS, low=0.0, high=2.0),
         )
         if reference is not None:
             metrics.update(
-                ot_reference_mean=jnp.sum(jnp.where(reference_valid, reference, 0.0)) / jnp.maximum(jnp.sum(reference_valid), 1),
+                ot_reference_mean=_mean_where(reference, reference_valid),
                 ot_hist_reference=masked_histogram(reference, reference_valid, bins=OT_HISTOGRAM_BINS, low=0.0, high=2.0),
             )
         if inputs.window_mask is not None:
             lengths = jnp.sum(inputs.window_mask > 0, axis=-1)
-            metrics["window_length_mean"] = jnp.sum(jnp.where(valid, lengths, 0)) / jnp.maximum(num_valid, 1)
+            metrics["window_length_mean"] = _mean_where(lengths.astype(jnp.float32), valid)
 
     loss_opd, opd_metrics = opd_loss(
         inputs.student_logprobs,
@@ -317,10 +377,10 @@ def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, 
     metrics.update(loss=loss, loss_traj=loss_traj)
     # Per-rollout diagnostics count only rollouts with tokens, so padded rows change nothing.
     lengths = jnp.sum(valid_tokens, axis=-1)
-    rollouts = jnp.maximum(jnp.sum(lengths > 0), 1)
-    metrics["rollout_length_mean"] = jnp.sum(lengths) / rollouts
+    has_tokens = lengths > 0
+    metrics["rollout_length_mean"] = _mean_where(lengths.astype(jnp.float32), has_tokens)
     if inputs.finished is not None:
-        metrics["eos_rate"] = jnp.sum((inputs.finished > 0) & (lengths > 0)) / rollouts
+        metrics["eos_rate"] = _mean_where((inputs.finished > 0).astype(jnp.float32), has_tokens)
     if inputs.teacher_agrees is not None:
-        metrics["teacher_agreement"] = jnp.sum((inputs.teacher_agrees > 0) & valid_tokens) / jnp.maximum(jnp.sum(valid_tokens), 1)
+        metrics["teacher_agreement"] = _mean_where((inputs.teacher_agrees > 0).astype(jnp.float32), valid_tokens)
     return loss, metrics
