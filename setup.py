@@ -36,6 +36,7 @@ setup(
             "hypothesis>=6.100",
             "scipy>=1.11",
             "nbmake>=1.5",
+            "matplotlib>=3.8",
             "transformers>=4.51,<6",
             "safetensors>=0.4",
             # The CPU wheel: parity references run on the host, never on an accelerator.
