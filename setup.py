@@ -26,7 +26,10 @@ setup(
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "numpy>=1.26",
+        "ml_dtypes>=0.5",
         "pyyaml>=6.0",
+        # Tokenizers and chat templates (AutoTokenizer); torch is not needed for them.
+        "transformers>=4.51,<6",
     ],
     extras_require={
         "tpu": ["jax[tpu]>=0.7.1,<0.13"],
@@ -37,7 +40,6 @@ setup(
             "scipy>=1.11",
             "nbmake>=1.5",
             "matplotlib>=3.8",
-            "transformers>=4.51,<6",
             "safetensors>=0.4",
             # The CPU wheel: parity references run on the host, never on an accelerator.
             "torch==2.13.0",

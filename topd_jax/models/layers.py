@@ -1,0 +1,170 @@
+"""Decoder building blocks: RMSNorm, RoPE, GQA attention and the SwiGLU MLP.
+
+Every parameter is an `nnx.Param` whose `out_sharding` metadata holds its *logical* axis names
+(e.g. ("embed", "q_heads", "head_dim")); sharding.py maps them to mesh axes with a rules table.
+Eager sharding is off, so a module is built the same way with or without a mesh.
+Shapes: B batch, T query tokens, S key slots, D hidden, N query heads, K kv heads, H head_dim,
+F MLP width, V vocab. Norms, RoPE angles and the attention softmax are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from topd_jax.models.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+INIT_STD = 0.02  # transformers' initializer_range for all four families
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init: str = "normal") -> nnx.Param:
+    """A Param of `shape` named by logical `axes`: N(0, INIT_STD), ones or zeros."""
+    assert len(axes) == len(shape), (axes, shape)
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    else:
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back before the scale."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, *, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), (axis_name,), dtype, "ones")
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """[H/2] float32 inverse frequencies theta^(-2i/H), rescaled for `linear` and `llama3`.
+
+    llama3: with wavelength w_i = 2 pi / f_i, L = original_max_position_embeddings,
+      f_i                      if w_i < L / high_freq_factor
+      f_i / factor             if w_i > L / low_freq_factor
+      (1 - s) f_i / factor + s f_i,  s = (L / w_i - low) / (high - low)   otherwise.
+    Computed in float32 like transformers, so the angles match bit for bit.
+    """
+    inv = (1.0 / (np.float32(rope.theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
+    inv = inv.astype(np.float32)
+    if rope.type == "linear":
+        inv = inv / np.float32(rope.factor)
+    elif rope.type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv / np.float32(rope.factor), inv).astype(np.float32)
+        smooth = ((old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor))
+        smoothed = (1 - smooth) * scaled / np.float32(rope.factor) + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_angles(positions: Array, cfg: ModelConfig) -> tuple[Array, Array]:
+    """cos, sin [B, T, H] float32 for integer `positions` [B, T] (halves repeated, HF layout)."""
+    inv = jnp.asarray(rope_inv_freq(cfg.rope, cfg.head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, heads, H] rotated by the angles [B, T, H]: x cos + rotate_half(x) sin."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """softmax(q k^T / sqrt(H) + log mask) v with grouped kv heads.
+
+    q [B, T, N, H], k and v [B, S, K, H] (N a multiple of K: query head n reads kv head n // (N/K)),
+    mask [B, T, S] bool (True: key visible). A row with no visible key gets a uniform average
+    instead of NaN. Pure, so decoding can pass any concatenation of cached keys (e.g. a shared
+    prefix cache followed by a branch-local one) with the matching mask.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with optional q/k RMSNorm (Qwen3), q/k/v bias (Qwen2) and o bias."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
+        self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, (n, h), ("q_heads", "head_dim"), dtype, "zeros")
+            self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, "zeros")
+            self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, "zeros")
+        if cfg.o_bias:
+            self.o_bias = param(rngs, (d,), ("embed",), dtype, "zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", dtype=dtype, rngs=rngs)
+        self.qkv_bias, self.o_bias_on, self.qk_norm = cfg.qkv_bias, cfg.o_bias, cfg.qk_norm
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 kv: tuple[Array, Array] | None = None, index: Array | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
+        """x [B, T, D] -> [B, T, D]. With a cache kv = (k, v) [B, S, K, H], the new keys and values
+        are written at slots [index, index + T) and the queries attend over all S slots."""
+        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
+        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...])
+        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...])
+        if self.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            kv = (k, v)
+        out = jnp.einsum("btnh,nhd->btd", attend(q, k.astype(q.dtype), v.astype(q.dtype), mask), self.o_proj[...])
+        if self.o_bias_on:
+            out = out + self.o_bias[...]
+        return out, kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), optionally with biases (Llama `mlp_bias`)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+        if cfg.mlp_bias:
+            self.gate_bias = param(rngs, (f,), ("mlp",), dtype, "zeros")
+            self.up_bias = param(rngs, (f,), ("mlp",), dtype, "zeros")
+            self.down_bias = param(rngs, (d,), ("embed",), dtype, "zeros")
+        self.bias = cfg.mlp_bias
+
+    def __call__(self, x: Array) -> Array:
+        gate, up = x @ self.gate_proj[...], x @ self.up_proj[...]
+        if self.bias:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        out = (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        return out + self.down_bias[...] if self.bias else out

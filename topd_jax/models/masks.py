@@ -1,0 +1,86 @@
+"""Attention masks and position ids: plain causal, padded, cached, and packed look-ahead trees.
+
+Masks are boolean, True where a query may read a key: [B, T_q, T_kv]. `CausalLM.__call__` takes
+either a [B, T] padding mask (1 for real tokens; combined with causality here) or an explicit
+[B, T_q, T_kv] / [B, 1, T_q, T_kv] mask that is used exactly as given.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def positions_from_padding(padding_mask: Array) -> Array:
+    """[B, T] int32: the number of real tokens before each token (0 on leading padding).
+
+    Equals arange(T) without padding; makes left-padded rows start at position 0.
+    """
+    return jnp.maximum(jnp.cumsum(padding_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(batch: int, length: int, padding_mask: Array | None = None) -> Array:
+    """[B, T, T]: token i reads tokens j <= i that are real (padding_mask [B, T], 1 = real)."""
+    idx = jnp.arange(length)
+    mask = jnp.broadcast_to(idx[None, :] <= idx[:, None], (batch, length, length))
+    if padding_mask is not None:
+        mask = mask & padding_mask.astype(bool)[:, None, :]
+    return mask
+
+
+def explicit_mask(mask: Array, batch: int, q_len: int, kv_len: int) -> Array:
+    """Validate an explicit [B, T_q, T_kv] or [B, 1, T_q, T_kv] mask and return it as [B, T_q, T_kv]."""
+    if mask.ndim == 4:
+        if mask.shape[1] != 1:
+            raise ValueError(f"a 4-d attention_mask must be [B, 1, T_q, T_kv], got shape {mask.shape}")
+        mask = mask[:, 0]
+    if mask.shape != (batch, q_len, kv_len):
+        raise ValueError(f"attention_mask of shape {mask.shape} does not match [B, T_q, T_kv] = "
+                         f"{(batch, q_len, kv_len)}")
+    return mask.astype(bool)
+
+
+def tree_attention_mask(branch_points: Array, window_len: int, seq_len: int, *,
+                        positions: Array | None = None,
+                        padding_mask: Array | None = None) -> tuple[Array, Array]:
+    """Mask and positions for a rollout packed with M look-ahead windows (TOPD.md section 5).
+
+    The packed sequence is [rollout (T tokens) | window 0 (K) | ... | window M-1 (K)], length
+    P = T + M K. Window m replaces the rollout from index t_m = branch_points[b, m] on:
+      - rollout token i reads rollout tokens j <= i (causal);
+      - window m's token k reads rollout tokens j < t_m and its own window's tokens k' <= k,
+        never another window, and sits at position pos(t_m) + k, where pos(t_m) is the position of
+        the rollout token it replaces (t_m = T continues after the last token).
+    So window m's logits equal those of the sequence rollout[:t_m] + window m run on its own.
+
+    Args:
+      branch_points: [B, M] int indices in [0, T] (values outside are clipped).
+      window_len: K.
+      seq_len: T.
+      positions: [B, T] rollout positions (default: from padding_mask, else arange).
+      padding_mask: [B, T] 1 for real rollout tokens; padding is never read.
+    Returns:
+      mask [B, P, P] bool and positions [B, P] int32.
+    """
+    b, m = branch_points.shape
+    k, t = window_len, seq_len
+    pad = jnp.ones((b, t), bool) if padding_mask is None else padding_mask.astype(bool)
+    if positions is None:
+        positions = positions_from_padding(pad) if padding_mask is not None else jnp.broadcast_to(jnp.arange(t), (b, t))
+    positions = positions.astype(jnp.int32)
+    branch = jnp.clip(branch_points.astype(jnp.int32), 0, t)
+
+    rollout_rows = jnp.concatenate([causal_mask(b, t, pad), jnp.zeros((b, t, m * k), bool)], axis=-1)
+    sees_prefix = (jnp.arange(t)[None, None, :] < branch[:, :, None]) & pad[:, None, :]  # [B, M, T]
+    sees_prefix = jnp.repeat(sees_prefix, k, axis=1)  # [B, M*K, T]
+    own = np.kron(np.eye(m, dtype=bool), np.tril(np.ones((k, k), bool)))  # [M*K, M*K] block-causal
+    window_rows = jnp.concatenate([sees_prefix, jnp.broadcast_to(own, (b, m * k, m * k))], axis=-1)
+    mask = jnp.concatenate([rollout_rows, window_rows], axis=1)
+
+    extended = jnp.concatenate([positions, positions[:, -1:] + 1], axis=1)  # pos(T) = last + 1
+    start = jnp.take_along_axis(extended, branch, axis=1)  # [B, M]
+    window_pos = (start[:, :, None] + jnp.arange(k)[None, None, :]).reshape(b, m * k)
+    return mask, jnp.concatenate([positions, window_pos], axis=1)

@@ -1,0 +1,102 @@
+"""Streaming reader and writer for the safetensors format, bfloat16 included.
+
+Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header size N, N bytes
+of JSON {name: {"dtype", "shape", "data_offsets": [begin, end)}, "__metadata__": {...}}, then
+the raw little-endian tensor bytes. `safetensors.safe_open(framework="numpy")` cannot return
+bfloat16 (numpy has no such dtype) and the released Qwen3/Llama checkpoints are bfloat16, so this
+module reads the documented layout itself: a block of rows is read with one positioned read into
+a fresh buffer (ml_dtypes supplies bfloat16), never the whole file, never through pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from typing import Iterable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+Block = tuple[tuple[int, int], ...]  # [start, stop) per dimension
+if sys.byteorder != "little":  # the format is little-endian and arrays are read without swapping
+    raise ImportError("topd_jax.models.safetensors_io needs a little-endian host")
+
+
+class SafetensorsFile:
+    """Header of one .safetensors file plus block reads: read(name, ((r0, r1), (c0, c1), ...))."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{self.path} is not a safetensors file (shorter than 8 bytes)")
+            (size,) = struct.unpack("<Q", head)
+            if size > os.path.getsize(self.path) - 8:
+                raise ValueError(f"{self.path} is not a safetensors file (header size {size} past the end)")
+            try:
+                header = json.loads(f.read(size))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ValueError(f"{self.path} is not a safetensors file (unreadable header)") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + size
+        self.tensors: dict[str, dict] = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        code = self.tensors[name]["dtype"]
+        if code not in DTYPES:
+            raise ValueError(f"tensor {name!r} in {self.path} has unsupported dtype {code}")
+        return DTYPES[code]
+
+    def read(self, name: str, block: Block | None = None) -> np.ndarray:
+        """The block [start, stop) per dim of tensor `name`; reads only the rows block[0] spans."""
+        info, dtype, shape = self.tensors[name], self.dtype(name), self.shape(name)
+        block = tuple((0, n) for n in shape) if block is None else tuple(block)
+        if not shape:
+            rows, inner = (0, 1), ()
+        else:
+            rows, inner = block[0], shape[1:]
+        row_items = int(np.prod(inner, dtype=np.int64))
+        count = (rows[1] - rows[0]) * row_items
+        offset = self.data_start + info["data_offsets"][0] + rows[0] * row_items * dtype.itemsize
+        with open(self.path, "rb") as f:
+            data = np.fromfile(f, dtype=dtype, count=count, offset=offset)
+        if data.size != count:
+            raise ValueError(f"{self.path} is truncated: tensor {name!r} is incomplete")
+        data = data.reshape((rows[1] - rows[0],) + inner if shape else ())
+        rest = tuple(slice(a, b) for a, b in block[1:])
+        return data[(slice(None),) + rest] if rest else data
+
+
+def write_file(path: str | os.PathLike, tensors: list[tuple[str, np.dtype, tuple[int, ...]]],
+               data: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (name, dtype, shape, in order) whose arrays `data` yields one at a time."""
+    header: dict = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        arrays: Iterator[np.ndarray] = iter(data)
+        for name, dtype, shape in tensors:
+            array = next(arrays)
+            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise ValueError(f"tensor {name!r}: got {array.dtype}{array.shape}, "
+                                 f"header says {np.dtype(dtype)}{tuple(shape)}")
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)

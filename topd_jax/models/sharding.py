@@ -1,0 +1,126 @@
+"""Logical-axis sharding: parameters name their axes, a rules table maps names to mesh axes.
+
+Mesh axes (always all four; unused ones have size 1):
+  data    pure data parallelism (parameters replicated)
+  fsdp    data parallelism with parameters sharded along their `embed` axis (ZeRO-3 / FSDP)
+  tensor  tensor parallelism: heads, MLP width and vocabulary split across devices
+  expert  expert parallelism: MoE experts split across devices
+
+A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None (replicated); the
+`rules` argument of every function here overrides entries of DEFAULT_RULES. A
+dimension whose size is not divisible by the mesh axes it maps to is replicated instead (e.g.
+2 kv heads on tensor=4), and a mesh axis is used at most once per array, so the same rules fit
+any mesh shape. Sharding is data: change the table, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MeshAxes = str | tuple[str, ...] | None
+Rules = Sequence[tuple[str, MeshAxes]]
+
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    # activations and caches
+    ("batch", ("data", "fsdp", "expert")),
+    ("seq", None),
+    ("cache_seq", None),
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("norm", None),
+)
+CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")  # KVCache keys/values [B, S, K, H]
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor, expert) mesh over `devices` (default: all), axes in Auto mode."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = (data, fsdp, tensor, expert)
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} expert={expert} needs "
+                         f"{math.prod(shape)} devices, {len(devices)} given")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
+
+
+def _rules_dict(rules: Rules | Mapping[str, MeshAxes] | None) -> dict[str, MeshAxes]:
+    """DEFAULT_RULES with the entries of `rules` overriding (or adding) logical axes."""
+    given = {} if rules is None else dict(rules.items() if isinstance(rules, Mapping) else rules)
+    return {**dict(DEFAULT_RULES), **given}
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules | Mapping[str, MeshAxes] | None = None) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dims are named `axes` (module docstring)."""
+    table = _rules_dict(rules)
+    used: set[str] = set()
+    spec: list[Any] = []
+    for name, size in zip(axes, shape, strict=True):
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {', '.join(sorted(table))}")
+        target = table.get(name) if name is not None else None
+        wanted = (target,) if isinstance(target, str) else tuple(target or ())
+        chosen: list[str] = []
+        for axis in wanted:
+            if axis not in mesh.shape:
+                raise ValueError(f"rule for {name!r} names mesh axis {axis!r}; mesh axes: {', '.join(mesh.axis_names)}")
+            if axis in used or mesh.shape[axis] == 1:
+                continue
+            if size % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[axis]) == 0:
+                chosen.append(axis)
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                     rules: Rules | Mapping[str, MeshAxes] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def param_shardings(tree: Any, mesh: Mesh, rules: Rules | Mapping[str, MeshAxes] | None = None) -> Any:
+    """NamedSharding for every Param of a module or state (abstract ones included)."""
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
+
+    def one(var):
+        axes = var.get_metadata().get("out_sharding")
+        if axes is None:
+            raise ValueError(f"parameter of shape {var.shape} names no logical axes (out_sharding)")
+        return logical_sharding(axes, var.shape, mesh, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | Mapping[str, MeshAxes] | None = None) -> nnx.Module:
+    """Move every parameter of `model` onto its sharding (in place; returns the model)."""
+    state = nnx.state(model, nnx.Param)
+    shardings = param_shardings(state, mesh, rules)
+    nnx.update(model, jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), state, shardings,
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return model
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int],
+                   rules: Rules | Mapping[str, MeshAxes] | None = None) -> NamedSharding:
+    """Sharding of a [B, ...] input (tokens, masks, positions): batch split, the rest replicated."""
+    return logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh, rules)
+
+
+def cache_shardings(cache: Any, mesh: Mesh, rules: Rules | Mapping[str, MeshAxes] | None = None) -> Any:
+    """Shardings for a KVCache: keys/values by CACHE_AXES, valid by batch, index replicated."""
+    kv = [logical_sharding(CACHE_AXES, k.shape, mesh, rules) for k in cache.keys]
+    return type(cache)(tuple(kv), tuple(kv), batch_sharding(mesh, cache.valid.shape, rules),
+                       NamedSharding(mesh, PartitionSpec()))
