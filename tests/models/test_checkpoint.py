@@ -154,3 +154,44 @@ def test_block_reads_equal_numpy_slicing(dtype, tmp_path):
     np.testing.assert_array_equal(f.read("x").astype(np.float32), ref)
     np.testing.assert_array_equal(f.read("x", ((2, 5), (1, 4), (0, 2))).astype(np.float32), ref[2:5, 1:4, 0:2])
     np.testing.assert_array_equal(f.read("v", ((1, 3),)).astype(np.float32), ref[0, 0, 1:3])
+
+
+def test_saving_over_a_checkpoint_replaces_it_whole_and_keeps_other_files(hf_checkpoint, tmp_path):
+    path, hf = hf_checkpoint("qwen3")
+    model = load_pretrained(path, dtype=jnp.float32)
+    target = tmp_path / "student"
+    save_pretrained(model, target, max_shard_size=20_000)  # sharded first
+    (target / "tokenizer.json").write_text("{}")
+    save_pretrained(model, target)  # then a single file: no stale shards or index remain
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path)) == ["student"]  # no staging directories left behind
+    x = random_tokens(1, 6, seed=3)
+    np.testing.assert_array_equal(np.asarray(forward(load_pretrained(target, dtype=jnp.float32), jnp.asarray(x))),
+                                  np.asarray(forward(model, jnp.asarray(x))))
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_intact(hf_checkpoint, tmp_path, monkeypatch):
+    path, _ = hf_checkpoint("qwen3")
+    model = load_pretrained(path, dtype=jnp.float32)
+    target = tmp_path / "student"
+    save_pretrained(model, target)
+    before = {name: (target / name).read_bytes() for name in os.listdir(target)}
+
+    import topd_jax.models.checkpoint as checkpoint
+
+    calls = []
+
+    def failing_write(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return write_file(*args, **kwargs)
+
+    from topd_jax.models.safetensors_io import write_file
+
+    monkeypatch.setattr(checkpoint, "write_file", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, target, dtype=jnp.bfloat16, max_shard_size=20_000)
+    assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
+    assert sorted(os.listdir(tmp_path)) == ["student"]
+    load_pretrained(target, dtype=jnp.float32)

@@ -23,6 +23,7 @@ split out, see layers.py):
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import json
 import os
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from topd_jax.fileio import replace_directory
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import config_to_hf, read_config
@@ -245,12 +247,12 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, max_shard_size:
 
     One parameter at a time is gathered to the host. Shards of at most `max_shard_size` bytes
     (a parameter is never split) with model.safetensors.index.json when more than one is needed.
-    `dtype` casts on the way out (default: the parameters' dtype). Earlier model*.safetensors and
-    index files in `path` are replaced.
+    `dtype` casts on the way out (default: the parameters' dtype). The checkpoint is written to a
+    staging directory and swapped in whole (`fileio.replace_directory`): an earlier checkpoint in
+    `path` stays intact until the new one is complete, and other files there (tokenizer, README)
+    are kept.
     """
     cfg: ModelConfig = model.config
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     tensors = tensor_map(cfg)
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out_dtype = np.dtype(dtype if dtype is not None else flat[0][1].get_value().dtype)
@@ -267,8 +269,16 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, max_shard_size:
         shards[-1].append((var, t, shape))
         size += nbytes
 
-    for old in glob.glob(os.path.join(path, "model*.safetensors")) + glob.glob(os.path.join(path, INDEX_FILE)):
-        os.remove(old)
+    with replace_directory(path, replaced=_is_checkpoint_file) as staging:
+        _write_shards(staging, shards, cfg, out_dtype)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    """The files a save replaces; anything else in the directory is carried over."""
+    return name == "config.json" or name == INDEX_FILE or fnmatch.fnmatch(name, "model*.safetensors")
+
+
+def _write_shards(path: str, shards: list[list], cfg: ModelConfig, out_dtype: np.dtype) -> None:
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0

@@ -1,0 +1,50 @@
+"""replace_directory: a directory is swapped in whole or not at all."""
+
+import os
+
+import pytest
+
+from topd_jax.fileio import replace_directory
+
+
+def test_creates_a_missing_directory(tmp_path):
+    with replace_directory(tmp_path / "out", replaced=lambda name: True) as staging:
+        with open(os.path.join(staging, "a.txt"), "w") as f:
+            f.write("new")
+    assert (tmp_path / "out" / "a.txt").read_text() == "new"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_replaces_chosen_files_and_keeps_the_rest(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    (out / "stale").write_text("old")
+    (out / "notes").write_text("mine")
+    with replace_directory(out, replaced=lambda name: name in ("weights", "stale")) as staging:
+        with open(os.path.join(staging, "weights"), "w") as f:
+            f.write("new")
+    assert sorted(os.listdir(out)) == ["notes", "weights"]
+    assert (out / "weights").read_text() == "new" and (out / "notes").read_text() == "mine"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_an_error_inside_leaves_the_directory_untouched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with replace_directory(out, replaced=lambda name: True) as staging:
+            with open(os.path.join(staging, "weights"), "w") as f:
+                f.write("half")
+            raise RuntimeError("boom")
+    assert (out / "weights").read_text() == "old"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_refuses_to_replace_a_file(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(FileExistsError, match="is not a directory"):
+        with replace_directory(tmp_path / "out", replaced=lambda name: True):
+            pass
+    assert (tmp_path / "out").read_text() == "a file"
