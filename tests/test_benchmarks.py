@@ -8,10 +8,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # A line each script prints only after it measured both sides of its comparison.
-EXPECTED = {"bench_loss.py": "ratio topd/opd", "bench_model.py": "jax / torch throughput"}
+EXPECTED = {
+    "bench_loss.py": "ratio topd/opd",
+    "bench_model.py": "jax / torch throughput",
+    "bench_sampling.py": "branch / generate cost per token",
+}
 
 
-@pytest.mark.parametrize("script", ["bench_loss.py", "bench_model.py"])
+@pytest.mark.parametrize("script", ["bench_loss.py", "bench_model.py", "bench_sampling.py"])
 def test_benchmark_runs_at_quick_size(script):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],

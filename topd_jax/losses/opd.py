@@ -10,6 +10,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from topd_jax.chunking import chunked_rows
+
 Array = jax.Array
 Aggregation = Literal["token_mean", "sequence_mean"]
 AGGREGATIONS = ("token_mean", "sequence_mean")
@@ -97,20 +99,6 @@ def opd_loss(
     return loss, metrics
 
 
-def _chunked_rows(fn, *arrays: Array, chunk_size: int) -> Array:
-    """Apply fn to row chunks of [N, ...] arrays; only a [chunk_size, V] slab is live at once.
-
-    fn is rematerialised in the backward pass, so the gradient does not store [N, V] residuals.
-    """
-    n = arrays[0].shape[0]
-    chunk_size = max(1, min(chunk_size, n))
-    pad = (-n) % chunk_size
-    padded = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
-    chunks = [a.reshape((-1, chunk_size) + a.shape[1:]) for a in padded]
-    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(chunks))
-    return out.reshape((-1,) + out.shape[2:])[:n]
-
-
 def _support_reverse_kl(student_logits: Array, support_ids: Array, support_logprobs: Array) -> Array:
     """Reverse KL on a support S, both distributions renormalised over S. [N, V], [N, k] -> [N]."""
     student_logprobs = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
@@ -159,9 +147,9 @@ def reverse_kl(
             support_logprobs, support_ids = jax.lax.top_k(te_logprobs, top_k)
             return _support_reverse_kl(s, support_ids, support_logprobs)
 
-        kl = _chunked_rows(per_chunk, flat_s, flat_t, chunk_size=chunk_size)
+        kl = chunked_rows(per_chunk, flat_s, flat_t, chunk_size=chunk_size)
     else:
-        kl = _chunked_rows(_full_reverse_kl, flat_s, flat_t, chunk_size=chunk_size)
+        kl = chunked_rows(_full_reverse_kl, flat_s, flat_t, chunk_size=chunk_size)
     return jnp.where(mask > 0, kl.reshape(b, t), 0.0)
 
 
@@ -180,7 +168,7 @@ def reverse_kl_on_support(
     """
     b, t, v = student_logits.shape
     k = teacher_topk_ids.shape[-1]
-    kl = _chunked_rows(
+    kl = chunked_rows(
         _support_reverse_kl,
         student_logits.reshape(b * t, v),
         teacher_topk_ids.reshape(b * t, k),

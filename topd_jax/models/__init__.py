@@ -6,9 +6,9 @@ Families: Qwen3 (dense), Qwen3-MoE, Qwen2/2.5, Llama 3/3.1/3.2 — one `CausalLM
 
 from topd_jax.models.checkpoint import CheckpointError, checkpoint_files, load_pretrained, save_pretrained, tensor_map
 from topd_jax.models.config import ModelConfig, RopeConfig
-from topd_jax.models.decoder import CausalLM, KVCache, init_cache
+from topd_jax.models.decoder import CausalLM, KVCache, init_branch_cache, init_cache
 from topd_jax.models.families import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf, read_config
-from topd_jax.models.layers import attend
+from topd_jax.models.layers import attend, attend_branches
 from topd_jax.models.masks import causal_mask, positions_from_padding, tree_attention_mask
 from topd_jax.models.sharding import (
     CACHE_AXES,
@@ -35,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "RopeConfig",
     "attend",
+    "attend_branches",
     "batch_sharding",
     "build_prompt",
     "cache_shardings",
@@ -43,6 +44,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "encode_prompts",
+    "init_branch_cache",
     "init_cache",
     "load_pretrained",
     "load_tokenizer",

@@ -58,6 +58,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -
                    jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
+def init_branch_cache(cfg: ModelConfig, batch: int, branches: int, window: int,
+                      dtype=jnp.bfloat16) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    """Empty branch-local (keys, values), per layer [B, M, W, K, H], for `CausalLM.branch_step`."""
+    shape = (batch, branches, window, cfg.num_kv_heads, cfg.head_dim)
+    return (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype=dtype, rngs=rngs)
@@ -70,6 +78,13 @@ class DecoderLayer(nnx.Module):
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+    def branch_step(self, x, cos, sin, prefix_kv, prefix_mask, branch_kv, step):
+        """x [B, M, D] -> [B, M, D] for one lockstep token per branch (Attention.branch_step)."""
+        h, branch_kv = self.self_attn.branch_step(self.input_layernorm(x), cos, sin, prefix_kv, prefix_mask,
+                                                  branch_kv, step)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), branch_kv
 
 
 class CausalLM(nnx.Module):
@@ -138,3 +153,27 @@ class CausalLM(nnx.Module):
         if cache is None:
             return out
         return out, KVCache(tuple(new_keys), tuple(new_values), valid, index + t)
+
+    def branch_step(self, tokens: Array, positions: Array, prefix: KVCache, prefix_len: Array,
+                    branch_kv: tuple[tuple[Array, ...], tuple[Array, ...]], step: Array
+                    ) -> tuple[Array, tuple[tuple[Array, ...], tuple[Array, ...]]]:
+        """One decode step of M branches per row from a shared prefix cache, read in place.
+
+        tokens, positions [B, M] int: the token each branch feeds now and its RoPE position.
+        prefix: the rows' cache (slots [B, S]); branch m of row b reads the slots s < prefix_len[b, m]
+        with prefix.valid[b, s], never copying them. branch_kv: per layer (keys, values)
+        [B, M, W, K, H] from `init_branch_cache`; this step's keys and values go to slot `step`
+        (int32 [], shared: the branches decode in lockstep) and the branch reads its slots <= step.
+        Returns logits [B, M, V] float32 and the updated branch_kv. For one branch this equals
+        `__call__` on the prefix's visible tokens followed by the branch's tokens.
+        """
+        prefix_mask = (jnp.arange(prefix.max_len)[None, None, :] < prefix_len[:, :, None]) & prefix.valid[:, None, :]
+        cos, sin = rope_angles(positions, self.config)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer.branch_step(x, cos, sin, (prefix.keys[i], prefix.values[i]), prefix_mask,
+                                      (branch_kv[0][i], branch_kv[1][i]), step)
+            new_keys.append(kv[0])
+            new_values.append(kv[1])
+        return self.logits(self.norm(x)), (tuple(new_keys), tuple(new_values))

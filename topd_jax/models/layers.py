@@ -104,6 +104,36 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(b, t, n, h)
 
 
+def attend_branches(q: Array, prefix_k: Array, prefix_v: Array, prefix_mask: Array,
+                    branch_k: Array, branch_v: Array, branch_mask: Array) -> Array:
+    """Attention of one query per branch over a shared prefix cache plus the branch's own cache.
+
+    q [B, M, N, H]: branch m of row b. prefix_k, prefix_v [B, S, K, H]: the row's cache, shared by
+    its M branches and read in place. branch_k, branch_v [B, M, W, K, H]: each branch's own slots.
+    prefix_mask [B, M, S], branch_mask [B, M, W] bool (True: visible). With s_p = q k_p / sqrt(H)
+    over the prefix slots and s_w = q k_w / sqrt(H) over the branch slots,
+
+        out = softmax([s_p | s_w]) [v_p | v_w] = (sum_p e^s_p v_p + sum_w e^s_w v_w) / Z,
+
+    one softmax over the concatenated score blocks; only scores [B, K, G, M, S + W] are built, never a
+    per-branch copy [B, M, S, K, H] of the prefix keys or values. Equals `attend` on the
+    concatenation [prefix | branch] (a row with no visible key gets a uniform average likewise).
+    """
+    b, m, n, h = q.shape
+    kv = prefix_k.shape[2]
+    q = q.reshape(b, m, kv, n // kv, h)
+    s_prefix = jnp.einsum("bmkgh,bskh->bkgms", q, prefix_k, preferred_element_type=jnp.float32)
+    s_branch = jnp.einsum("bmkgh,bmwkh->bkgmw", q, branch_k, preferred_element_type=jnp.float32)
+    mask = jnp.concatenate([prefix_mask, branch_mask], axis=-1)[:, None, None]  # [B, 1, 1, M, S + W]
+    scores = jnp.concatenate([s_prefix, s_branch], axis=-1) / math.sqrt(h)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(prefix_v.dtype)
+    s = prefix_k.shape[1]
+    out = (jnp.einsum("bkgms,bskh->bmkgh", probs[..., :s], prefix_v)
+           + jnp.einsum("bkgmw,bmwkh->bmkgh", probs[..., s:], branch_v))
+    return out.reshape(b, m, n, h)
+
+
 class Attention(nnx.Module):
     """GQA self-attention with optional q/k RMSNorm (Qwen3), q/k/v bias (Qwen2) and o bias."""
 
@@ -124,11 +154,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", dtype=dtype, rngs=rngs)
         self.qkv_bias, self.o_bias_on, self.qk_norm = cfg.qkv_bias, cfg.o_bias, cfg.qk_norm
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-                 kv: tuple[Array, Array] | None = None, index: Array | None = None
-                 ) -> tuple[Array, tuple[Array, Array] | None]:
-        """x [B, T, D] -> [B, T, D]. With a cache kv = (k, v) [B, S, K, H], the new keys and values
-        are written at slots [index, index + T) and the queries attend over all S slots."""
+    def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+        """x [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H], biased, q/k-normed and rotated."""
         q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
         k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...])
         v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...])
@@ -136,16 +163,43 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, attended: Array) -> Array:
+        """[..., N, H] attention output -> [..., D] through o_proj (and its bias)."""
+        out = jnp.einsum("...nh,nhd->...d", attended, self.o_proj[...])
+        return out + self.o_bias[...] if self.o_bias_on else out
+
+    def branch_step(self, x: Array, cos: Array, sin: Array, prefix_kv: tuple[Array, Array], prefix_mask: Array,
+                    branch_kv: tuple[Array, Array], step: Array) -> tuple[Array, tuple[Array, Array]]:
+        """One decode step of M branches per row that share a prefix cache (see `attend_branches`).
+
+        x [B, M, D] (one token per branch), cos/sin [B, M, H]; prefix_kv (k, v) [B, S, K, H] read
+        in place under prefix_mask [B, M, S]; branch_kv (k, v) [B, M, W, K, H], this step's key and
+        value written at slot `step`, then the branch reads its slots <= step.
+        Returns ([B, M, D], updated branch_kv).
+        """
+        q, k, v = self.project(x, cos, sin)  # q [B, M, N, H], k/v [B, M, K, H]
+        start = (0, 0, step, 0, 0)
+        bk = jax.lax.dynamic_update_slice(branch_kv[0], k[:, :, None].astype(branch_kv[0].dtype), start)
+        bv = jax.lax.dynamic_update_slice(branch_kv[1], v[:, :, None].astype(branch_kv[1].dtype), start)
+        own = jnp.arange(bk.shape[2]) <= step  # [W], the same for every branch (lockstep decoding)
+        out = attend_branches(q, prefix_kv[0].astype(q.dtype), prefix_kv[1].astype(q.dtype), prefix_mask,
+                              bk.astype(q.dtype), bv.astype(q.dtype), jnp.broadcast_to(own, bk.shape[:3]))
+        return self.output(out), (bk, bv)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 kv: tuple[Array, Array] | None = None, index: Array | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
+        """x [B, T, D] -> [B, T, D]. With a cache kv = (k, v) [B, S, K, H], the new keys and values
+        are written at slots [index, index + T) and the queries attend over all S slots."""
+        q, k, v = self.project(x, cos, sin)
         if kv is not None:
             start = (0, index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        out = jnp.einsum("btnh,nhd->btd", attend(q, k.astype(q.dtype), v.astype(q.dtype), mask), self.o_proj[...])
-        if self.o_bias_on:
-            out = out + self.o_bias[...]
-        return out, kv
+        return self.output(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)), kv
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,302 @@
+"""Rollouts and look-ahead windows: sampling from a `CausalLM` with a preallocated KV cache.
+
+    rollout = generate(student, prompts, prompt_mask, key=k, max_new_tokens=N)   # y ~ pi_s(.|x)
+    windows = branch(student, rollout, positions, key=k2, window=K)               # [B, M, K]
+    windows = branch(teacher, teacher_cache, positions, key=k3, window=K,         # from the cache
+                     prompt_len=P, tokens=prompt_and_completion)                   # scoring returned
+    emb = window_embeddings(student, windows.tokens)                              # [B, M, K, D]
+
+Sampling (both functions): temperature T = 0 is greedy (argmax). Otherwise the token is drawn from
+softmax(z / T) truncated to the top_k most likely tokens (top_k > 0; top_k >= V keeps all), then to
+the smallest most-likely set whose renormalised probability is >= top_p (always at least one
+token), and renormalised (the order of Hugging Face's logits warpers). Step i of a loop draws with
+`jax.random.fold_in(key, i)` for all rows at once, so a fixed key gives identical output. The
+returned log-probs are always log softmax(z)[y] at temperature 1 without truncation: the behaviour
+log-prob b_t that OPD compares with the teacher (TOPD.md, section 1).
+
+Completion masks are 1 through the first EOS inclusive and 0 after; after a row finished, its
+tokens are the pad id 0. Prompts are left-padded and every row must hold at least one real token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from topd_jax.models.decoder import CausalLM, KVCache, init_branch_cache, init_cache
+
+Array = jax.Array
+PAD_ID = 0
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["prompt_tokens", "prompt_mask", "tokens", "mask", "logprobs", "finished", "cache"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """Sampled completions y of left-padded prompts x; B = batch * num_samples rows.
+
+    prompt_tokens [B, P] int32 and prompt_mask [B, P] bool (left-padded; a prompt's samples are
+    adjacent rows); tokens [B, N] int32; mask [B, N] bool (1 through the first EOS inclusive);
+    logprobs [B, N] float32, log pi(y_t | x, y_<t) at temperature 1 (0 where mask is 0);
+    finished [B] bool (an EOS was sampled); cache: the KVCache of prompt + completion, slot j < P
+    the prompt's column j and slot P + t completion token t, index P + steps taken (the loop stops
+    once every row finished), valid = [prompt_mask | mask] on the filled slots.
+    """
+
+    prompt_tokens: Array
+    prompt_mask: Array
+    tokens: Array
+    mask: Array
+    logprobs: Array
+    finished: Array
+    cache: KVCache
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "mask", "logprobs"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Look-ahead windows v_1..v_K from the prefixes (x, y_<t) of M branch points per row.
+
+    tokens [B, M, K] int32 (0 after the first EOS); mask [B, M, K] bool (1 through the first EOS
+    inclusive); logprobs [B, M, K] float32, the branching model's log pi(v_k | x, y_<t, v_<k) at
+    temperature 1 (0 where mask is 0).
+    """
+
+    tokens: Array
+    mask: Array
+    logprobs: Array
+
+
+def _check_sampling(temperature: float, top_p: float, top_k: int, eos_ids, vocab: int) -> tuple[int, ...]:
+    """Refuse bad options with a one-line error naming the argument; return eos_ids as a tuple."""
+    if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    eos = tuple(eos_ids)
+    if not all(_is_int(e) and 0 <= e < vocab for e in eos):
+        raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {eos!r}")
+    return tuple(int(e) for e in eos)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def sample_tokens(logits: Array, key: Array, *, temperature: float = 1.0, top_p: float = 1.0,
+                  top_k: int = 0) -> Array:
+    """One token per row of logits [..., V] (float32) -> int32 [...] (module docstring).
+
+    z' = z / T; top_k keeps the k largest z' (ties broken by lower id); top_p keeps sorted tokens
+    i with sum_{j < i} p_j < top_p, p the softmax over the top-k set, so the kept set is the
+    smallest whose probability reaches top_p; y ~ softmax(z' restricted to the kept set).
+    Options are not checked here (`generate` and `branch` refuse bad ones); they are static.
+    """
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits.astype(jnp.float32) / temperature
+    vocab = scaled.shape[-1]
+    k = top_k if 0 < top_k < vocab else vocab
+    if k == vocab and top_p >= 1:
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    # Sorted candidates (lax.top_k: descending, ties by lower index); only k when top_k truncates.
+    vals, ids = jax.lax.top_k(scaled, k)
+    if top_p < 1:
+        probs = jax.nn.softmax(vals, axis=-1)
+        # Exclusive cumulative mass of the more likely candidates: 0 for candidate 0, always kept.
+        before = jnp.concatenate([jnp.zeros_like(probs[..., :1]), jnp.cumsum(probs, axis=-1)[..., :-1]], axis=-1)
+        vals = jnp.where(before < top_p, vals, -jnp.inf)
+    choice = jax.random.categorical(key, vals, axis=-1)
+    return jnp.take_along_axis(ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
+def _token_logprob(logits: Array, tokens: Array) -> Array:
+    """log softmax(logits)[token] at temperature 1: [..., V], [...] -> float32 [...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
+def _is_eos(tokens: Array, eos: tuple[int, ...]) -> Array:
+    if not eos:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.any(tokens[..., None] == jnp.asarray(eos, jnp.int32), axis=-1)
+
+
+def _sample_step(logits, key, step, alive, eos, temperature, top_p, top_k):
+    """Draw for rows still alive: (tokens, logprobs, still-alive-after) with pads for dead rows."""
+    tok = sample_tokens(logits, jax.random.fold_in(key, step), temperature=temperature, top_p=top_p, top_k=top_k)
+    tok = jnp.where(alive, tok, PAD_ID)
+    logp = jnp.where(alive, _token_logprob(logits, tok), 0.0)
+    return tok, logp, alive & ~_is_eos(tok, eos)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k",
+                                             "eos", "num_samples"))
+def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, temperature, top_p, top_k, eos,
+              num_samples):
+    model = nnx.merge(graphdef, state)
+    prompts = jnp.repeat(prompts.astype(jnp.int32), num_samples, axis=0)
+    prompt_mask = jnp.repeat(prompt_mask.astype(bool), num_samples, axis=0)
+    b, p = prompts.shape
+    n = max_new_tokens
+    cache = init_cache(model.config, b, p + n, model.dtype)
+    # Hidden states, not [B, P, V] logits: only the last column's are needed, and left padding puts
+    # every prompt's last real token there.
+    hidden, cache = model(prompts, attention_mask=prompt_mask, cache=cache, return_hidden=True)
+    init = (jnp.zeros((), jnp.int32), model.logits(hidden[:, -1]), cache, jnp.zeros((b, n), jnp.int32),
+            jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool), jnp.ones((b,), bool))
+
+    def cond(carry):
+        step, alive = carry[0], carry[-1]
+        return (step < n) & jnp.any(alive)
+
+    def body(carry):
+        step, last, cache, tokens, logprobs, mask, alive = carry
+        tok, logp, still = _sample_step(last, key, step, alive, eos, temperature, top_p, top_k)
+        # Write the token into the cache (valid only while alive) so the rollout's cache holds the
+        # whole completion for branching; padding after EOS is never read.
+        logits, cache = model(tok[:, None], attention_mask=alive[:, None], cache=cache)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, None], (0, step))
+        mask = jax.lax.dynamic_update_slice(mask, alive[:, None], (0, step))
+        return step + 1, logits[:, 0], cache, tokens, logprobs, mask, still
+
+    _, _, cache, tokens, logprobs, mask, alive = jax.lax.while_loop(cond, body, init)
+    return Rollout(prompts, prompt_mask, tokens, mask, logprobs, ~alive, cache)
+
+
+def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(),
+             num_samples: int = 1) -> Rollout:
+    """Sample num_samples completions of up to max_new_tokens tokens for each left-padded prompt.
+
+    prompts [b, P] int, prompt_mask [b, P] (1 = real token, left-padded, >= 1 real token per row).
+    One jitted prefill of the repeated prompts into a cache of P + N slots, then a
+    `lax.while_loop` of one-token steps y_t ~ pi(. | x, y_<t) (sampling options: module
+    docstring) that stops when every row has sampled an EOS or after N steps.
+    Returns a Rollout with B = b * num_samples rows (samples of a prompt adjacent).
+    """
+    prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
+    if prompts.ndim != 2 or prompt_mask.shape != prompts.shape:
+        raise ValueError(f"prompts and prompt_mask must both be [batch, P], got {prompts.shape} and "
+                         f"{prompt_mask.shape}")
+    eos = _check_sampling(temperature, top_p, top_k, eos_ids, model.config.vocab_size)
+    steps = _check_count("max_new_tokens", max_new_tokens)
+    samples = _check_count("num_samples", num_samples)
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, prompts, prompt_mask, key, max_new_tokens=steps,
+                     temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), eos=eos,
+                     num_samples=samples)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "window", "temperature", "top_p", "top_k",
+                                             "eos"))
+def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, window, temperature, top_p, top_k, eos):
+    model = nnx.merge(graphdef, state)
+    b, m = positions.shape
+    k = window
+    n = tokens.shape[1] - prompt_len
+    slots = jnp.arange(cache.max_len)
+    t = jnp.clip(positions.astype(jnp.int32), 0, n)
+    # The prefix (x, y_<t) is every valid slot < P + t. Its last real slot `last` is fed again as
+    # step 0 (it yields the logits of v_1), so the shared cache is read below `last` only.
+    visible = cache.valid[:, None, :] & (slots[None, None, :] < (prompt_len + t)[:, :, None])  # [B, M, S]
+    last = jnp.max(jnp.where(visible, slots, 0), axis=-1)  # [B, M]
+    count = jnp.cumsum(cache.valid.astype(jnp.int32), axis=1)  # real tokens in slots <= s
+    start_pos = jnp.maximum(jnp.take_along_axis(count, last, axis=1) - 1, 0)  # pos(last)
+    first_tok = jnp.take_along_axis(tokens.astype(jnp.int32), last, axis=1)
+    branch_kv = init_branch_cache(model.config, b, m, k, cache.keys[0].dtype)
+    init = (jnp.zeros((), jnp.int32), first_tok, branch_kv, jnp.zeros((b, m, k), jnp.int32),
+            jnp.zeros((b, m, k), jnp.float32), jnp.zeros((b, m, k), bool), jnp.ones((b, m), bool))
+
+    def cond(carry):
+        step, alive = carry[0], carry[-1]
+        return (step < k) & jnp.any(alive)
+
+    def body(carry):
+        step, fed, branch_kv, out, logprobs, mask, alive = carry
+        logits, branch_kv = model.branch_step(fed, start_pos + step, cache, last, branch_kv, step)
+        tok, logp, still = _sample_step(logits, key, step, alive, eos, temperature, top_p, top_k)
+        out = jax.lax.dynamic_update_slice(out, tok[:, :, None], (0, 0, step))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, :, None], (0, 0, step))
+        mask = jax.lax.dynamic_update_slice(mask, alive[:, :, None], (0, 0, step))
+        return step + 1, tok, branch_kv, out, logprobs, mask, still
+
+    _, _, _, out, logprobs, mask, _ = jax.lax.while_loop(cond, body, init)
+    return Windows(out, mask, logprobs)
+
+
+def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key: Array, window: int,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(),
+           prompt_len: int | None = None, tokens: Array | None = None) -> Windows:
+    """Decode a K-token window from each prefix (x, y_<t), t = positions[b, m], all B*M at once.
+
+    source: a Rollout (its cache, P = its prompt width, its prompt + completion tokens), or a KVCache
+    with the same slot layout (slot j < P: prompt column j; slot P + t: completion token t; valid
+    marks real tokens), e.g. the teacher's scoring cache; then prompt_len = P and tokens [B, P + N]
+    (the token ids of those slots) are required. positions [B, M] int: completion indices t in
+    [0, N] (t = 0 right after the prompt, t = N after the whole completion); values outside are
+    clipped to [0, N]. Prefix slots past the cache's filled part or after an EOS are invalid, so
+    such a t branches after the row's last real token.
+
+    Exactly a naive re-prefill of the real tokens of (x, y_<t) followed by K decode steps, without
+    copying or recomputing the prefix: with `last` the last real slot < P + t (the token y_{t-1},
+    or the prompt's last token when t = 0) at position p = pos(last),
+      step 0 feeds tokens[last] at position p against the shared cache's real slots < last plus
+        its own branch slot 0; its logits give v_1 (one recomputed token, not a prefill);
+      step k >= 1 feeds v_k at position p + k against the same prefix slots plus branch slots <= k;
+    so v_1 sits at the position of the rollout token it replaces. Every step is one
+    `CausalLM.branch_step`: the [B, M] queries attend to the shared cache [B, S] in place (masks
+    [B, M, S]) and to a branch-local cache [B, M, K] per layer, one softmax over both blocks. The
+    loop (`lax.while_loop`, jitted) stops when every window has sampled an EOS or after K steps.
+    Sampling options as `generate`; step k draws with fold_in(key, k) over all [B, M] branches.
+    Returns Windows [B, M, K].
+    """
+    if isinstance(source, Rollout):
+        cache, p = source.cache, source.prompt_tokens.shape[1]
+        ids = jnp.concatenate([source.prompt_tokens, source.tokens], axis=1)
+        if tokens is not None or prompt_len not in (None, p):
+            raise ValueError("prompt_len and tokens are taken from a Rollout source; pass them only with a KVCache")
+    elif isinstance(source, KVCache):
+        if prompt_len is None or tokens is None:
+            raise ValueError("a KVCache source needs prompt_len (P) and tokens [B, P + N]")
+        cache, p, ids = source, prompt_len, jnp.asarray(tokens)
+    else:
+        raise TypeError(f"source must be a Rollout or a KVCache, got {type(source).__name__}")
+    positions = jnp.asarray(positions)
+    batch = cache.valid.shape[0]
+    if positions.ndim != 2 or positions.shape[0] != batch:
+        raise ValueError(f"positions must be [B, M] with B = {batch}, got shape {positions.shape}")
+    if ids.ndim != 2 or ids.shape[0] != batch or not 1 <= p <= ids.shape[1] <= cache.max_len:
+        raise ValueError(f"tokens of shape {ids.shape} and prompt_len {p} do not fit a cache of shape "
+                         f"{cache.valid.shape} (need 1 <= P <= P + N <= S)")
+    eos = _check_sampling(temperature, top_p, top_k, eos_ids, model.config.vocab_size)
+    graphdef, state = nnx.split(model)
+    return _branch(graphdef, state, cache, ids, positions, key, prompt_len=int(p),
+                   window=_check_count("window", window), temperature=float(temperature), top_p=float(top_p),
+                   top_k=int(top_k), eos=eos)
+
+
+def window_embeddings(model: CausalLM, tokens: Array) -> Array:
+    """tokens [...] int -> [..., D] float32: rows of the model's input embedding table (the OT
+    distance's default token embedding, TOPD.md section 4)."""
+    return jnp.take(model.embed_tokens[...], jnp.asarray(tokens), axis=0).astype(jnp.float32)
