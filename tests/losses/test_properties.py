@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from topd_jax.losses import TopdConfig, TopdInputs, topd_loss
+from topd_jax.losses.topd import FIELD_AXES
 
 TOPK = 2
 
@@ -71,32 +72,13 @@ def rollouts(draw):
     )
 
 
-# Per field: the axes that are (B, T, M, K, R) in that order, or None.
-AXES = {
-    "student_logprobs": "BT",
-    "behaviour_logprobs": "BT",
-    "teacher_logprobs": "BT",
-    "mask": "BT",
-    "positions": "BM",
-    "valid": "BM",
-    "ot": "BM",
-    "reference_ot": "BR",
-    "reference_valid": "BR",
-    "reference_positions": "BR",
-    "window_logprobs": "BMK",
-    "window_mask": "BMK",
-    "window_student_topk_logprobs": "BMK",
-    "window_teacher_topk_logprobs": "BMK",
-    "teacher_agrees": "BT",
-    "finished": "B",
-}
 MASK_FIELDS = {"mask", "valid", "reference_valid", "window_mask"}
 
 
 def pad(inputs, amount, rng):
     """Append `amount[axis]` entries along each named axis: junk values, masks and validity 0."""
     padded = {}
-    for name, axes in AXES.items():
+    for name, axes in FIELD_AXES.items():
         x = np.asarray(getattr(inputs, name))
         for i, axis in enumerate(axes):
             extra = list(x.shape)

@@ -26,6 +26,17 @@ def copy_checkpoint(src, dst):
     return dst
 
 
+def edited_checkpoint(src, dst, **config_changes):
+    """A copy of checkpoint `src` at `dst` whose config.json has `config_changes` applied."""
+    path = copy_checkpoint(src, dst)
+    with open(path / "config.json") as f:
+        raw = json.load(f)
+    raw.update(config_changes)
+    with open(path / "config.json", "w") as f:
+        json.dump(raw, f)
+    return path
+
+
 @pytest.mark.parametrize("name", ["qwen3", "qwen3_tied_bias", "qwen3_moe", "qwen2", "llama3", "llama_bias"])
 def test_load_save_and_transformers_reloads_the_same_logits(name, hf_checkpoint, tmp_path):
     path, hf = hf_checkpoint(name)
@@ -113,24 +124,14 @@ def test_missing_tensor_is_named(hf_checkpoint, tmp_path):
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(hf_checkpoint, tmp_path):
-    path = copy_checkpoint(hf_checkpoint("qwen3")[0], tmp_path / "ckpt")
-    with open(path / "config.json") as f:
-        raw = json.load(f)
-    raw["intermediate_size"] = 128
-    with open(path / "config.json", "w") as f:
-        json.dump(raw, f)
+    path = edited_checkpoint(hf_checkpoint("qwen3")[0], tmp_path / "ckpt", intermediate_size=128)
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(96, 64\) "
                                          r"in the checkpoint, expected \(128, 64\)"):
         load_pretrained(path)
 
 
 def test_unsupported_architecture_lists_the_supported_ones(hf_checkpoint, tmp_path):
-    path = copy_checkpoint(hf_checkpoint("qwen3")[0], tmp_path / "ckpt")
-    with open(path / "config.json") as f:
-        raw = json.load(f)
-    raw["architectures"] = ["MistralForCausalLM"]
-    with open(path / "config.json", "w") as f:
-        json.dump(raw, f)
+    path = edited_checkpoint(hf_checkpoint("qwen3")[0], tmp_path / "ckpt", architectures=["MistralForCausalLM"])
     with pytest.raises(ConfigError, match=r"unsupported architectures \['MistralForCausalLM'\].*supported: "
                                           r"LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         load_pretrained(path)

@@ -208,8 +208,8 @@ def _require(value: Array | None, name: str, why: str) -> Array:
     return value
 
 
-# Leading axes each field must share with the others, named as in the shapes above.
-_FIELD_AXES = {
+# The named axes of every TopdInputs field, in order (shapes as in the module docstring).
+FIELD_AXES = {
     "student_logprobs": "BT",
     "behaviour_logprobs": "BT",
     "teacher_logprobs": "BT",
@@ -233,7 +233,7 @@ def check_shapes(inputs: TopdInputs) -> dict[str, int]:
     """The named sizes {B, T, M, K, R, k} of `inputs`, or a one-line error naming the first field
     whose shape disagrees with the others."""
     sizes: dict[str, int] = {}
-    for name, axes in _FIELD_AXES.items():
+    for name, axes in FIELD_AXES.items():
         value = getattr(inputs, name)
         if value is None:
             continue
