@@ -42,9 +42,31 @@ def test_an_error_inside_leaves_the_directory_untouched(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
-def test_refuses_to_replace_a_file(tmp_path):
+def test_refuses_to_replace_a_file_before_any_work(tmp_path):
     (tmp_path / "out").write_text("a file")
+    ran = []
     with pytest.raises(FileExistsError, match="is not a directory"):
         with replace_directory(tmp_path / "out", replaced=lambda name: True):
-            pass
-    assert (tmp_path / "out").read_text() == "a file"
+            ran.append(True)
+    assert not ran and (tmp_path / "out").read_text() == "a file"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".saving-" in str(src):
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        with replace_directory(out, replaced=lambda name: True) as staging:
+            with open(os.path.join(staging, "weights"), "w") as f:
+                f.write("new")
+    assert (out / "weights").read_text() == "old"
+    assert os.listdir(tmp_path) == ["out"]

@@ -367,3 +367,10 @@ def test_rollout_and_windows_are_pytrees(rollout):
     leaves = jax.tree.leaves(rollout)
     assert len(leaves) == 6 + len(jax.tree.leaves(rollout.cache))
     assert isinstance(jax.tree.map(lambda x: x, rollout), Rollout)
+
+
+def test_right_padded_prompts_are_refused(student):
+    prompts = jnp.ones((2, 4), jnp.int32)
+    right_padded = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    with pytest.raises(ValueError, match=r"prompts must be left-padded .* rows \[1\] end in padding"):
+        generate(student, prompts, right_padded, key=jax.random.key(0), max_new_tokens=2)

@@ -14,6 +14,16 @@ def _fsync_tree(root: str) -> None:
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 os.fsync(f.fileno())
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -23,14 +33,18 @@ def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool
     Yields an empty staging directory next to `path` (same filesystem). When the block finishes,
     the entries of the old `path` for which `replaced(name)` is False (e.g. tokenizer files) are
     copied into the staging directory, everything is fsynced, and the staging directory takes
-    `path`'s place by two renames. If the block raises, the staging directory is removed and
-    `path` is untouched. A crash can never leave a half-written `path`: at worst (between the two
-    renames) the complete old and new versions both sit beside it as hidden directories.
+    `path`'s place by two renames. If the block (or the swap) raises, the staging directory is
+    removed and the old `path` is in place. A crash can never leave a half-written `path`: at
+    worst (between the two renames) the complete old and new versions both sit beside it as
+    hidden directories. A `path` that is a file is refused before anything is written.
     """
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a directory")
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    retired_dir = retired = None
     try:
         yield staging
         if os.path.isdir(path):
@@ -44,14 +58,16 @@ def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool
                     shutil.copy2(source, target, follow_symlinks=False)
         _fsync_tree(staging)
         if os.path.isdir(path):
-            retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rename(path, os.path.join(retired, name))
-            os.rename(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        elif os.path.exists(path):
-            raise FileExistsError(f"{path} exists and is not a directory")
-        else:
-            os.rename(staging, path)
+            retired_dir = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            retired = os.path.join(retired_dir, name)
+            os.rename(path, retired)
+        os.rename(staging, path)
+        _fsync_dir(parent)
     except BaseException:
+        if retired is not None and not os.path.exists(path):
+            os.rename(retired, path)  # the new version did not land: put the old one back
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if retired_dir is not None:
+            shutil.rmtree(retired_dir, ignore_errors=True)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from topd_jax.models.decoder import CausalLM, KVCache, init_branch_cache, init_cache
+from topd_jax.models.masks import check_left_padded
 
 Array = jax.Array
 PAD_ID = 0
@@ -199,6 +200,7 @@ def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array,
     if prompts.ndim != 2 or prompt_mask.shape != prompts.shape:
         raise ValueError(f"prompts and prompt_mask must both be [batch, P], got {prompts.shape} and "
                          f"{prompt_mask.shape}")
+    check_left_padded(prompt_mask)
     eos = _check_sampling(temperature, top_p, top_k, eos_ids, model.config.vocab_size)
     steps = _check_count("max_new_tokens", max_new_tokens)
     samples = _check_count("num_samples", num_samples)

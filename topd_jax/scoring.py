@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from topd_jax.chunking import chunked_rows
 from topd_jax.models.decoder import CausalLM, KVCache, init_cache
-from topd_jax.models.masks import positions_from_padding, tree_attention_mask
+from topd_jax.models.masks import check_left_padded, positions_from_padding, tree_attention_mask
 
 Array = jax.Array
 
@@ -186,6 +186,7 @@ def score_rollout(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, tok
         raise ValueError(f"prompt batch {prompt_tokens.shape[0]} does not match completion batch {tokens.shape[0]}")
     if prompt_tokens.shape[1] < 1:
         raise ValueError("score_rollout needs at least one prompt token to predict the first completion token")
+    check_left_padded(prompt_mask)
     _check_static(chunk_size, top_k, model.config.vocab_size)
     seq = jnp.concatenate([prompt_tokens, tokens], axis=1).astype(jnp.int32)
     seq_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
@@ -233,6 +234,7 @@ def packed_logprobs(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, t
     """
     _check_pair(prompt_tokens, prompt_mask, "prompt")
     _check_pair(tokens, mask, "completion")
+    check_left_padded(prompt_mask)
     b, p = prompt_tokens.shape
     n = tokens.shape[1]
     if tokens.shape[0] != b:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from topd_jax.losses import reference_positions, select_candidates, window_kl_proxy
+from topd_jax.losses.candidates import candidate_count
 
 
 def numpy_candidates(d, mask, quantile, max_candidates):
@@ -54,6 +55,14 @@ def test_count_rule_tolerates_float_error():
     d = jnp.arange(10.0)[None]
     _, valid = select_candidates(d, jnp.ones((1, 10)), quantile=0.8, max_candidates=8)
     assert int(valid.sum()) == 2
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.5, 0.7, 0.8, 0.95, 1.0])
+def test_count_is_exact_for_long_rollouts(quantile):
+    # float32 (1 - q) * n drifts with n (0.3 * 170 = 51.000004 in float32); the count must not.
+    n = np.arange(0, 20_001)
+    expected = [math.ceil(round((1 - quantile) * k, 9)) for k in n]
+    np.testing.assert_array_equal(candidate_count(jnp.asarray(n), quantile), expected)
 
 
 def test_invalid_arguments_are_clear_errors():

@@ -108,3 +108,12 @@ def test_mask_of_the_wrong_shape_is_refused(hf_checkpoint):
         model(x, attention_mask=jnp.ones((1, 5, 6), bool))
     with pytest.raises(ValueError, match="do not fit a cache"):
         model(x, cache=init_cache(model.config, 1, 4, jnp.float32))
+
+
+def test_tree_windows_start_after_the_real_tokens_before_a_padded_branch_point():
+    # Right padding: a branch at index 3 (padding) continues after the 3 real tokens, at position 3.
+    _, positions = tree_attention_mask(jnp.array([[3, 1]]), 2, 5, padding_mask=jnp.array([[1, 1, 1, 0, 0]]))
+    np.testing.assert_array_equal(positions, [[0, 1, 2, 2, 2, 3, 4, 1, 2]])
+    # Left padding: index 3 holds the second real token, which the window replaces.
+    _, positions = tree_attention_mask(jnp.array([[3]]), 2, 5, padding_mask=jnp.array([[0, 0, 1, 1, 1]]))
+    np.testing.assert_array_equal(positions, [[0, 0, 0, 1, 2, 1, 2]])

@@ -5,18 +5,23 @@ TOPD.md sections 2 and 5 (the `window_kl` proxy). Shapes: B rollouts, T tokens, 
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
-# Guards ceil() against float error in (1 - q) * n, e.g. (1 - 0.8) * 10 = 2.0000000000000004.
-_COUNT_TOLERANCE = 1e-6
-
-
 def candidate_count(num_valid: Array, quantile: float) -> Array:
-    """n_b valid tokens -> ceil((1 - quantile) * n_b), the size of the rollout's high-loss set."""
-    return jnp.ceil((1.0 - quantile) * num_valid - _COUNT_TOLERANCE).astype(jnp.int32)
+    """n_b valid tokens -> ceil((1 - quantile) * n_b), the size of the rollout's high-loss set.
+
+    Exact integer arithmetic: 1 - quantile is taken as the nearest fraction a / c with c <= 10^4
+    (0.2 -> 1/5), so float error can never add or drop a candidate, whatever n_b.
+    """
+    share = Fraction(1.0 - quantile).limit_denominator(10_000)
+    a, c = share.numerator, share.denominator
+    n = num_valid.astype(jnp.int32)
+    return (n // c) * a + ((n % c) * a + c - 1) // c
 
 
 def select_candidates(

@@ -62,7 +62,11 @@ def opd_loss(
         l_t   = -w_t * min(A_t rho_t, A_t clip(rho_t, 1 - e, 1 + e))
         L     = agg_t(m_t * l_t)
 
-    On-policy (s = b) with token_mean aggregation, dL/ds_t = -m_t w_t A_t / N, N = sum_t m_t.
+    b_t is the log-prob the sampler reports; `topd_jax.sampling` reports the temperature-1,
+    untruncated log-prob, so with another temperature or top-k/top-p, rho is the ratio to the
+    untempered policy rather than to the sampling distribution. |s_t - b_t| is clamped at 20
+    (no gradient beyond). On-policy (s = b) with token_mean aggregation,
+    dL/ds_t = -m_t w_t A_t / N, N = sum_t m_t.
     Weights w_t (default 1, no gradient) are how TOPD suppresses tokens; they do not change N.
     The teacher never receives a gradient.
 
@@ -78,7 +82,8 @@ def opd_loss(
     weights = jax.lax.stop_gradient(weights.astype(dtype))
 
     # Masked entries may hold anything finite (padding); keep exp() away from them. The clamp
-    # (|log rho| <= 20, rho within 5e8 of 1) only bites far off-policy and keeps rho finite.
+    # (|log rho| <= 20, so rho in [2e-9, 4.9e8]) only bites far off-policy, keeps rho finite,
+    # and gives such tokens no gradient.
     log_ratio = jnp.where(mask > 0, student_logprobs - behaviour, 0.0)
     log_ratio = jnp.clip(log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     ratio = jnp.exp(log_ratio)

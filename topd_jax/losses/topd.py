@@ -332,11 +332,11 @@ def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, 
         divergent = valid & (scores >= tau)
         low = valid & ~divergent
 
+        # A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B as is.
+        at_position = positions[..., None] == jnp.arange(mask.shape[-1])
+        suppressed = jnp.any(at_position & low[..., None], axis=1) & valid_tokens
+        weights = jnp.where(suppressed, config.suppress_weight, 1.0)
         if config.suppress_weight != 1.0:
-            # A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B as is.
-            at_position = positions[..., None] == jnp.arange(mask.shape[-1])
-            suppressed = jnp.any(at_position & low[..., None], axis=1) & valid_tokens
-            weights = jnp.where(suppressed, config.suppress_weight, 1.0)
             metrics["suppressed_fraction"] = _mean_where(suppressed.astype(jnp.float32), valid_tokens)
 
         if config.traj_weight != 0.0:

@@ -22,6 +22,25 @@ def positions_from_padding(padding_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(padding_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def check_left_padded(prompt_mask: Array) -> None:
+    """One-line error unless every prompt row is left-padded with a real last token.
+
+    Decoding and scoring read the token after the prompt from the prompt's last column, so a
+    right-padded prompt would be continued after a pad. Checked on concrete arrays only (inside
+    a trace the values are unknown).
+    """
+    try:
+        values = np.asarray(prompt_mask).astype(bool)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise ValueError(f"prompt_mask must be [B, P] with P >= 1, got shape {values.shape}")
+    bad = np.flatnonzero(~values[:, -1])
+    if bad.size:
+        raise ValueError(f"prompts must be left-padded (a real token in the last column); rows {bad[:8].tolist()} "
+                         "end in padding")
+
+
 def causal_mask(batch: int, length: int, padding_mask: Array | None = None) -> Array:
     """[B, T, T]: token i reads tokens j <= i that are real (padding_mask [B, T], 1 = real)."""
     idx = jnp.arange(length)
@@ -52,8 +71,9 @@ def tree_attention_mask(branch_points: Array, window_len: int, seq_len: int, *,
     P = T + M K. Window m replaces the rollout from index t_m = branch_points[b, m] on:
       - rollout token i reads rollout tokens j <= i (causal);
       - window m's token k reads rollout tokens j < t_m and its own window's tokens k' <= k,
-        never another window, and sits at position pos(t_m) + k, where pos(t_m) is the position of
-        the rollout token it replaces (t_m = T continues after the last token).
+        never another window, and sits at position pos(t_m) + k, where pos(t_m) is the number of
+        real tokens before index t_m (with explicit `positions`: positions[t_m], and t_m = T
+        continues after the last token).
     So window m's logits equal those of the sequence rollout[:t_m] + window m run on its own.
 
     Args:
@@ -68,10 +88,17 @@ def tree_attention_mask(branch_points: Array, window_len: int, seq_len: int, *,
     b, m = branch_points.shape
     k, t = window_len, seq_len
     pad = jnp.ones((b, t), bool) if padding_mask is None else padding_mask.astype(bool)
-    if positions is None:
-        positions = positions_from_padding(pad) if padding_mask is not None else jnp.broadcast_to(jnp.arange(t), (b, t))
-    positions = positions.astype(jnp.int32)
     branch = jnp.clip(branch_points.astype(jnp.int32), 0, t)
+    if positions is None:
+        positions = positions_from_padding(pad)
+        # A window starts at the number of real tokens before its branch point, also when that
+        # index is padding (a branch past a row's end continues right after its last token).
+        real_before = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(pad.astype(jnp.int32), axis=1)], axis=1)
+        start = jnp.take_along_axis(real_before, branch, axis=1)  # [B, M]
+    else:
+        positions = positions.astype(jnp.int32)
+        extended = jnp.concatenate([positions, positions[:, -1:] + 1], axis=1)  # pos(T) = last + 1
+        start = jnp.take_along_axis(extended, branch, axis=1)  # [B, M]
 
     rollout_rows = jnp.concatenate([causal_mask(b, t, pad), jnp.zeros((b, t, m * k), bool)], axis=-1)
     sees_prefix = (jnp.arange(t)[None, None, :] < branch[:, :, None]) & pad[:, None, :]  # [B, M, T]
@@ -80,7 +107,5 @@ def tree_attention_mask(branch_points: Array, window_len: int, seq_len: int, *,
     window_rows = jnp.concatenate([sees_prefix, jnp.broadcast_to(own, (b, m * k, m * k))], axis=-1)
     mask = jnp.concatenate([rollout_rows, window_rows], axis=1)
 
-    extended = jnp.concatenate([positions, positions[:, -1:] + 1], axis=1)  # pos(T) = last + 1
-    start = jnp.take_along_axis(extended, branch, axis=1)  # [B, M]
     window_pos = (start[:, :, None] + jnp.arange(k)[None, None, :]).reshape(b, m * k)
     return mask, jnp.concatenate([positions, window_pos], axis=1)
