@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from topd_jax.chunking import chunked_rows
 from topd_jax.models.decoder import CausalLM, KVCache, init_cache
-from topd_jax.models.masks import check_left_padded, positions_from_padding, tree_attention_mask
+from topd_jax.models.masks import check_left_padded, tree_attention_mask
 
 Array = jax.Array
 
@@ -259,20 +259,14 @@ def packed_logprobs(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, t
     wmask = window_mask.astype(bool)
     branch = p + jnp.clip(positions.astype(jnp.int32), 0, n)  # [B, M] sequence index of v_1
 
-    tree, _ = tree_attention_mask(branch, k, length, padding_mask=seq_mask)
+    # Window positions continue from the number of real prefix tokens (also when the branch
+    # point is padding past EOS), as `tree_attention_mask` computes them.
+    tree, packed_pos = tree_attention_mask(branch, k, length, padding_mask=seq_mask)
     # Window keys that are padding (past a window's EOS) are not read either, as in a padded
     # forward of prompt + y_<t + window; a window's tokens never read later ones anyway.
     key_ok = jnp.concatenate([jnp.ones((b, length), bool), wmask.reshape(b, m * k)], axis=1)
     tree = tree & key_ok[:, None, :]
-    # Window positions continue from the number of real prefix tokens (the tree mask's own rule
-    # uses the replaced token's position, which is one short when that token is padding).
-    seq_pos = positions_from_padding(seq_mask)
-    real_before = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(seq_mask.astype(jnp.int32), axis=1)],
-                                  axis=1)
-    start = jnp.take_along_axis(real_before, branch, axis=1)  # [B, M]
-    window_pos = (start[:, :, None] + jnp.arange(k, dtype=jnp.int32)).reshape(b, m * k)
     packed = jnp.concatenate([seq, window_tokens.reshape(b, m * k).astype(jnp.int32)], axis=1)
-    packed_pos = jnp.concatenate([seq_pos, window_pos], axis=1)
 
     hidden = model(packed, attention_mask=tree, positions=packed_pos, return_hidden=True)  # [B, L+MK, D]
     d = hidden.shape[-1]
