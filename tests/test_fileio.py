@@ -21,11 +21,14 @@ def test_replaces_chosen_files_and_keeps_the_rest(tmp_path):
     (out / "weights").write_text("old")
     (out / "stale").write_text("old")
     (out / "notes").write_text("mine")
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "vocab.json").write_text("{}")
     with replace_directory(out, replaced=lambda name: name in ("weights", "stale")) as staging:
         with open(os.path.join(staging, "weights"), "w") as f:
             f.write("new")
-    assert sorted(os.listdir(out)) == ["notes", "weights"]
+    assert sorted(os.listdir(out)) == ["notes", "tokenizer", "weights"]
     assert (out / "weights").read_text() == "new" and (out / "notes").read_text() == "mine"
+    assert (out / "tokenizer" / "vocab.json").read_text() == "{}"
     assert os.listdir(tmp_path) == ["out"]
 
 

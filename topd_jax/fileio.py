@@ -17,6 +17,17 @@ def _fsync_tree(root: str) -> None:
         _fsync_dir(folder)
 
 
+def _link_or_copy(source: str, target: str) -> str:
+    """Carry a file into the staging directory: a hard link (no data copied, and the old
+    directory stays intact, as nothing is written through either name), or a copy across
+    filesystems."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+    return target
+
+
 def _fsync_dir(path: str) -> None:
     """Make a directory's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -32,7 +43,7 @@ def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool
 
     Yields an empty staging directory next to `path` (same filesystem). When the block finishes,
     the entries of the old `path` for which `replaced(name)` is False (e.g. tokenizer files) are
-    copied into the staging directory, everything is fsynced, and the staging directory takes
+    carried into the staging directory (hard-linked, or copied across filesystems), everything is fsynced, and the staging directory takes
     `path`'s place by two renames. If the block (or the swap) raises, the staging directory is
     removed and the old `path` is in place. A crash can never leave a half-written `path`: at
     worst (between the two renames) the complete old and new versions both sit beside it as
@@ -52,10 +63,10 @@ def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool
                 source, target = os.path.join(path, entry), os.path.join(staging, entry)
                 if replaced(entry) or os.path.exists(target):
                     continue
-                if os.path.isdir(source):
-                    shutil.copytree(source, target, symlinks=True)
+                if os.path.isdir(source) and not os.path.islink(source):
+                    shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
                 else:
-                    shutil.copy2(source, target, follow_symlinks=False)
+                    _link_or_copy(source, target)
         _fsync_tree(staging)
         if os.path.isdir(path):
             retired_dir = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
