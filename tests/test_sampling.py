@@ -295,6 +295,29 @@ def test_teacher_branches_from_its_own_scoring_cache(student, teacher, rollout):
     np.testing.assert_allclose(np.asarray(w.logprobs).reshape(9, K), np.asarray(ref.logprobs), atol=1e-5)
 
 
+def test_window_top_k_logprobs_are_the_naive_prefix_top_k(student, rollout):
+    """top_k_logprobs=k returns each window step's k most likely tokens under a re-prefill."""
+    eos = (int(rollout.tokens[0, 0]),)
+    w = branch(student, rollout, POSITIONS, key=jax.random.key(3), window=K, eos_ids=eos, top_k_logprobs=4)
+    args = [np.asarray(a) for a in (rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask)]
+    tokens, mask = np.asarray(w.tokens), np.asarray(w.mask)
+    assert w.topk_logprobs.shape == w.topk_ids.shape == (*tokens.shape, 4)
+    for b, row in enumerate(POSITIONS):
+        for m, t in enumerate(row):
+            prefix = list(real_prefix(*(a[b] for a in args), t))
+            for k in range(K):
+                if not mask[b, m, k]:
+                    assert not np.asarray(w.topk_logprobs[b, m, k]).any()
+                    continue
+                lp = log_softmax(next_logits(student, prefix + tokens[b, m, :k].tolist()))
+                order = np.argsort(-lp, kind="stable")[:4]
+                np.testing.assert_array_equal(np.asarray(w.topk_ids[b, m, k]), order)
+                np.testing.assert_allclose(np.asarray(w.topk_logprobs[b, m, k]), lp[order], atol=1e-5)
+    assert branch(student, rollout, POSITIONS, key=jax.random.key(3), window=K).topk_ids is None
+    with pytest.raises(ValueError, match="top_k_logprobs"):
+        branch(student, rollout, POSITIONS, key=jax.random.key(3), window=K, top_k_logprobs=-1)
+
+
 def test_positions_outside_the_completion_are_clipped(student, rollout):
     kw = dict(key=jax.random.key(0), window=K, temperature=0)
     clipped = branch(student, rollout, np.clip(POSITIONS * 10 - 5, 0, N), **kw)

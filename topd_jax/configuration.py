@@ -1,16 +1,23 @@
 """Typed construction of frozen config dataclasses from plain dicts (YAML, CLI overrides).
 
 Every error is one line naming the bad key: an unknown key also names the closest valid one, a
-wrong type names the key, the expected type and the value given.
+wrong type names the key, the expected type and the value given. Supported field types: bool,
+int, float, str, None, Literal, unions of these, `tuple[T, ...]` (from a list or tuple),
+`dict[str, T]` (from a mapping), Any, and nested config dataclasses (from a mapping). Keys of
+nested dataclasses are reported with their full dotted path, e.g. `rollout.max_new_tokens`.
+`parse_yaml` and `apply_override` read YAML files and `section.key=value` command-line overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Mapping, TypeVar
+
+import yaml
 
 C = TypeVar("C")
 
@@ -19,13 +26,27 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid."""
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
+def is_dataclass_type(tp: Any) -> bool:
+    """Whether `tp` is a dataclass class (a nested config section), not an instance."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def type_name(tp: Any) -> str:
+    """The type as error messages spell it: `'a' | 'b'`, `tuple[int, ...]`, `int | None`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, dict):
+        args = ", ".join("..." if a is Ellipsis else type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
     if tp is type(None):
         return "None"
+    if tp is Any:
+        return "Any"
+    if is_dataclass_type(tp):
+        return f"a mapping of {tp.__name__} keys"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -41,6 +62,25 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(tp)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+            if len(args) == len(value):
+                return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(args, value)))
+    elif origin is dict:
+        if isinstance(value, Mapping):
+            key_type, value_type = typing.get_args(tp) or (Any, Any)
+            return {_coerce(f"{key} key", k, key_type): _coerce(f"{key}.{k}", v, value_type)
+                    for k, v in value.items()}
+    elif is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return from_dict(tp, value, prefix=f"{key}.")
+    elif tp is Any:
+        return value
     elif tp is type(None):
         if value is None:
             return None
@@ -58,28 +98,111 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     else:
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def check_keys(cls: type, keys: typing.Iterable[str], *, prefix: str = "") -> None:
+    """ConfigError for the first key that is not a field of dataclass `cls`, naming the closest."""
+    fields = sorted(f.name for f in dataclasses.fields(cls))
+    for key in keys:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.0)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """`values` checked against the fields of dataclass `cls` and converted to their types."""
+    check_keys(cls, values, prefix=prefix)
+    hints = typing.get_type_hints(cls)
+    return {key: _coerce(prefix + key, value, hints[key]) for key, value in values.items()}
+
+
+def _with_prefix(message: str, prefix: str, fields: set[str]) -> str:
+    # __post_init__ checks start their message with the field name ("top_p must be ..."); nested,
+    # that name becomes the dotted key ("rollout.top_p must be ...").
+    if not prefix:
+        return message
+    first = message.split(" ", 1)[0].rstrip(":")
+    return prefix + message if first in fields else f"{prefix.rstrip('.')}: {message}"
 
 
 def from_dict(cls: type[C], values: Mapping[str, Any], *, prefix: str = "") -> C:
     """Build dataclass `cls` from `values`, validating every key and type (see module docstring)."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.0)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
-        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    kwargs = coerce_fields(cls, values, prefix=prefix)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        raise ConfigError(_with_prefix(str(err), prefix, fields)) from None
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """The dataclass as a plain dict (for YAML and logs)."""
-    return dataclasses.asdict(config)
+    """The dataclass as a plain dict of dicts, lists and scalars (for YAML and logs)."""
+    return _plain(config)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars: 1e-5 is a float (1.1: a string) and only true/false are
+    booleans (1.1: also on/off/yes/no, which would turn `initialize: off` into False)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    char: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for char, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d+)(?:[eE][-+]?\d+)$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python data (see _Loader), or a one-line ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML: {problem}{at}") from None
+
+
+def apply_override(values: dict[str, Any], override: str, cls: type) -> None:
+    """Set one `dotted.key=value` override (value in YAML) in the raw nested dict `values` of
+    dataclass `cls`, in place; the dict is validated later by from_dict."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or not all(parts):
+        raise ConfigError(f"override {override!r} must look like key=value or section.key=value")
+    # Walk the schema so `steps.x=1` says steps is not a section; unknown names are left to
+    # from_dict, which suggests the closest key.
+    for depth, part in enumerate(parts[:-1]):
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            break
+        tp = typing.get_type_hints(cls)[part]
+        if typing.get_origin(tp) is dict:
+            break
+        if not is_dataclass_type(tp):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])!r} is not a section "
+                              f"(it takes {type_name(tp)})")
+        cls = tp
+    node = values
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])!r} holds {child!r}, not a mapping")
+        node = child
+    node[parts[-1]] = parse_yaml(text, f"override {override!r}")

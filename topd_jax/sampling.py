@@ -31,6 +31,7 @@ from flax import nnx
 
 from topd_jax.models.decoder import CausalLM, KVCache, init_branch_cache, init_cache
 from topd_jax.models.masks import check_left_padded
+from topd_jax.models.sharding import constrain_batch
 
 Array = jax.Array
 PAD_ID = 0
@@ -60,19 +61,25 @@ class Rollout:
     cache: KVCache
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "mask", "logprobs"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["tokens", "mask", "logprobs", "topk_logprobs", "topk_ids"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class Windows:
     """Look-ahead windows v_1..v_K from the prefixes (x, y_<t) of M branch points per row.
 
     tokens [B, M, K] int32 (0 after the first EOS); mask [B, M, K] bool (1 through the first EOS
     inclusive); logprobs [B, M, K] float32, the branching model's log pi(v_k | x, y_<t, v_<k) at
-    temperature 1 (0 where mask is 0).
+    temperature 1 (0 where mask is 0). With `branch(..., top_k_logprobs=k)` also topk_logprobs
+    [B, M, K, k] float32 and topk_ids [B, M, K, k] int32: the branching model's k most likely
+    tokens at each window step (temperature 1, descending; 0 where mask is 0), the teacher
+    support of the `topk_fkl` guidance; None otherwise.
     """
 
     tokens: Array
     mask: Array
     logprobs: Array
+    topk_logprobs: Array | None = None
+    topk_ids: Array | None = None
 
 
 def _check_sampling(temperature: float, top_p: float, top_k: int, eos_ids, vocab: int) -> tuple[int, ...]:
@@ -163,8 +170,8 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, tem
     # Hidden states, not [B, P, V] logits: only the last column's are needed, and left padding puts
     # every prompt's last real token there.
     hidden, cache = model(prompts, attention_mask=prompt_mask, cache=cache, return_hidden=True)
-    init = (jnp.zeros((), jnp.int32), model.logits(hidden[:, -1]), cache, jnp.zeros((b, n), jnp.int32),
-            jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool), jnp.ones((b,), bool))
+    init = (jnp.zeros((), jnp.int32), *constrain_batch((model.logits(hidden[:, -1]), cache, jnp.zeros((b, n), jnp.int32),
+            jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool), jnp.ones((b,), bool))))
 
     def cond(carry):
         step, alive = carry[0], carry[-1]
@@ -179,7 +186,7 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, tem
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
         logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, None], (0, step))
         mask = jax.lax.dynamic_update_slice(mask, alive[:, None], (0, step))
-        return step + 1, logits[:, 0], cache, tokens, logprobs, mask, still
+        return step + 1, *constrain_batch((logits[:, 0], cache, tokens, logprobs, mask, still))
 
     _, _, cache, tokens, logprobs, mask, alive = jax.lax.while_loop(cond, body, init)
     return Rollout(prompts, prompt_mask, tokens, mask, logprobs, ~alive, cache)
@@ -211,8 +218,9 @@ def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "window", "temperature", "top_p", "top_k",
-                                             "eos"))
-def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, window, temperature, top_p, top_k, eos):
+                                             "eos", "top_k_logprobs"))
+def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, window, temperature, top_p, top_k, eos,
+            top_k_logprobs):
     model = nnx.merge(graphdef, state)
     b, m = positions.shape
     k = window
@@ -227,29 +235,38 @@ def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, windo
     start_pos = jnp.maximum(jnp.take_along_axis(count, last, axis=1) - 1, 0)  # pos(last)
     first_tok = jnp.take_along_axis(tokens.astype(jnp.int32), last, axis=1)
     branch_kv = init_branch_cache(model.config, b, m, k, cache.keys[0].dtype)
-    init = (jnp.zeros((), jnp.int32), first_tok, branch_kv, jnp.zeros((b, m, k), jnp.int32),
-            jnp.zeros((b, m, k), jnp.float32), jnp.zeros((b, m, k), bool), jnp.ones((b, m), bool))
+    kk = top_k_logprobs
+    init = (jnp.zeros((), jnp.int32), *constrain_batch((first_tok, branch_kv, jnp.zeros((b, m, k), jnp.int32),
+            jnp.zeros((b, m, k), jnp.float32), jnp.zeros((b, m, k, kk), jnp.float32),
+            jnp.zeros((b, m, k, kk), jnp.int32), jnp.zeros((b, m, k), bool), jnp.ones((b, m), bool))))
 
     def cond(carry):
         step, alive = carry[0], carry[-1]
         return (step < k) & jnp.any(alive)
 
     def body(carry):
-        step, fed, branch_kv, out, logprobs, mask, alive = carry
+        step, fed, branch_kv, out, logprobs, top_lp, top_ids, mask, alive = carry
         logits, branch_kv = model.branch_step(fed, start_pos + step, cache, last, branch_kv, step)
         tok, logp, still = _sample_step(logits, key, step, alive, eos, temperature, top_p, top_k)
         out = jax.lax.dynamic_update_slice(out, tok[:, :, None], (0, 0, step))
         logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, :, None], (0, 0, step))
         mask = jax.lax.dynamic_update_slice(mask, alive[:, :, None], (0, 0, step))
-        return step + 1, tok, branch_kv, out, logprobs, mask, still
+        if kk:
+            vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), kk)
+            vals, ids = jnp.where(alive[..., None], vals, 0.0), jnp.where(alive[..., None], ids, 0)
+            top_lp = jax.lax.dynamic_update_slice(top_lp, vals[:, :, None], (0, 0, step, 0))
+            top_ids = jax.lax.dynamic_update_slice(top_ids, ids[:, :, None].astype(jnp.int32), (0, 0, step, 0))
+        return step + 1, *constrain_batch((tok, branch_kv, out, logprobs, top_lp, top_ids, mask, still))
 
-    _, _, _, out, logprobs, mask, _ = jax.lax.while_loop(cond, body, init)
-    return Windows(out, mask, logprobs)
+    _, _, _, out, logprobs, top_lp, top_ids, mask, _ = jax.lax.while_loop(cond, body, init)
+    if not kk:
+        return Windows(out, mask, logprobs)
+    return Windows(out, mask, logprobs, top_lp, top_ids)
 
 
 def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key: Array, window: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(),
-           prompt_len: int | None = None, tokens: Array | None = None) -> Windows:
+           prompt_len: int | None = None, tokens: Array | None = None, top_k_logprobs: int = 0) -> Windows:
     """Decode a K-token window from each prefix (x, y_<t), t = positions[b, m], all B*M at once.
 
     source: a Rollout (its cache, P = its prompt width, its prompt + completion tokens), or a KVCache
@@ -271,6 +288,7 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     [B, M, S]) and to a branch-local cache [B, M, K] per layer, one softmax over both blocks. The
     loop (`lax.while_loop`, jitted) stops when every window has sampled an EOS or after K steps.
     Sampling options as `generate`; step k draws with fold_in(key, k) over all [B, M] branches.
+    top_k_logprobs = k > 0 also returns each step's k most likely tokens and their log-probs.
     Returns Windows [B, M, K].
     """
     if isinstance(source, Rollout):
@@ -295,7 +313,13 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     graphdef, state = nnx.split(model)
     return _branch(graphdef, state, cache, ids, positions, key, prompt_len=int(p),
                    window=_check_count("window", window), temperature=float(temperature), top_p=float(top_p),
-                   top_k=int(top_k), eos=eos)
+                   top_k=int(top_k), eos=eos, top_k_logprobs=_check_topk(top_k_logprobs, model.config.vocab_size))
+
+
+def _check_topk(value, vocab: int) -> int:
+    if not _is_int(value) or not 0 <= value <= vocab:
+        raise ValueError(f"top_k_logprobs must be an int in [0, {vocab}], got {value!r}")
+    return int(value)
 
 
 def window_embeddings(model: CausalLM, tokens: Array) -> Array:

@@ -27,8 +27,11 @@ def check_left_padded(prompt_mask: Array) -> None:
 
     Decoding and scoring read the token after the prompt from the prompt's last column, so a
     right-padded prompt would be continued after a pad. Checked on concrete arrays only (inside
-    a trace the values are unknown).
+    a trace the values are unknown; a multi-host array spans hosts, so its loader checks it).
     """
+    if isinstance(prompt_mask, jax.Array) and not isinstance(prompt_mask, jax.core.Tracer) \
+            and not prompt_mask.is_fully_addressable:
+        return
     try:
         values = np.asarray(prompt_mask).astype(bool)
     except jax.errors.TracerArrayConversionError:

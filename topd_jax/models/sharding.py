@@ -124,3 +124,23 @@ def cache_shardings(cache: Any, mesh: Mesh, rules: Rules | Mapping[str, MeshAxes
     kv = [logical_sharding(CACHE_AXES, k.shape, mesh, rules) for k in cache.keys]
     return type(cache)(tuple(kv), tuple(kv), batch_sharding(mesh, cache.valid.shape, rules),
                        NamedSharding(mesh, PartitionSpec()))
+
+
+def constrain_batch(tree: Any, rules: Rules | Mapping[str, MeshAxes] | None = None) -> Any:
+    """Inside `jax.set_mesh(mesh)`: split the leading B axis of every array of `tree` by the
+    batch rule, other axes left to the partitioner; without a context mesh, `tree` unchanged.
+
+    Decode loops start from zero-filled carries (caches, token buffers) that carry no sharding,
+    so without this the partitioner may replicate a whole loop on every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return tree
+
+    def one(x):
+        if not hasattr(x, "ndim") or x.ndim == 0:
+            return x
+        spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return jax.tree.map(one, tree)

@@ -1,0 +1,190 @@
+"""Save, resume and prune training checkpoints with Orbax, on one host or a whole pod.
+
+A checkpoint is one step directory holding named items: pytrees of (sharded) arrays such as
+`params` and `opt_state`, and JSON items such as `meta` and `config`:
+
+    <directory>/<step>/{params,opt_state,meta,config,...}
+
+Every process calls every method: Orbax writes each array shard from the process that owns
+it, writes JSON items from the primary process only, and keeps the processes in step with
+barriers. Saves are atomic: Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it to
+`<step>` only when every item and every process is done, so a process killed mid-save
+(preemption, SIGKILL) leaves at most a tmp directory, never a step that looks complete. Such
+stale tmp directories are ignored when listing steps and deleted by the primary process when
+the next `Checkpointer` opens the directory (`cleanup_tmp_directories`); a later save of the
+same step would also replace one.
+
+Restores are resharding: the caller gives the target layout as `jax.ShapeDtypeStruct`s with
+a `.sharding` (see `abstract_like`), which may use a different mesh than the one saved from.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that was asked for does not exist or cannot be used."""
+
+
+def abstract_like(tree: PyTree, shardings: PyTree | jax.sharding.Sharding | None = None) -> PyTree:
+    """The restore target for `tree`: its leaves as `jax.ShapeDtypeStruct`s with shardings.
+
+    `shardings` is one `Sharding` for every leaf, a pytree of them matching `tree`, or None to
+    keep each leaf's own `.sharding` (leaves without one, e.g. numpy arrays, get none and are
+    restored onto the default device).
+    """
+    if shardings is None:
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            tree,
+        )
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """The trainer's checkpoints in one directory: periodic and forced saves, keep-last-k, resume.
+
+    Args:
+      directory: where step directories live, a local path or a URL such as `gs://bucket/run`;
+        created if missing.
+      every: save interval in steps for `should_save`; 0 saves only when forced.
+      keep: how many of the newest complete checkpoints to keep; older ones are deleted after
+        each save completes.
+      async_save: if True, `save` returns once the arrays are copied off the devices and the
+        write finishes in a background thread; the next `save`, `wait` or `close` waits for it.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+        if every < 0:
+            raise CheckpointError(f"checkpoint interval `every` must be >= 0, got {every}")
+        if keep < 1:
+            raise CheckpointError(f"checkpoints to `keep` must be >= 1, got {keep}")
+        directory = os.fspath(directory)
+        # Orbax needs absolute paths; URLs (gs://...) already are.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.every = every
+        self._pending_step: int | None = None  # the step an async save is still writing
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(every, 1),  # unused: we decide ourselves and always force
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # --- listing -------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending (a save still being written is excluded)."""
+        steps = sorted(self._manager.all_steps())
+        if self._pending_step is not None and self._manager.is_saving_in_progress():
+            steps = [s for s in steps if s != self._pending_step]
+        return steps
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None if there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is a periodic checkpoint step: `every > 0 and step % every == 0`."""
+        return self.every > 0 and step % self.every == 0
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        trees: Mapping[str, PyTree],
+        json: Mapping[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Save the array pytrees `trees` and JSON-serialisable `json` items as checkpoint `step`.
+
+        Saves when `force` or `should_save(step)`; a step already saved is never overwritten
+        (e.g. a final forced save right after the periodic one). Returns whether a save started.
+        """
+        clash = set(trees) & set(json)
+        if clash:
+            raise CheckpointError(f"item names used for both a tree and a json item: {sorted(clash)}")
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps():  # complete or still being written
+            return False
+        items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+        items.update({name: ocp.args.JsonSave(value) for name, value in json.items()})
+        self._pending_step = step
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+    def wait(self) -> None:
+        """Block until any async save is complete on disk (and old checkpoints are pruned)."""
+        self._manager.wait_until_finished()
+        self._pending_step = None
+
+    def close(self) -> None:
+        """Wait for any async save, then release Orbax's threads and handles."""
+        self.wait()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- restoring -----------------------------------------------------------------------------
+
+    def restore(
+        self,
+        step: int | None,
+        abstract_trees: Mapping[str, PyTree],
+        json_names: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Restore the named trees onto the shardings of `abstract_trees` and the named JSON items.
+
+        `abstract_trees` maps item names to pytrees of `jax.ShapeDtypeStruct` with `.sharding`
+        (the target layout, which may differ from the one saved). Items not named are not read,
+        e.g. restore only `params` for export. `step` None means the latest checkpoint. Waits for
+        any async save first, so that step is readable and no pruning races the read.
+        """
+        self.wait()
+        step = self._resolve(step)
+        items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_trees.items()}
+        items.update({name: ocp.args.JsonRestore() for name in json_names})
+        if not items:
+            raise CheckpointError("restore needs at least one tree or json item name")
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except KeyError as e:  # Orbax: 'Item "x" was not found in the checkpoint. Available ...'
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: {e.args[0]}") from None
+        return {name: restored[name] for name in items}
+
+    def restore_tree(self, step: int | None, name: str, abstract_tree: PyTree) -> PyTree:
+        """Restore one array pytree item (e.g. only `params`, not `opt_state`)."""
+        return self.restore(step, {name: abstract_tree})[name]
+
+    def restore_json(self, step: int | None, name: str) -> Any:
+        """Restore one JSON item (e.g. the config, without knowing any tree structure)."""
+        return self.restore(step, {}, (name,))[name]
+
+    def _resolve(self, step: int | None) -> int:
+        """The checkpoint step to read: `step`, or the latest one; a clear error if absent."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have {steps})")
+        return step

@@ -1,0 +1,283 @@
+"""The trainer: wires models, prompts, the step, checkpoints and metrics around `step.py`.
+
+    trainer = Trainer(load_config("configs/tiny_cpu.yaml", ["steps=4"]))
+    trainer.run()       # resumes from output_dir/checkpoints when there is a checkpoint
+
+Per step s (0-based; the state after it is step s + 1):
+    key_s = fold_in(key, s);  prompts = source.batch(data_position)
+    sample -> score -> branch (locate: candidates, windows, OT) -> train (pjit update)
+each phase timed (time_sample, time_score, time_branch, time_train), then metrics are logged and a
+checkpoint is saved when due. Everything a step draws comes from (key, s) and the data position,
+both in the checkpoint, so a resumed run continues exactly as an uninterrupted one.
+
+SIGTERM (preemptible TPU VMs) sets a flag that every process checks after each step (agreed
+across hosts); the trainer then saves a complete checkpoint and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from topd_jax.losses.topd import TopdConfig
+from topd_jax.models.checkpoint import load_pretrained
+from topd_jax.models.decoder import CausalLM
+from topd_jax.models.families import config_to_hf
+from topd_jax.models.sharding import param_shardings
+from topd_jax.models.tokenizer import load_tokenizer
+from topd_jax.prompts import JsonlPrompts, RandomPrompts
+from topd_jax.trainer import placement
+from topd_jax.trainer.checkpointing import Checkpointer
+from topd_jax.trainer.config import ModelSpec, TrainConfig, save_config
+from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
+from topd_jax.trainer.metrics import MetricsLogger
+from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
+from topd_jax.trainer.step import Sampling, TrainState, experience, init_state, locate, sample, score_teacher
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The no-gradient phases as single programs (their glue would otherwise dispatch op by op).
+_score_teacher = nnx.jit(score_teacher, static_argnames=("chunk_size", "return_cache"))
+_locate = nnx.jit(locate, static_argnames=("loss", "options"))
+CHECKPOINT_DIR = "checkpoints"
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """A replicated (possibly multi-host) array's value on this host."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def build_model(spec: ModelSpec, mesh: jax.sharding.Mesh, rules=None) -> tuple[CausalLM, str | None]:
+    """The model of `spec` with its params on the mesh, and its tokenizer directory (or None).
+
+    A checkpoint path streams its safetensors straight onto the shardings; a random model is
+    initialised inside jit with sharded outputs (identical values on any mesh and every host).
+    """
+    dtype = DTYPES[spec.dtype]
+    if spec.path is not None:
+        tokenizer = spec.path if os.path.isfile(os.path.join(spec.path, "tokenizer_config.json")) else None
+        return load_pretrained(spec.path, dtype=dtype, mesh=mesh, rules=rules), tokenizer
+    cfg, seed = spec.random.model_config(), spec.random.init_seed
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    shardings = param_shardings(abstract_params, mesh, rules)
+    params = jax.jit(lambda: nnx.state(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)), nnx.Param),
+                     out_shardings=shardings)()
+    return nnx.merge(graphdef, params), None
+
+
+class _Preemption:
+    """SIGTERM -> a flag; restores the previous handler on exit (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """True on every process when any process got SIGTERM (so all save the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+Callback = Callable[["Trainer", int, dict[str, Any]], None]
+
+
+class Trainer:
+    """Builds everything from a TrainConfig; `run()` trains to config.steps.
+
+    callbacks: called after every step as callback(trainer, step, metrics), after the step's
+    checkpoint save was started (evaluation hooks, custom logging, fault injection in tests).
+    """
+
+    def __init__(self, config: TrainConfig, *, callbacks: Sequence[Callback] = ()):
+        initialize_distributed(config.distributed)
+        self.config = config
+        self.callbacks = tuple(callbacks)
+        self.loss: TopdConfig = config.topd_config()
+        self.mesh = mesh_from_config(config.mesh)
+        self.student, tokenizer_dir = build_model(config.student, self.mesh)
+        self.teacher, _ = build_model(config.teacher, self.mesh)
+        vocab_s, vocab_t = self.student.config.vocab_size, self.teacher.config.vocab_size
+        if vocab_s != vocab_t:
+            raise ValueError(f"student vocab_size {vocab_s} != teacher vocab_size {vocab_t}; TOPD compares the "
+                             "two models' tokens, so they must share a tokenizer")
+        self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+        self.prompts = self._prompt_source()
+        r = config.rollout
+        eos = r.eos_ids
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = (int(self.tokenizer.eos_token_id),)
+        self.sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                 top_k=r.top_k, eos_ids=tuple(eos), num_samples=r.num_samples)
+        self.rollouts_per_step = r.prompts_per_step * r.num_samples
+        placement.batch_size_divides(self.rollouts_per_step, self.mesh)
+
+        self.optimizer = config.optimizer.build(config.steps)
+        self.graphdef, params = nnx.split(self.student, nnx.Param)
+        key = jax.random.PRNGKey(config.seed)
+        init = functools.partial(init_state, optimizer=self.optimizer)
+        state_shardings = placement.state_shardings(jax.eval_shape(init, params, key=key), self.mesh)
+        self.state: TrainState = jax.jit(init, out_shardings=state_shardings)(params, key=key)
+        self.data_position = 0
+        self.primary = jax.process_index() == 0
+        self.checkpointer = Checkpointer(os.path.join(config.output_dir, CHECKPOINT_DIR),
+                                         every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                         async_save=config.checkpoint.async_save)
+        if config.checkpoint.resume and self.checkpointer.latest_step() is not None:
+            self.restore(self.checkpointer.latest_step())
+        self._update = None
+        self._update_flops = None
+        self._peak = None
+
+    # ------------------------------------------------------------------ data and checkpoints
+
+    def _prompt_source(self):
+        d, r = self.config.data, self.config.rollout
+        if d.source == "random":
+            return RandomPrompts(vocab_size=self.student.config.vocab_size, prompt_length=d.prompt_length,
+                                 batch_size=r.prompts_per_step, seed=self.config.seed)
+        if self.tokenizer is None:
+            raise ValueError("data.source 'jsonl' needs a tokenizer: set student.path to a checkpoint directory "
+                             "with tokenizer files")
+        return JsonlPrompts(d.path, self.tokenizer, field=d.field, prompt_length=d.prompt_length,
+                            batch_size=r.prompts_per_step, seed=self.config.seed, system_prompt=d.system_prompt)
+
+    @property
+    def step(self) -> int:
+        return int(host_value(self.state.step))
+
+    def save(self, *, force: bool = False) -> bool:
+        """Start a checkpoint of the current state if due (or forced): params, optimizer state,
+        step, key, data position, the run's config and the student's HF config (for export)."""
+        step = self.step
+        if not force and not self.checkpointer.should_save(step):
+            return False
+        meta = {"step": step, "key": host_value(self.state.key).tolist(), "data_position": self.data_position}
+        return self.checkpointer.save(
+            step, {"params": self.state.params, "opt_state": self.state.opt_state},
+            {"meta": meta, "config": self.config.to_dict(),
+             "model_config": config_to_hf(self.student.config, dtype=self.config.student.dtype)},
+            force=force)
+
+    def restore(self, step: int) -> None:
+        """Continue from checkpoint `step`, onto this run's shardings."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                {"params": self.state.params, "opt_state": self.state.opt_state})
+        restored = self.checkpointer.restore(step, abstract, ["meta"])
+        meta = restored["meta"]
+        replicated = placement.replicated(self.mesh)
+        self.state = TrainState(
+            step=placement.put_global(np.asarray(meta["step"], np.int32), replicated),
+            params=restored["params"], opt_state=restored["opt_state"],
+            key=placement.put_global(np.asarray(meta["key"], np.uint32), replicated))
+        self.data_position = int(meta["data_position"])
+
+    # ------------------------------------------------------------------ one step
+
+    def _compile_update(self, batch):
+        jitted = placement.jit_update(self.state, batch, self.mesh, graphdef=self.graphdef, optimizer=self.optimizer,
+                                      loss=self.loss, chunk_size=self.config.chunk_size)
+        compiled = jitted.lower(self.state, batch).compile()
+        self._update_flops = compiled_flops(compiled)
+        return compiled
+
+    def peak_flops(self) -> float:
+        """Per-device peak FLOP/s for the MFU estimate: config, known chip table, or measured."""
+        if self._peak is None:
+            self._peak = (self.config.logging.peak_flops or device_peak_flops(jax.devices()[0])
+                          or measure_matmul_peak())
+        return self._peak
+
+    def train_step(self, timer: PhaseTimer) -> dict[str, Any]:
+        """sample -> score -> branch -> train on the next prompt batch; returns host metrics."""
+        step = self.step
+        key = jax.random.fold_in(self.state.key, step)
+        k_sample, k_locate = jax.random.split(key)
+        prompt_tokens, prompt_mask = placement.put_batch(self.prompts.batch(self.data_position), self.mesh)
+        student = nnx.merge(self.graphdef, self.state.params)
+        with jax.set_mesh(self.mesh):  # decode loops pin their carries to the batch axes
+            with timer.phase("sample"):
+                rollout = jax.block_until_ready(sample(student, prompt_tokens, prompt_mask, k_sample, self.sampling))
+            with timer.phase("score"):
+                scores = jax.block_until_ready(_score_teacher(self.teacher, rollout, chunk_size=self.config.chunk_size,
+                                                              return_cache=self.loss.uses_windows))
+            with timer.phase("branch"):
+                located = jax.block_until_ready(_locate(student, self.teacher, rollout, scores, k_locate,
+                                                        loss=self.loss, options=self.sampling))
+        batch = experience(rollout, scores, located)
+        del rollout, scores, located, student  # the caches are the largest buffers of the step
+        batch = placement.place(batch, placement.experience_shardings(batch, self.mesh))
+        if self._update is None:
+            self._update = self._compile_update(batch)
+        with timer.phase("train"):
+            self.state, metrics = jax.block_until_ready(self._update(self.state, batch))
+        self.data_position += 1
+        host = {k: host_value(v) for k, v in metrics.items()}
+        times = timer.split()
+        tokens = float(host_value(jnp.sum(batch.mask)))
+        host.update(times, tokens=tokens, tokens_per_s=tokens / max(times["time_step"], 1e-9))
+        if self._update_flops:
+            host["mfu"] = mfu(self._update_flops, times["time_train"], self.peak_flops(), 1)
+        return host
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        """Train from the current step to config.steps; returns the last step's metrics."""
+        cfg = self.config
+        start = self.step
+        if self.primary:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        logger = MetricsLogger(cfg.output_dir, total_steps=cfg.steps, start_step=start,
+                               tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                               enabled=self.primary)
+        if start:
+            logger.warn(f"resumed from step {start} of {cfg.output_dir}")
+        metrics: dict[str, Any] = {}
+        timer = PhaseTimer()
+        with logger, _Preemption() as preemption:
+            while self.step < cfg.steps:
+                metrics = self.train_step(timer)
+                step = self.step
+                if metrics["skipped"]:
+                    logger.warn(f"step {step}: non-finite loss or gradients; update skipped, params unchanged")
+                logger.log(step, metrics)
+                self.save(force=step == cfg.steps)
+                for callback in self.callbacks:
+                    callback(self, step, metrics)
+                if preemption.agreed():
+                    self.save(force=True)
+                    self.checkpointer.wait()
+                    logger.warn(f"SIGTERM: saved a complete checkpoint at step {step}; exiting")
+                    break
+            self.checkpointer.wait()
+        return metrics
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+__all__ = ["Trainer", "build_model", "host_value"]
