@@ -109,14 +109,16 @@ class Trainer:
 
     callbacks: called after every step as callback(trainer, step, metrics), after the step's
     checkpoint save was started (evaluation hooks, custom logging, fault injection in tests).
+    devices: the devices of the mesh (default: all of them, on every host).
     """
 
-    def __init__(self, config: TrainConfig, *, callbacks: Sequence[Callback] = ()):
+    def __init__(self, config: TrainConfig, *, callbacks: Sequence[Callback] = (),
+                 devices: Sequence[jax.Device] | None = None):
         initialize_distributed(config.distributed)
         self.config = config
         self.callbacks = tuple(callbacks)
         self.loss: TopdConfig = config.topd_config()
-        self.mesh = mesh_from_config(config.mesh)
+        self.mesh = mesh_from_config(config.mesh, devices)
         self.student, tokenizer_dir = build_model(config.student, self.mesh)
         self.teacher, _ = build_model(config.teacher, self.mesh)
         vocab_s, vocab_t = self.student.config.vocab_size, self.teacher.config.vocab_size

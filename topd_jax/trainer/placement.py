@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from topd_jax.losses.topd import TopdConfig
-from topd_jax.models.sharding import DEFAULT_RULES, batch_sharding, logical_sharding
+from topd_jax.models.sharding import DEFAULT_RULES, batch_sharding, logical_sharding, make_mesh
 from topd_jax.trainer.step import Experience, TrainState, sft_update, update
 
 Rules = Any
@@ -29,6 +29,11 @@ Rules = Any
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def data_mesh(devices) -> Mesh:
+    """A pure data-parallel mesh over `devices` (one device: everything local)."""
+    return make_mesh(data=len(devices), devices=devices)
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = None) -> Any:
@@ -103,5 +108,5 @@ def jit_sft_update(state: TrainState, batch_shape: tuple[int, int], mesh: Mesh, 
                    donate_argnums=0)
 
 
-__all__ = ["batch_size_divides", "experience_shardings", "jit_sft_update", "jit_update", "place", "put_batch",
+__all__ = ["batch_size_divides", "data_mesh", "experience_shardings", "jit_sft_update", "jit_update", "place", "put_batch",
            "put_global", "replicated", "state_shardings", "tree_shardings"]

@@ -234,7 +234,7 @@ def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTran
     A skipped step leaves params and optimizer state bit-for-bit untouched (step still counts),
     so one bad batch cannot poison Adam's moments. Metrics: grad_norm, skipped (1.0 or 0.0).
     """
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
