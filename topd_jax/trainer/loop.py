@@ -246,10 +246,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> dict[str, Any]:
-        """Train from the current step to config.steps; returns the last step's metrics."""
+    def run(self, until: int | None = None) -> dict[str, Any]:
+        """Train from the current step to config.steps (or to step `until`, saving a checkpoint
+        there: a planned stop that a later run resumes); returns the last step's metrics."""
         cfg = self.config
         start = self.step
+        stop = cfg.steps if until is None else min(until, cfg.steps)
         if self.primary:
             os.makedirs(cfg.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -261,13 +263,13 @@ class Trainer:
         metrics: dict[str, Any] = {}
         timer = PhaseTimer()
         with logger, _Preemption() as preemption:
-            while self.step < cfg.steps:
+            while self.step < stop:
                 metrics = self.train_step(timer)
                 step = self.step
                 if metrics["skipped"]:
                     logger.warn(f"step {step}: non-finite loss or gradients; update skipped, params unchanged")
                 logger.log(step, metrics)
-                self.save(force=step == cfg.steps)
+                self.save(force=step == stop)
                 for callback in self.callbacks:
                     callback(self, step, metrics)
                 if preemption.agreed():

@@ -1,0 +1,49 @@
+"""Two processes on localhost (jax.distributed, 4 CPU devices each) train like one of 8 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from .test_loop import ROOT, TIMING, WORKER, metrics_of
+
+RUN = ["steps=3", "checkpoint.every=2", "rollout.prompts_per_step=8", "rollout.max_new_tokens=10",
+       "data.prompt_length=5", "loss.window=4", "loss.max_candidates=2", "logging.progress=false",
+       "logging.tensorboard=false", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(output_dir, num_processes):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, WORKER, "multihost", str(output_dir), str(i), str(num_processes),
+                               str(port), *RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(num_processes)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert f"{num_processes} processes, 8 devices, ok" in out
+    with np.load(os.path.join(output_dir, "params.npz")) as f:
+        return metrics_of(output_dir), [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def test_two_processes_of_four_devices_agree_with_one_process_of_eight(tmp_path):
+    two_metrics, two_params = launch(tmp_path / "two", 2)
+    one_metrics, one_params = launch(tmp_path / "one", 1)
+    assert [r["step"] for r in two_metrics] == [1, 2, 3]
+    for a, b in zip(two_metrics, one_metrics):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith(TIMING):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for a, b in zip(two_params, one_params, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Both processes wrote one checkpoint set: steps 2 and 3 (the final step is always saved).
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "3"]
