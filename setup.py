@@ -23,11 +23,14 @@ setup(
     install_requires=[
         JAX,
         "flax>=0.11,<0.13",
-        "optax>=0.2.4,<0.3",
+        "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "numpy>=1.26",
         "ml_dtypes>=0.5",
         "pyyaml>=6.0",
+        # Trainer: TensorBoard event files without TensorFlow, the progress bar.
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
         # Tokenizers and chat templates (AutoTokenizer); torch is not needed for them.
         "transformers>=4.51,<6",
     ],

@@ -13,10 +13,11 @@ EXPECTED = {
     "bench_loss.py": "ratio topd/opd",
     "bench_model.py": "jax / torch throughput",
     "bench_sampling.py": "branch / generate cost per token",
+    "bench_step.py": "TOPD / OPD step time",
 }
 
 
-@pytest.mark.parametrize("script", ["bench_loss.py", "bench_model.py", "bench_sampling.py"])
+@pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_benchmark_runs_at_quick_size(script):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],

@@ -33,7 +33,8 @@ def _assert_bitwise_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8))
+        x_bytes, y_bytes = (np.asarray(v).reshape(-1).view(np.uint8) for v in (x, y))
+        np.testing.assert_array_equal(x_bytes, y_bytes)
 
 
 def _stale_tmp_dirs(directory):

@@ -43,10 +43,25 @@ from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
 from topd_jax.trainer.step import Sampling, TrainState, experience, init_state, locate, sample, score_teacher
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# The no-gradient phases as single programs (their glue would otherwise dispatch op by op).
-_score_teacher = nnx.jit(score_teacher, static_argnames=("chunk_size", "return_cache"))
-_locate = nnx.jit(locate, static_argnames=("loss", "options"))
 CHECKPOINT_DIR = "checkpoints"
+
+
+# The no-gradient phases, each one program over (graphdef, params): no per-call graph traversal
+# of the modules, no op-by-op dispatch of the glue between the library's jitted functions.
+@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
+def _sample(graphdef, params, prompt_tokens, prompt_mask, key, *, options):
+    return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, options)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "return_cache"))
+def _score_teacher(graphdef, params, rollout, *, chunk_size, return_cache):
+    return score_teacher(nnx.merge(graphdef, params), rollout, chunk_size=chunk_size, return_cache=return_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "loss", "options"))
+def _locate(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key, *, loss, options):
+    return locate(nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params), rollout, scores, key,
+                  loss, options)
 
 
 def host_value(x: jax.Array) -> np.ndarray:
@@ -138,6 +153,7 @@ class Trainer:
 
         self.optimizer = config.optimizer.build(config.steps)
         self.graphdef, params = nnx.split(self.student, nnx.Param)
+        self.teacher_graphdef, self.teacher_params = nnx.split(self.teacher, nnx.Param)
         key = jax.random.PRNGKey(config.seed)
         init = functools.partial(init_state, optimizer=self.optimizer)
         state_shardings = placement.state_shardings(jax.eval_shape(init, params, key=key), self.mesh)
@@ -150,7 +166,7 @@ class Trainer:
         if config.checkpoint.resume and self.checkpointer.latest_step() is not None:
             self.restore(self.checkpointer.latest_step())
         self._update = None
-        self._update_flops = None
+        self.update_flops = None
         self._peak = None
 
     # ------------------------------------------------------------------ data and checkpoints
@@ -202,7 +218,7 @@ class Trainer:
         jitted = placement.jit_update(self.state, batch, self.mesh, graphdef=self.graphdef, optimizer=self.optimizer,
                                       loss=self.loss, chunk_size=self.config.chunk_size)
         compiled = jitted.lower(self.state, batch).compile()
-        self._update_flops = compiled_flops(compiled)
+        self.update_flops = compiled_flops(compiled)
         return compiled
 
     def peak_flops(self) -> float:
@@ -218,18 +234,21 @@ class Trainer:
         key = jax.random.fold_in(self.state.key, step)
         k_sample, k_locate = jax.random.split(key)
         prompt_tokens, prompt_mask = placement.put_batch(self.prompts.batch(self.data_position), self.mesh)
-        student = nnx.merge(self.graphdef, self.state.params)
+        params, teacher = self.state.params, self.teacher_params
         with jax.set_mesh(self.mesh):  # decode loops pin their carries to the batch axes
             with timer.phase("sample"):
-                rollout = jax.block_until_ready(sample(student, prompt_tokens, prompt_mask, k_sample, self.sampling))
+                rollout = jax.block_until_ready(_sample(self.graphdef, params, prompt_tokens, prompt_mask, k_sample,
+                                                        options=self.sampling))
             with timer.phase("score"):
-                scores = jax.block_until_ready(_score_teacher(self.teacher, rollout, chunk_size=self.config.chunk_size,
+                scores = jax.block_until_ready(_score_teacher(self.teacher_graphdef, teacher, rollout,
+                                                              chunk_size=self.config.chunk_size,
                                                               return_cache=self.loss.uses_windows))
             with timer.phase("branch"):
-                located = jax.block_until_ready(_locate(student, self.teacher, rollout, scores, k_locate,
-                                                        loss=self.loss, options=self.sampling))
+                located = jax.block_until_ready(_locate(self.graphdef, params, self.teacher_graphdef, teacher,
+                                                        rollout, scores, k_locate, loss=self.loss,
+                                                        options=self.sampling))
         batch = experience(rollout, scores, located)
-        del rollout, scores, located, student  # the caches are the largest buffers of the step
+        del rollout, scores, located  # the caches are the largest buffers of the step
         batch = placement.place(batch, placement.experience_shardings(batch, self.mesh))
         if self._update is None:
             self._update = self._compile_update(batch)
@@ -240,8 +259,8 @@ class Trainer:
         times = timer.split()
         tokens = float(host_value(jnp.sum(batch.mask)))
         host.update(times, tokens=tokens, tokens_per_s=tokens / max(times["time_step"], 1e-9))
-        if self._update_flops:
-            host["mfu"] = mfu(self._update_flops, times["time_train"], self.peak_flops(), 1)
+        if self.update_flops:
+            host["mfu"] = mfu(self.update_flops, times["time_train"], self.peak_flops(), 1)
         return host
 
     # ------------------------------------------------------------------ the loop
