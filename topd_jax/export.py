@@ -39,7 +39,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
         directory = os.path.join(directory, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    with Checkpointer(directory, every=0, keep=1 << 30, async_save=False) as checkpointer:
+    with Checkpointer(directory, every=0, keep=1, async_save=False, read_only=True) as checkpointer:
         step = checkpointer.latest_step() if step is None else step
         if step is None or step not in checkpointer.all_steps():
             raise CheckpointError(f"no complete checkpoint {'' if step is None else step} in {directory}; "

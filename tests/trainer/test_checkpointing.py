@@ -193,3 +193,16 @@ def test_bad_arguments_are_rejected(tmp_path):
     with Checkpointer(tmp_path, every=1, keep=1) as ckpt:
         with pytest.raises(CheckpointError, match="meta"):
             ckpt.save(1, {"meta": {"w": jnp.zeros(2)}}, {"meta": {}})
+
+
+def test_a_read_only_checkpointer_restores_but_never_saves_or_cleans_up(tmp_path):
+    with Checkpointer(tmp_path, every=1, keep=2) as writer:
+        writer.save(1, {"x": {"a": jnp.arange(4)}}, {"meta": {"step": 1}})
+    stale = tmp_path / "2.orbax-checkpoint-tmp"
+    stale.mkdir()  # a save another process is writing right now
+    with Checkpointer(tmp_path, every=1, keep=2, read_only=True) as reader:
+        assert reader.latest_step() == 1
+        assert reader.restore_json(None, "meta") == {"step": 1}
+        with pytest.raises(CheckpointError, match="read-only"):
+            reader.save(3, {"x": {"a": jnp.arange(4)}}, {}, force=True)
+    assert stale.is_dir()

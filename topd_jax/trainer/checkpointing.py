@@ -61,9 +61,12 @@ class Checkpointer:
         each save completes.
       async_save: if True, `save` returns once the arrays are copied off the devices and the
         write finishes in a background thread; the next `save`, `wait` or `close` waits for it.
+      read_only: only list and restore; never save, prune or clean up tmp directories (a reader
+        such as export must not delete the tmp directory of a run that is saving right now).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True,
+                 read_only: bool = False):
         if every < 0:
             raise CheckpointError(f"checkpoint interval `every` must be >= 0, got {every}")
         if keep < 1:
@@ -72,13 +75,15 @@ class Checkpointer:
         # Orbax needs absolute paths; URLs (gs://...) already are.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.every = every
+        self.read_only = read_only
         self._pending_step: int | None = None  # the step an async save is still writing
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(every, 1),  # unused: we decide ourselves and always force
-            max_to_keep=keep,
+            save_interval_steps=0 if read_only else max(every, 1),  # unused: we decide and force
+            max_to_keep=None if read_only else keep,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -115,6 +120,8 @@ class Checkpointer:
         Saves when `force` or `should_save(step)`; a step already saved is never overwritten
         (e.g. a final forced save right after the periodic one). Returns whether a save started.
         """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; cannot save step {step}")
         clash = set(trees) & set(json)
         if clash:
             raise CheckpointError(f"item names used for both a tree and a json item: {sorted(clash)}")

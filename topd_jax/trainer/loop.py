@@ -134,6 +134,9 @@ class Trainer:
         self.callbacks = tuple(callbacks)
         self.loss: TopdConfig = config.topd_config()
         self.mesh = mesh_from_config(config.mesh, devices)
+        r = config.rollout
+        self.rollouts_per_step = r.prompts_per_step * r.num_samples
+        placement.batch_size_divides(self.rollouts_per_step, self.mesh)
         self.student, tokenizer_dir = build_model(config.student, self.mesh)
         self.teacher, _ = build_model(config.teacher, self.mesh)
         vocab_s, vocab_t = self.student.config.vocab_size, self.teacher.config.vocab_size
@@ -142,14 +145,11 @@ class Trainer:
                              "two models' tokens, so they must share a tokenizer")
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         self.prompts = self._prompt_source()
-        r = config.rollout
         eos = r.eos_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = (int(self.tokenizer.eos_token_id),)
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                  top_k=r.top_k, eos_ids=tuple(eos), num_samples=r.num_samples)
-        self.rollouts_per_step = r.prompts_per_step * r.num_samples
-        placement.batch_size_divides(self.rollouts_per_step, self.mesh)
 
         self.optimizer = config.optimizer.build(config.steps)
         self.graphdef, params = nnx.split(self.student, nnx.Param)
@@ -259,7 +259,7 @@ class Trainer:
         times = timer.split()
         tokens = float(host_value(jnp.sum(batch.mask)))
         host.update(times, tokens=tokens, tokens_per_s=tokens / max(times["time_step"], 1e-9))
-        if self.update_flops:
+        if self.update_flops:  # XLA's count is per device (the partitioned program), as is the peak
             host["mfu"] = mfu(self.update_flops, times["time_train"], self.peak_flops(), 1)
         return host
 
