@@ -31,6 +31,12 @@ setup(
         # Trainer: TensorBoard event files without TensorFlow, the progress bar.
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        # Datasets: TFDS builders written as ArrayRecord and read without TensorFlow; Parquet.
+        # TFDS 4.9 imports importlib_resources but declares it only for Python < 3.9.
+        "tensorflow-datasets>=4.9.4,<4.10",
+        "array-record>=0.5,<1",
+        "pyarrow>=15",
+        "importlib_resources>=5",
         # Tokenizers and chat templates (AutoTokenizer); torch is not needed for them.
         "transformers>=4.51,<6",
     ],

@@ -9,6 +9,8 @@ resumed run continues from exactly. Every process computes the same global batch
 places each process's shards on its devices.
 
 - `RandomPrompts`: random token prompts of random lengths in [P/2, P] for random models.
+- `SyntheticPrompts`: problems of the synthetic arithmetic task (`data.synthetic`), batch i
+  = `synthetic.problems(seed, i, G)`.
 - `JsonlPrompts`: problems from a local JSONL file, chat-templated with the student's tokenizer;
   visited in a seeded per-epoch permutation. Records that cannot be used (not JSON, missing or
   empty field, longer than P tokens) are counted and skipped, reported in `skipped`.
@@ -23,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from topd_jax.data import synthetic
 from topd_jax.models.tokenizer import encode_prompts
 
 
@@ -54,6 +57,21 @@ class RandomPrompts:
         lengths = rng.integers((p + 1) // 2, p + 1, size=self.batch_size)
         rows = [rng.integers(1, self.vocab_size, size=n).tolist() for n in lengths]
         return left_pad(rows, p)
+
+
+class SyntheticPrompts:
+    """Batch i: the prompts of `synthetic.problems(seed, i, G)`, word-level tokens."""
+
+    def __init__(self, *, prompt_length: int, batch_size: int, seed: int):
+        self.prompt_length, self.batch_size, self.seed = prompt_length, batch_size, seed
+        self.tokenizer = synthetic.SyntheticTokenizer()
+        self.skipped: Counter[str] = Counter()
+
+    def problems(self, index: int) -> list[synthetic.Problem]:
+        return synthetic.problems(self.seed, index, self.batch_size)
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return left_pad([self.tokenizer.encode(p.prompt()) for p in self.problems(index)], self.prompt_length)
 
 
 class JsonlPrompts:
@@ -103,4 +121,4 @@ class JsonlPrompts:
         return left_pad(picks, self.prompt_length)
 
 
-__all__ = ["JsonlPrompts", "RandomPrompts", "left_pad"]
+__all__ = ["JsonlPrompts", "RandomPrompts", "SyntheticPrompts", "left_pad"]

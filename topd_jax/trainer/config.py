@@ -156,15 +156,18 @@ class DataConfig:
     """Prompts.
 
     source         random: seeded random token prompts (for random models) |
-                   jsonl: a local JSONL file, one problem per line
+                   jsonl: a local JSONL file, one problem per line |
+                   synthetic: the seeded arithmetic task of `topd_jax.data.synthetic` (its own
+                   word-level tokenizer of 35 tokens; models need vocab_size >= 35)
     path           the JSONL file; required when source is jsonl
     field          the JSON key of each line's problem text
-    prompt_length  prompt tokens: the length of random prompts, and the left-padding width (longer
-                   prompts are truncated) for jsonl
+    prompt_length  prompt tokens: the length of random prompts, and the left-padding width for
+                   jsonl and synthetic (longer jsonl prompts are skipped and counted; synthetic
+                   prompts need up to 34)
     system_prompt  optional system message of the chat template (jsonl)
     """
 
-    source: Literal["random", "jsonl"] = "random"
+    source: Literal["random", "jsonl", "synthetic"] = "random"
     path: str | None = None
     field: str = "problem"
     prompt_length: int = 16

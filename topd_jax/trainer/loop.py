@@ -33,7 +33,7 @@ from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import config_to_hf
 from topd_jax.models.sharding import param_shardings
 from topd_jax.models.tokenizer import load_tokenizer
-from topd_jax.prompts import JsonlPrompts, RandomPrompts
+from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts
 from topd_jax.trainer import placement
 from topd_jax.trainer.checkpointing import Checkpointer
 from topd_jax.trainer.config import ModelSpec, TrainConfig, save_config
@@ -145,6 +145,11 @@ class Trainer:
                              "two models' tokens, so they must share a tokenizer")
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         self.prompts = self._prompt_source()
+        if config.data.source == "synthetic":
+            self.tokenizer = self.prompts.tokenizer
+            if vocab_s < self.tokenizer.vocab_size:
+                raise ValueError(f"data.source 'synthetic' has {self.tokenizer.vocab_size} tokens; the models' "
+                                 f"vocab_size {vocab_s} is smaller")
         eos = r.eos_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = (int(self.tokenizer.eos_token_id),)
@@ -176,6 +181,8 @@ class Trainer:
         if d.source == "random":
             return RandomPrompts(vocab_size=self.student.config.vocab_size, prompt_length=d.prompt_length,
                                  batch_size=r.prompts_per_step, seed=self.config.seed)
+        if d.source == "synthetic":
+            return SyntheticPrompts(prompt_length=d.prompt_length, batch_size=r.prompts_per_step, seed=self.config.seed)
         if self.tokenizer is None:
             raise ValueError("data.source 'jsonl' needs a tokenizer: set student.path to a checkpoint directory "
                              "with tokenizer files")

@@ -1,0 +1,294 @@
+"""TFDS math sources: per-layout fields, bad-record accounting, no TensorFlow, host sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from topd_jax.data import tfds_sources as ts
+
+DATA = "/work/shared/data"
+REAL = {  # layout -> (file, rows)
+    "aime24": ("aime24.jsonl", 30),
+    "aime25": ("aime25.jsonl", 30),
+    "amc23": ("amc23.jsonl", 40),
+    "math500": ("math500.jsonl", 500),
+    "gsm8k": ("gsm8k_test.jsonl", 1319),
+}
+
+GOOD = [{"q": f"What is {i} + {i}?", "a": str(2 * i), "key": f"k{i}"} for i in range(6)]
+BAD_LINES = [  # reason -> one raw JSONL line
+    ("not_utf8", b'{"q": "caf\xe9", "a": "1", "key": "x"}'),
+    ("not_json", b'{"q": "unterminated'),
+    ("not_object", b'["q", "a"]'),
+    ("missing_field", json.dumps({"q": "no answer", "key": "m"}).encode()),
+    ("empty_problem", json.dumps({"q": "   ", "a": "1", "key": "e"}).encode()),
+    ("empty_answer", json.dumps({"q": "Why?", "a": "", "key": "f"}).encode()),
+]
+
+
+def _write_jsonl(path, lines):
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+@pytest.fixture
+def mixed_jsonl(tmp_path):
+    """Good records interleaved with one bad record of every kind, plus a blank line."""
+    lines = []
+    for good, (_, bad) in zip(GOOD, BAD_LINES):
+        lines += [json.dumps(good).encode(), bad]
+    lines.append(b"   ")
+    return _write_jsonl(tmp_path / "mixed.jsonl", lines)
+
+
+def _build_mixed(path, data_dir, **kw):
+    return ts.build_dataset(path, layout="prompts", data_dir=data_dir, name="mixed",
+                            problem_field="q", answer_field="a", **kw)
+
+
+# --- per-layout normalisation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout, raw, expected", [
+    ("aime24", {"id": 60, "problem": " P ", "answer": "204", "url": "u"}, ("P", "204", "60")),
+    ("aime25", {"problem": "P", "answer": "70"}, ("P", "70", "7")),
+    ("amc23", {"id": 0, "problem": "P", "answer": 27.0}, ("P", "27", "0")),
+    ("amc23", {"id": 1, "problem": "P", "answer": 2.5}, ("P", "2.5", "1")),
+    ("math500", {"problem": ts.MATH500_INSTRUCTION + " Convert $x$.", "answer": "3",
+                 "unique_id": "test/a/1.json"}, ("Convert $x$.", "3", "test/a/1.json")),
+    ("gsm8k", {"question": "Q", "answer": "3 + 4 = <<3+4=7>>7\n#### 7", "idx": 5},
+     ("Q", "7", "5")),
+    ("gsm8k", {"question": "Q", "answer": "#### 2\n#### 1,600", "idx": 6}, ("Q", "1600", "6")),
+    ("aime24", {"problem": "P", "answer": 204}, ("P", "204", "7")),  # No id: the line.
+])
+def test_layout_maps_its_published_fields(layout, raw, expected):
+    out = ts.normalize_math_record(raw, "7", layout=layout)
+    assert (out["problem"], out["answer"], out["id"]) == expected
+
+
+def test_gsm8k_answer_without_final_marker_is_empty():
+    with pytest.raises(ts.BadRecord) as err:
+        ts.normalize_math_record({"question": "Q", "answer": "7", "idx": 0}, "0", layout="gsm8k")
+    assert err.value.reason == "empty_answer"
+
+
+def test_non_text_answer_is_empty():
+    with pytest.raises(ts.BadRecord) as err:
+        ts.normalize_math_record({"problem": "P", "answer": [1]}, "0", layout="aime25")
+    assert err.value.reason == "empty_answer"
+
+
+def test_prompts_layout_uses_given_fields_and_line_id_by_default():
+    raw = {"q": "P", "a": "1", "key": "k"}
+    kw = dict(layout="prompts", problem_field="q", answer_field="a")
+    assert ts.normalize_math_record(raw, "3", **kw)["id"] == "3"
+    assert ts.normalize_math_record(raw, "3", id_field="key", **kw)["id"] == "k"
+
+
+def test_unknown_layout_is_rejected():
+    with pytest.raises(ValueError, match="unknown layout"):
+        ts.normalize_math_record({}, "0", layout="aime26")
+
+
+# --- building and reading ---------------------------------------------------------------------
+
+
+def test_bad_records_are_skipped_and_counted_by_reason(mixed_jsonl, tmp_path):
+    builder = _build_mixed(mixed_jsonl, tmp_path / "tfds", id_field="key")
+    skipped = builder.info.metadata["skipped"]
+    assert skipped == {r: (0 if r == "unreadable_row" else 1) for r in ts.SKIP_REASONS}
+    stored = json.load(open(os.path.join(builder.data_dir, "metadata.json")))
+    assert stored["skipped"] == skipped
+    source = ts.open_source(tmp_path / "tfds", "mixed")
+    assert [source[i] for i in range(len(source))] == [
+        {"problem": g["q"], "answer": g["a"], "id": g["key"]} for g in GOOD]
+
+
+def test_line_index_is_the_default_id(mixed_jsonl, tmp_path):
+    _build_mixed(mixed_jsonl, tmp_path / "tfds")
+    source = ts.open_source(tmp_path / "tfds", "mixed")
+    assert [source[i]["id"] for i in range(len(source))] == [str(2 * i + 1) for i in range(6)]
+
+
+def test_parquet_source_with_bad_text_and_a_corrupt_row_group(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    problems = [b"P0", b"P1", b"bad \xff", b"P3", b"P4", b"P5"]
+    table = pa.table({"problem": pa.array(problems, pa.binary()),
+                      "answer": [str(i) for i in range(6)], "id": [f"r{i}" for i in range(6)]})
+    path = str(tmp_path / "prompts.parquet")
+    pq.write_table(table, path, row_group_size=2, write_page_checksum=True)
+    column = pq.ParquetFile(path).metadata.row_group(2).column(0)  # Rows 4 and 5.
+    with open(path, "r+b") as f:  # Flip the bytes of that chunk's data: its checksum fails.
+        f.seek(column.data_page_offset + column.total_compressed_size - 4)
+        f.write(b"\x00\x00\x00\x00")
+    builder = ts.build_dataset(path, layout="prompts", data_dir=tmp_path / "tfds", id_field="id")
+    assert builder.info.metadata["skipped"]["not_utf8"] == 1
+    assert builder.info.metadata["skipped"]["unreadable_row"] == 2
+    source = ts.open_source(tmp_path / "tfds", "prompts")
+    assert [source[i] for i in range(len(source))] == [
+        {"problem": f"P{i}", "answer": str(i), "id": f"r{i}"} for i in (0, 1, 3)]
+
+
+def test_several_files_become_one_dataset_with_file_prefixed_ids(tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"problem": "A", "answer": "1"}).encode()])
+    b = _write_jsonl(tmp_path / "b.jsonl", [json.dumps({"problem": "B", "answer": "2"}).encode()])
+    ts.build_dataset([a, b], layout="prompts", data_dir=tmp_path / "tfds", name="ab")
+    source = ts.open_source(tmp_path / "tfds", "ab")
+    assert [source[i]["id"] for i in range(len(source))] == ["a.jsonl:1", "b.jsonl:1"]
+
+
+def test_rebuild_reuses_the_written_dataset(mixed_jsonl, tmp_path):
+    first = _build_mixed(mixed_jsonl, tmp_path / "tfds")
+    shard = next(p for p in os.listdir(first.data_dir) if ".array_record" in p)
+    stamp = os.stat(os.path.join(first.data_dir, shard)).st_mtime_ns
+    again = _build_mixed(mixed_jsonl, tmp_path / "tfds")
+    assert again.data_dir == first.data_dir
+    assert os.stat(os.path.join(again.data_dir, shard)).st_mtime_ns == stamp
+    assert again.info.metadata["skipped"] == first.info.metadata["skipped"]
+
+
+def test_rebuild_from_a_changed_source_under_the_same_name_is_an_error(mixed_jsonl, tmp_path):
+    _build_mixed(mixed_jsonl, tmp_path / "tfds")
+    with open(mixed_jsonl, "ab") as f:
+        f.write(json.dumps({"q": "new", "a": "1"}).encode() + b"\n")
+    with pytest.raises(ValueError, match="built from another source"):
+        _build_mixed(mixed_jsonl, tmp_path / "tfds")
+
+
+def test_a_source_without_usable_records_is_an_error(tmp_path):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [b"not json", b'{"problem": "P"}'])
+    with pytest.raises(ValueError, match="no usable records"):
+        ts.build_dataset(path, layout="prompts", data_dir=tmp_path / "tfds")
+
+
+def test_missing_inputs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="math source file not found"):
+        ts.build_dataset(tmp_path / "nope.jsonl", layout="aime24", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="call build_dataset first"):
+        ts.open_source(tmp_path, "nope")
+
+
+def test_tensorflow_is_never_imported(tmp_path):
+    src = _write_jsonl(tmp_path / "p.jsonl", [json.dumps({"problem": "P", "answer": "1"}).encode()])
+    script = textwrap.dedent(f"""
+        import sys
+        from topd_jax.data import tfds_sources as ts
+        ts.build_dataset({src!r}, layout="prompts", data_dir={str(tmp_path / "tfds")!r})
+        source = ts.open_source({str(tmp_path / "tfds")!r}, "p")
+        assert source[0] == {{"problem": "P", "answer": "1", "id": "1"}}, source[0]
+        ts.ShardedReader(source, batch_size=1).batch(3)
+        bad = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))
+        assert not bad, bad
+        print("NO_TF")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "NO_TF" in run.stdout, run.stderr[-2000:]
+
+
+# --- the real eval files ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_sources(tmp_path_factory):
+    if not os.path.isdir(DATA):
+        pytest.skip(f"real eval files not present at {DATA}")
+    data_dir = tmp_path_factory.mktemp("real_tfds")
+    builders = {layout: ts.build_dataset(os.path.join(DATA, f), layout=layout, data_dir=data_dir,
+                                         name=layout) for layout, (f, _) in REAL.items()}
+    return data_dir, builders
+
+
+@pytest.mark.parametrize("layout", list(REAL))
+def test_real_eval_file_builds_every_row(layout, real_sources):
+    data_dir, builders = real_sources
+    assert sum(builders[layout].info.metadata["skipped"].values()) == 0
+    source = ts.open_source(data_dir, layout)
+    assert len(source) == REAL[layout][1]
+    raw = [json.loads(line) for line in open(os.path.join(DATA, REAL[layout][0]), "rb")]
+    for i in (0, len(source) - 1):
+        rec = source[i]
+        assert all(isinstance(v, str) and v for v in rec.values())
+        assert rec == ts.normalize_math_record(raw[i], str(i + 1), layout=layout)
+    if layout == "math500":
+        assert not any(source[i]["problem"].startswith("Return your") for i in range(20))
+    if layout == "amc23":
+        assert source[0]["answer"] == "27"
+    if layout == "aime25":
+        assert source[0]["id"] == "1"
+
+
+# --- sharding and resume ----------------------------------------------------------------------
+
+SOURCE = [{"id": str(i)} for i in range(10)]
+
+
+def _ids(batch):
+    return [r["id"] for r in batch]
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_partition_each_global_batch(hosts):
+    whole = ts.ShardedReader(SOURCE, batch_size=8, seed=3)
+    readers = [ts.ShardedReader(SOURCE, batch_size=8, seed=3, process_index=i,
+                                process_count=hosts) for i in range(hosts)]
+    for index in range(7):  # 56 positions: five epochs of ten records, wrapping mid-batch.
+        parts = [_ids(r.batch(index)) for r in readers]
+        assert all(len(p) == 8 // hosts for p in parts)
+        assert sum(parts, []) == _ids(whole.batch(index))
+
+
+def test_each_epoch_is_a_seeded_permutation_and_epochs_differ():
+    reader = ts.ShardedReader(SOURCE, batch_size=5, seed=0)
+    epochs = [_ids(reader.batch(2 * e)) + _ids(reader.batch(2 * e + 1)) for e in range(3)]
+    assert all(sorted(e, key=int) == [str(i) for i in range(10)] for e in epochs)
+    assert epochs[0] != epochs[1]
+    assert epochs[1] == [str(i) for i in np.random.default_rng([0, 1]).permutation(10)]
+
+
+def test_batches_are_deterministic_and_depend_on_the_seed():
+    a = [_ids(ts.ShardedReader(SOURCE, batch_size=4, seed=0).batch(i)) for i in range(5)]
+    b = [_ids(ts.ShardedReader(SOURCE, batch_size=4, seed=0).batch(i)) for i in range(5)]
+    c = [_ids(ts.ShardedReader(SOURCE, batch_size=4, seed=1).batch(i)) for i in range(5)]
+    assert a == b and a != c
+
+
+def test_unshuffled_reader_streams_in_source_order():
+    reader = ts.ShardedReader(SOURCE, batch_size=4, shuffle=False, process_index=1,
+                              process_count=2)
+    assert [_ids(reader.batch(i)) for i in range(3)] == [["2", "3"], ["6", "7"], ["0", "1"]]
+
+
+def test_resume_from_position_matches_the_uninterrupted_stream():
+    straight = ts.ShardedReader(SOURCE, batch_size=4, seed=7, process_index=1, process_count=2)
+    expected = [_ids(straight.next_batch()) for _ in range(9)]
+    first = ts.ShardedReader(SOURCE, batch_size=4, seed=7, process_index=1, process_count=2)
+    got = [_ids(first.next_batch()) for _ in range(4)]
+    saved = first.position
+    restarted = ts.ShardedReader(SOURCE, batch_size=4, seed=7, process_index=1, process_count=2,
+                                 position=saved)
+    got += [_ids(restarted.next_batch()) for _ in range(5)]
+    assert saved == 4 and got == expected
+
+
+def test_batch_size_must_split_evenly_over_hosts():
+    with pytest.raises(ValueError, match="not a positive multiple of process_count 4"):
+        ts.ShardedReader(SOURCE, batch_size=6, process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="process_index 2 not in"):
+        ts.ShardedReader(SOURCE, batch_size=4, process_index=2, process_count=2)
+
+
+def test_reader_over_a_built_source_returns_text_records(real_sources):
+    data_dir, _ = real_sources
+    source = ts.open_source(data_dir, "aime25")
+    hosts = [ts.ShardedReader(source, batch_size=8, seed=0, process_index=i, process_count=2)
+             for i in range(2)]
+    ids = sum((_ids(h.batch(0)) for h in hosts), [])
+    assert len(set(ids)) == 8 and all(isinstance(i, str) for i in ids)

@@ -1,0 +1,249 @@
+"""Command line: math benchmark accuracy, avg@k and pass@k of a checkpoint (TOPD.md, section 7).
+
+    python -m topd_jax.eval --checkpoint RUN_DIR_OR_HF_DIR --datasets aime24,aime25,math500,amc23
+        [--config CONFIG.yaml] [--samples k] [--temperature T] [--max-new-tokens N] [--limit n]
+        [--data-dir DIR] [--out DIR] [key=value ...]
+
+--checkpoint is a Hugging Face directory (config.json + safetensors, tokenizer files) or a training
+run's output_dir (with checkpoints/), whose newest checkpoint is exported to a temporary Hugging
+Face directory first; its tokenizer comes from the run config's student.path (or --tokenizer).
+The config (--config, else the run's config.yaml, else defaults, then key=value overrides) gives
+the dtype (student.dtype), the system prompt (data.system_prompt), extra EOS ids
+(rollout.eos_ids) and the default --max-new-tokens (rollout.max_new_tokens).
+
+Protocol: each problem is the user message of the chat template followed by INSTRUCTION (final
+answer in \\boxed{}); k completions are sampled per problem; each is graded by the last \\boxed{}
+with math-verify (topd_jax.grading). Reported per dataset: accuracy (the first sample of each
+problem; greedy at temperature 0, as the paper reports), avg@k, pass@k, counts, the skipped-record
+summary. Writes OUT/results.json, OUT/results.md (the printed Markdown table) and
+OUT/<dataset>.samples.jsonl (each problem's completions, extracted answers and grades).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+from topd_jax import grading
+from topd_jax.data import math_sets
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_DATASETS = "aime24,aime25,math500,amc23"
+
+
+def generate_completions(model, tokenizer, problems: Sequence[str], *, samples: int, temperature: float,
+                         top_p: float, max_new_tokens: int, batch_size: int, seed: int, system: str | None,
+                         instruction: str, eos_ids: Sequence[int]) -> tuple[list[list[str]], list[list[bool]]]:
+    """Completion texts [P][k] and whether each ended with an EOS [P][k].
+
+    Prompts: encode_prompts(problem + "\\n\\n" + instruction, system=system), left-padded to the
+    longest prompt; batches of batch_size prompts (the last one filled up with repeats, so every
+    batch has one shape and compiles once) use key fold_in(PRNGKey(seed), batch index).
+    Temperature 0 is greedy, so one completion is generated and repeated k times.
+    """
+    import jax
+
+    from topd_jax.models.tokenizer import encode_prompts
+    from topd_jax.prompts import left_pad
+    from topd_jax.sampling import generate
+
+    texts = [f"{p}\n\n{instruction}" if instruction else p for p in problems]
+    rows = encode_prompts(tokenizer, texts, system=system)
+    width = max(len(r) for r in rows)
+    drawn = 1 if temperature == 0 else samples
+    key = jax.random.PRNGKey(seed)
+    completions: list[list[str]] = []
+    finished: list[list[bool]] = []
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        batch = rows[start:start + batch_size]
+        real = len(batch)
+        tokens, mask = left_pad(batch + [batch[-1]] * (batch_size - real), width)
+        out = generate(model, tokens, mask, key=jax.random.fold_in(key, b), max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, eos_ids=tuple(eos_ids), num_samples=drawn)
+        ids, keep, done = (np.asarray(jax.device_get(x)) for x in (out.tokens, out.mask, out.finished))
+        for i in range(real):
+            rows_i = range(i * drawn, (i + 1) * drawn)
+            decoded = [tokenizer.decode(ids[r][keep[r]].tolist(), skip_special_tokens=True) for r in rows_i]
+            completions.append((decoded * samples)[:samples] if drawn == 1 else decoded)
+            finished.append([bool(done[r]) for r in rows_i] * (samples // drawn))
+    return completions, finished
+
+
+def score(records: Sequence[math_sets.MathRecord], completions: Sequence[Sequence[str]],
+          finished: Sequence[Sequence[bool]] | None = None) -> dict[str, Any]:
+    """Grade completions [P][k] against the records' answers; the metrics of `evaluate`."""
+    if len(completions) != len(records) or not records:
+        raise ValueError(f"need one row of completions per record (>= 1), got {len(completions)} rows "
+                         f"for {len(records)} records")
+    k = len(completions[0])
+    if k < 1 or any(len(row) != k for row in completions):
+        raise ValueError("every record needs the same number (>= 1) of completions")
+    extracted = [[grading.last_boxed(t) for t in row] for row in completions]
+    correct = np.array([[e is not None and grading.answers_match(e, r.answer) for e in ex]
+                        for ex, r in zip(extracted, records)], bool)
+    done = np.ones_like(correct) if finished is None else np.asarray(finished, bool)
+    problems = [{"id": r.id, "answer": r.answer, "extracted": ex, "correct": c.tolist(), "finished": f.tolist(),
+                 "completions": list(row)}
+                for r, ex, c, f, row in zip(records, extracted, correct, done, completions)]
+    return {"n": len(records), "k": k, "accuracy": float(correct[:, 0].mean()), "avg@k": grading.avg_at_k(correct),
+            "pass@k": grading.pass_at_k(correct), "num_correct": int(correct[:, 0].sum()),
+            "boxed": float(np.mean([[e is not None for e in ex] for ex in extracted])),
+            "finished": float(done.mean()), "problems": problems}
+
+
+def evaluate(model, tokenizer, records: Sequence[math_sets.MathRecord], *, samples: int = 1,
+             temperature: float = 0.0, max_new_tokens: int = 1024, batch_size: int = 8, seed: int = 0,
+             top_p: float = 1.0, system: str | None = None, instruction: str = INSTRUCTION,
+             eos_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """Sample `samples` completions per record and grade them (module docstring).
+
+    Returns n, k, accuracy (first sample), avg@k, pass@k (topd_jax.grading), num_correct (first
+    samples), boxed (fraction of samples with a \\boxed answer), finished (fraction that ended with
+    an EOS) and problems (per record: id, answer, extracted, correct, finished, completions).
+    eos_ids None = the tokenizer's EOS token.
+    """
+    if samples < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"samples, batch_size and max_new_tokens must be >= 1, got {samples}, {batch_size}, "
+                         f"{max_new_tokens}")
+    if not records:
+        raise ValueError("no records to evaluate")
+    if eos_ids is None:
+        eos_ids = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+    completions, finished = generate_completions(
+        model, tokenizer, [r.problem for r in records], samples=samples, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, system=system, instruction=instruction,
+        eos_ids=eos_ids)
+    return score(records, completions, finished)
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """dataset | n | accuracy | avg@k | pass@k, in percent, one row per dataset."""
+    lines = ["| dataset | n | accuracy (%) | avg@k (%) | pass@k (%) | k |", "|---|---|---|---|---|---|"]
+    for name, m in results.items():
+        lines.append(f"| {name} | {m['n']} | {100 * m['accuracy']:.1f} | {100 * m['avg@k']:.1f} | "
+                     f"{100 * m['pass@k']:.1f} | {m['k']} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m topd_jax.eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="Hugging Face directory or training run output_dir")
+    parser.add_argument("--config", help="training YAML config (default: the run's config.yaml, else defaults)")
+    parser.add_argument("--datasets", default=DEFAULT_DATASETS, help=f"comma list of {', '.join(math_sets.LAYOUTS)}")
+    parser.add_argument("--data-dir", help="directory of the dataset files (default: math_sets.default_path)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else student.path)")
+    parser.add_argument("--samples", type=int, default=1, help="completions per problem k (default 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, help="default: rollout.max_new_tokens of the config")
+    parser.add_argument("--batch-size", type=int, default=8, help="problems per generate call")
+    parser.add_argument("--limit", type=int, help="evaluate only the first n problems of each dataset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: student.dtype of the config")
+    parser.add_argument("--out", help="results directory (default: eval/<checkpoint name>)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted training-config overrides")
+    return parser.parse_args(argv)
+
+
+def _dataset_files(names: str, data_dir: str | None) -> dict[str, str]:
+    files = {}
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name not in math_sets.LAYOUTS:
+            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(math_sets.LAYOUTS)}")
+        path = math_sets.default_path(name, data_dir)
+        if path is None:
+            where = data_dir or ", ".join(map(str, math_sets.data_dirs()))
+            raise FileNotFoundError(f"no {math_sets.LAYOUTS[name].file} for dataset {name!r} in {where} "
+                                    f"(pass --data-dir or set ${math_sets.ENV_DATA_DIR})")
+        files[name] = path
+    if not files:
+        raise ValueError("--datasets names no dataset")
+    return files
+
+
+def _load(args: argparse.Namespace, config, workdir: str):
+    """(model, tokenizer) of --checkpoint: an HF directory, or a run directory exported into workdir."""
+    import jax.numpy as jnp
+
+    from topd_jax.models.checkpoint import load_pretrained
+    from topd_jax.models.tokenizer import load_tokenizer
+
+    path = args.checkpoint
+    is_run = not os.path.isfile(os.path.join(path, "config.json"))
+    if is_run and not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise FileNotFoundError(f"{path} is neither a Hugging Face directory (config.json) nor a training "
+                                f"run (checkpoints/)")
+    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer_dir = args.tokenizer or (path if has_tokenizer and not is_run else config.student.path)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(f"no tokenizer for {path}: pass --tokenizer DIR or student.path=DIR")
+    if is_run:
+        from topd_jax.export import export
+
+        export(path, workdir)
+        path = workdir
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype or config.student.dtype]
+    return load_pretrained(path, dtype=dtype), load_tokenizer(tokenizer_dir)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate every dataset of `args` and write OUT/results.json, results.md and the samples files."""
+    from topd_jax.trainer.config import load_config
+
+    run_config = os.path.join(args.checkpoint, "config.yaml")
+    config = load_config(args.config or (run_config if os.path.isfile(run_config) else None), args.overrides)
+    files = _dataset_files(args.datasets, args.data_dir)
+    for flag in ("limit", "samples", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    out = args.out or os.path.join("eval", os.path.basename(os.path.normpath(args.checkpoint)))
+    settings = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                    max_new_tokens=args.max_new_tokens or config.rollout.max_new_tokens, batch_size=args.batch_size,
+                    system=config.data.system_prompt, instruction=INSTRUCTION)
+    with tempfile.TemporaryDirectory(prefix="topd_eval_") as workdir:
+        model, tokenizer = _load(args, config, os.path.join(workdir, "hf"))
+        eos = sorted({*config.rollout.eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
+                                                 else [])})
+        results = {}
+        os.makedirs(out, exist_ok=True)
+        for name, path in files.items():
+            records, skipped = math_sets.read_records(path, name)
+            records = records[:args.limit]
+            if not records:
+                raise ValueError(f"{path} has no usable {name} records (skipped: {dict(skipped)})")
+            metrics = evaluate(model, tokenizer, records, eos_ids=eos, **settings)
+            with open(os.path.join(out, f"{name}.samples.jsonl"), "w", encoding="utf-8") as f:
+                for problem in metrics.pop("problems"):
+                    f.write(json.dumps(problem, ensure_ascii=False) + "\n")
+            results[name] = {**metrics, "skipped": dict(skipped), "file": path}
+    summary = {"checkpoint": args.checkpoint, "settings": {**settings, "eos_ids": eos, "limit": args.limit},
+               "datasets": results}
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(markdown_table(results))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from topd_jax.configuration import ConfigError
+
+    try:
+        summary = run(args)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(markdown_table(summary["datasets"]), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
