@@ -37,6 +37,8 @@ setup(
         "array-record>=0.5,<1",
         "pyarrow>=15",
         "importlib_resources>=5",
+        # Grading: answers parsed and compared by math-verify (sympy underneath).
+        "math-verify>=0.7",
         # Tokenizers and chat templates (AutoTokenizer); torch is not needed for them.
         "transformers>=4.51,<6",
     ],

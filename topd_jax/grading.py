@@ -13,6 +13,8 @@ math-verify; that is also the only test when math-verify parses nothing from eit
 
 math-verify bounds each parse and comparison with signal.alarm, which only works in the main
 thread; in other threads `grade` runs it without a time limit (it cannot be interrupted there).
+Importing this module sets the "math_verify" logger to ERROR: its per-item timeout warnings would
+flood an evaluation log, and a timed-out item simply grades False.
 """
 
 from __future__ import annotations

@@ -27,13 +27,17 @@ import optax
 from flax import nnx
 
 from topd_jax.data import synthetic
+from topd_jax.losses.candidates import gather_tokens, window_kl_proxy
+from topd_jax.losses.divergence import divergence_threshold
+from topd_jax.losses.topd import TopdConfig
 from topd_jax.models.checkpoint import load_pretrained, save_pretrained
 from topd_jax.models.decoder import CausalLM
 from topd_jax.prompts import left_pad
 from topd_jax.sampling import generate
 from topd_jax.trainer import placement
-from topd_jax.trainer.config import RandomModelConfig
-from topd_jax.trainer.step import init_state
+from topd_jax.trainer.config import RandomModelConfig, TrainConfig, load_config
+from topd_jax.trainer.loop import Trainer
+from topd_jax.trainer.step import Sampling, init_state, locate, sample, score_teacher
 
 VOCAB = len(synthetic.VOCAB)
 TEACHER = RandomModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_layers=3, num_heads=4,
@@ -140,5 +144,105 @@ def load(path: str) -> CausalLM:
     return load_pretrained(path, dtype=jnp.float32)
 
 
-__all__ = ["STUDENT", "SftConfig", "TEACHER", "accuracy", "cached_sft", "completions", "eval_problems", "load",
-           "sft", "sft_batch"]
+# ---------------------------------------------------------------------------- distillation
+
+DISTIL = ("data.source=synthetic", f"data.prompt_length={synthetic.PROMPT_LENGTH}", "rollout.prompts_per_step=16",
+          f"rollout.max_new_tokens={MAX_COMPLETION}", f"rollout.eos_ids=[{synthetic.EOS_ID}]", "loss.window=8",
+          "loss.max_candidates=4", "loss.num_reference=2", "optimizer.learning_rate=1.0e-4",
+          "optimizer.max_grad_norm=1.0", "checkpoint.every=0", "logging.progress=false",
+          "logging.tensorboard=false")
+
+
+def distil_config(student_dir: str, teacher_dir: str, *, preset: str, seed: int, steps: int, output_dir: str,
+                  overrides: Sequence[str] = ()) -> TrainConfig:
+    """The trainer config of one distillation run of the miniature (overrides go last)."""
+    return load_config(None, [f"output_dir={output_dir}", f"steps={steps}", f"preset={preset}", f"seed={seed}",
+                              f"student.path={student_dir}", f"teacher.path={teacher_dir}", *DISTIL, *overrides])
+
+
+def distil(config: TrainConfig, problems: Sequence[synthetic.Problem], *, eval_every: int,
+           on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the trainer; evaluate greedy accuracy at step 0 and every `eval_every` steps.
+
+    Returns {"accuracy": [(step, acc), ...], "metrics": [per-step metrics rows],
+    "step_time": median seconds per step (after the first, compiling, step)}.
+    """
+    curve, rows = [], []
+
+    def evaluate(trainer):
+        return accuracy(nnx.merge(trainer.graphdef, trainer.state.params), problems)
+
+    def callback(trainer, step, metrics):
+        rows.append({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in metrics.items()})
+        if step % eval_every == 0 or step == config.steps:
+            curve.append((step, evaluate(trainer)))
+        if on_step is not None:
+            on_step(step)
+
+    trainer = Trainer(config, callbacks=[callback])
+    curve.append((trainer.step, evaluate(trainer)))
+    trainer.run()
+    trainer.close()
+    times = [float(r["time_step"]) for r in rows[1:]] or [float(rows[0]["time_step"])]
+    return {"accuracy": curve, "metrics": rows, "step_time": float(np.median(times))}
+
+
+# ---------------------------------------------------------------------------- locator analysis
+
+def _candidate_decisions(student, teacher, loss: TopdConfig, problems, key) -> dict[str, np.ndarray]:
+    """For one batch: fork labels, OT and proxy decisions at the valid candidates (flat arrays)."""
+    tok = synthetic.SyntheticTokenizer()
+    prompts, mask = left_pad([tok.encode(p.prompt()) for p in problems], synthetic.PROMPT_LENGTH)
+    options = Sampling(max_new_tokens=MAX_COMPLETION, eos_ids=(synthetic.EOS_ID,))
+    k_sample, k_locate = jax.random.split(key)
+    rollout = sample(student, prompts, mask, k_sample, options)
+    scores = score_teacher(teacher, rollout, chunk_size=1024, return_cache=True)
+    located = locate(student, teacher, rollout, scores, k_locate, loss, options)
+    valid = np.asarray(located.valid)
+    tau_ot, _ = divergence_threshold(located.ot, located.valid, mode="reference", reference_ot=located.reference_ot,
+                                     reference_valid=located.reference_valid, quantile=loss.threshold_quantile)
+    d = rollout.logprobs - scores.logprobs
+    proxy = window_kl_proxy(d, rollout.mask, window=loss.window)
+    cand_proxy = gather_tokens(proxy, located.positions)
+    tau_proxy, _ = divergence_threshold(cand_proxy, located.valid, mode="reference",
+                                        reference_ot=gather_tokens(proxy, located.reference_positions),
+                                        reference_valid=located.reference_valid, quantile=loss.threshold_quantile)
+    tokens, positions = np.asarray(rollout.tokens), np.asarray(located.positions)
+    labels = np.stack([synthetic.fork_labels(p, row)[pos] for p, row, pos in zip(problems, tokens, positions)])
+    keep = valid & (labels >= 0)
+    return {"fork": labels[keep] == 1, "ot": np.asarray(located.ot >= tau_ot)[keep],
+            "proxy": np.asarray(cand_proxy >= tau_proxy)[keep]}
+
+
+def precision_recall(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Precision and recall of `predicted` divergent states against true forks (NaN if undefined)."""
+    hits = float(np.sum(predicted & truth))
+    precision = hits / np.sum(predicted) if np.sum(predicted) else float("nan")
+    recall = hits / np.sum(truth) if np.sum(truth) else float("nan")
+    return precision, recall
+
+
+def locator_analysis(student: CausalLM, teacher: CausalLM, *, loss: TopdConfig, batches: int = 4,
+                     batch_size: int = 32, seed: int = 0) -> dict[str, float]:
+    """How well each locator finds the real forks among the high-loss candidates.
+
+    Over `batches` batches of student rollouts (temperature 1), every valid candidate (top 20% of
+    d_t, at most M per rollout) whose token the fork labels cover is one sample. Reported:
+    candidates, fork_share (the share of candidates at true forks), low_divergence_share (the
+    share the OT locator puts below tau) and precision / recall of "divergent" against "fork"
+    for the OT locator (reference threshold) and the window_kl proxy (same threshold rule on its
+    own scores).
+    """
+    parts = [_candidate_decisions(student, teacher, loss, synthetic.problems(seed + 20_000, i, batch_size),
+                                  jax.random.PRNGKey(seed * 1000 + i)) for i in range(batches)]
+    fork = np.concatenate([p["fork"] for p in parts])
+    out = {"candidates": float(fork.size), "fork_share": float(np.mean(fork))}
+    for name in ("ot", "proxy"):
+        divergent = np.concatenate([p[name] for p in parts])
+        out[f"{name}_precision"], out[f"{name}_recall"] = precision_recall(divergent, fork)
+        out[f"{name}_low_divergence_share"] = float(1.0 - np.mean(divergent))
+    return out
+
+
+__all__ = ["DISTIL", "STUDENT", "SftConfig", "TEACHER", "accuracy", "cached_sft", "completions", "distil",
+           "distil_config", "eval_problems", "load", "locator_analysis", "precision_recall", "sft", "sft_batch"]
