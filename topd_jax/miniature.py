@@ -40,7 +40,7 @@ from topd_jax.trainer.loop import Trainer
 from topd_jax.trainer.step import Sampling, init_state, locate, sample, score_teacher
 
 VOCAB = len(synthetic.VOCAB)
-TEACHER = RandomModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_layers=3, num_heads=4,
+TEACHER = RandomModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=16, init_seed=1)
 STUDENT = RandomModelConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=128, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=12, init_seed=2)
@@ -63,6 +63,10 @@ class SftConfig:
         """A short hash of everything that determines the trained weights (the cache key)."""
         text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+TEACHER_SFT = SftConfig(TEACHER, synthetic.TEACHER_STYLE, steps=1000, learning_rate=4e-3)
+STUDENT_SFT = SftConfig(STUDENT, synthetic.STUDENT_STYLE, steps=120, learning_rate=4e-3, seed=1)
 
 
 def sft_batch(seed: int, index: int, batch_size: int, style: synthetic.Style):
@@ -149,6 +153,7 @@ def load(path: str) -> CausalLM:
 DISTIL = ("data.source=synthetic", f"data.prompt_length={synthetic.PROMPT_LENGTH}", "rollout.prompts_per_step=16",
           f"rollout.max_new_tokens={MAX_COMPLETION}", f"rollout.eos_ids=[{synthetic.EOS_ID}]", "loss.window=8",
           "loss.max_candidates=4", "loss.num_reference=2", "optimizer.learning_rate=1.0e-4",
+          "checkpoint.resume=false",
           "optimizer.max_grad_norm=1.0", "checkpoint.every=0", "logging.progress=false",
           "logging.tensorboard=false")
 
@@ -244,5 +249,99 @@ def locator_analysis(student: CausalLM, teacher: CausalLM, *, loss: TopdConfig, 
     return out
 
 
-__all__ = ["DISTIL", "STUDENT", "SftConfig", "TEACHER", "accuracy", "cached_sft", "completions", "distil",
+# ---------------------------------------------------------------------------- the reproduction
+
+METHODS = {"opd": ("opd", ()), "opd_suppress": ("opd_suppress", ()), "topd": ("topd", ()),
+           "topd_window_kl": ("topd", ("loss.locator=window_kl",))}
+
+
+def reproduce(out_dir: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, methods: Sequence[str] = tuple(METHODS),
+              eval_count: int = 256, cache_dir: str | None = None, progress=None) -> dict[str, Any]:
+    """SFT teacher and student (cached), distil with every method and seed on the same budget,
+    evaluate, analyse the locators; returns (and writes out_dir/results.json) everything."""
+    cache_dir = cache_dir or os.path.join(out_dir, "models")
+    teacher_dir = cached_sft(TEACHER_SFT, cache_dir, "teacher")
+    student_dir = cached_sft(STUDENT_SFT, cache_dir, "student")
+    problems = eval_problems(eval_count)
+    teacher, student = load(teacher_dir), load(student_dir)
+    results: dict[str, Any] = {"teacher_accuracy": accuracy(teacher, problems),
+                               "student_accuracy": accuracy(student, problems), "steps": steps,
+                               "seeds": list(seeds), "eval_problems": eval_count, "runs": {}}
+    loss = distil_config(student_dir, teacher_dir, preset="topd", seed=0, steps=1, output_dir=out_dir).topd_config()
+    results["locators"] = locator_analysis(student, teacher, loss=loss, batches=8, batch_size=32)
+    for method in methods:
+        preset, extra = METHODS[method]
+        for seed in seeds:
+            config = distil_config(student_dir, teacher_dir, preset=preset, seed=seed, steps=steps,
+                                   output_dir=os.path.join(out_dir, "runs", f"{method}-{seed}"), overrides=extra)
+            run = distil(config, problems, eval_every=max(steps // 6, 1))
+            low = [r["low_divergence_share"] for r in run["metrics"] if "low_divergence_share" in r]
+            results["runs"][f"{method}/{seed}"] = {
+                "method": method, "seed": seed, "accuracy": run["accuracy"], "final_accuracy": run["accuracy"][-1][1],
+                "step_time": run["step_time"], "low_divergence_share": float(np.mean(low)) if low else None}
+            if progress is not None:
+                progress(method, seed)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The Markdown tables of `reproduce`'s results."""
+    runs = list(results["runs"].values())
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    opd_time = np.median([r["step_time"] for r in runs if r["method"] == "opd"]) if "opd" in methods else None
+    lines = [f"teacher accuracy {results['teacher_accuracy']:.1%}, student before distillation "
+             f"{results['student_accuracy']:.1%} (greedy, {results['eval_problems']} held-out problems); "
+             f"{results['steps']} distillation steps, seeds {results['seeds']}", "",
+             "| method | accuracy (mean +- std) | low-divergence share of candidates | step time | vs OPD |",
+             "| --- | --- | --- | --- | --- |"]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        acc = np.array([r["final_accuracy"] for r in rs])
+        low = [r["low_divergence_share"] for r in rs if r["low_divergence_share"] is not None]
+        t = float(np.median([r["step_time"] for r in rs]))
+        lines.append(f"| {m} | {acc.mean():.1%} +- {acc.std():.1%} | {np.mean(low):.1%} | {1e3 * t:.0f} ms | "
+                     f"{t / opd_time:.2f}x |" if low else
+                     f"| {m} | {acc.mean():.1%} +- {acc.std():.1%} | - | {1e3 * t:.0f} ms | "
+                     f"{(t / opd_time) if opd_time else float('nan'):.2f}x |")
+    loc = results["locators"]
+    lines += ["", f"Locators on {int(loc['candidates'])} high-loss candidates of the SFT'd student "
+              f"({loc['fork_share']:.1%} at true forks):", "",
+              "| locator | precision | recall | low-divergence share |", "| --- | --- | --- | --- |"]
+    for name, label in (("ot", "OT (branch + Sinkhorn)"), ("proxy", "window_kl proxy")):
+        lines.append(f"| {label} | {loc[f'{name}_precision']:.1%} | {loc[f'{name}_recall']:.1%} | "
+                     f"{loc[f'{name}_low_divergence_share']:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m topd_jax.miniature", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/miniature")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--cache", default=None, help="where the SFT'd models are kept (default: OUT/models)")
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    os.makedirs(args.out, exist_ok=True)
+    results = reproduce(args.out, seeds=range(args.seeds), steps=args.steps, methods=methods, cache_dir=args.cache,
+                        progress=lambda m, s: print(f"done: {m} seed {s}", flush=True))
+    table = summary(results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["DISTIL", "METHODS", "reproduce", "summary", "STUDENT", "SftConfig", "TEACHER", "accuracy", "cached_sft", "completions", "distil",
            "distil_config", "eval_problems", "load", "locator_analysis", "precision_recall", "sft", "sft_batch"]

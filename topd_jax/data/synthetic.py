@@ -1,9 +1,9 @@
 """The synthetic reasoning task: seeded multi-step arithmetic with a chain of thought and fork labels.
 
-A problem binds digits to variables and asks for a left-to-right expression modulo 10, so every
-value is one digit and the arithmetic is a table a small model can learn on a CPU in minutes:
+A problem asks for a left-to-right expression of digits modulo 10, so every value is one digit
+and the arithmetic is a table a small model can learn on a CPU in minutes:
 
-    prompt:    x = 7 ; y = 4 ; z = 6 ; find x + y - z mod 1 0 ?
+    prompt:    find 7 + 4 - 6 mod 1 0 ?
     solution:  7 + 4 = 1 ; then , 1 - 6 = 5 ; answer is 5 <eos>
 
 (every word and digit is one token). Every step has several equivalent surface forms, drawn
@@ -34,17 +34,17 @@ from typing import Sequence
 
 import numpy as np
 
-VARIABLES = ("x", "y", "z", "w", "v")
+MAX_STEPS = 4
 OPS = ("+", "-", "*")
 EQUALS = ("=", "gives", "makes")
 CONNECTIVES = ("then", "so", "next", "now")
 ANSWER_PHRASES = (("answer",), ("answer", "is"), ("result",))
 SPECIAL = ("<pad>", "<eos>")
 VOCAB = (*SPECIAL, *[str(d) for d in range(10)], *OPS, *EQUALS, *CONNECTIVES, "answer", "is", "result", ";", ",",
-         "?", "find", "mod", *VARIABLES)
+         "?", "find", "mod")
 PAD_ID, EOS_ID = 0, 1
 MODULUS = 10
-PROMPT_LENGTH = 34  # the longest prompt (4 steps) in tokens
+PROMPT_LENGTH = 14  # the longest prompt (4 steps) in tokens
 
 
 class SyntheticTokenizer:
@@ -124,10 +124,8 @@ class Problem:
         return self.partials[-1]
 
     def prompt(self) -> str:
-        names = VARIABLES[:len(self.values)]
-        binds = " ; ".join(f"{n} = {v}" for n, v in zip(names, self.values))
-        expr = " ".join([names[0], *[f"{op} {n}" for op, n in zip(self.ops, names[1:])]])
-        return f"{binds} ; find {expr} mod {MODULUS} ?"
+        expr = " ".join([str(self.values[0]), *[f"{op} {v}" for op, v in zip(self.ops, self.values[1:])]])
+        return f"find {expr} mod {MODULUS} ?"
 
 
 def apply(op: str, a: int, b: int) -> int:
@@ -137,7 +135,7 @@ def apply(op: str, a: int, b: int) -> int:
 
 def sample_problem(rng: np.random.Generator, *, min_steps: int = 2, max_steps: int = 3) -> Problem:
     """Uniform digits 0..9 and operators, min_steps..max_steps steps (at most 4)."""
-    if not 1 <= min_steps <= max_steps <= len(VARIABLES) - 1:
+    if not 1 <= min_steps <= max_steps <= MAX_STEPS:
         raise ValueError(f"steps must satisfy 1 <= min_steps <= max_steps <= 4, got {min_steps}, {max_steps}")
     steps = int(rng.integers(min_steps, max_steps + 1))
     values = tuple(int(v) for v in rng.integers(0, 10, size=steps + 1))

@@ -158,12 +158,12 @@ class DataConfig:
     source         random: seeded random token prompts (for random models) |
                    jsonl: a local JSONL file, one problem per line |
                    synthetic: the seeded arithmetic task of `topd_jax.data.synthetic` (its own
-                   word-level tokenizer of 35 tokens; models need vocab_size >= 35)
+                   word-level tokenizer of 30 tokens; models need vocab_size >= 30)
     path           the JSONL file; required when source is jsonl
     field          the JSON key of each line's problem text
     prompt_length  prompt tokens: the length of random prompts, and the left-padding width for
                    jsonl and synthetic (longer jsonl prompts are skipped and counted; synthetic
-                   prompts need up to 34)
+                   prompts need up to 14)
     system_prompt  optional system message of the chat template (jsonl)
     """
 
