@@ -39,6 +39,8 @@ setup(
         "importlib_resources>=5",
         # Grading: answers parsed and compared by math-verify (sympy underneath).
         "math-verify>=0.7",
+        # The demo's plots.
+        "matplotlib>=3.7",
         # Tokenizers and chat templates (AutoTokenizer); torch is not needed for them.
         "transformers>=4.51,<6",
     ],

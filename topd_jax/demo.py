@@ -1,0 +1,223 @@
+"""TOPD doing its job, on the synthetic task, on a CPU: the README's first command.
+
+    python -m topd_jax.demo [--out topd_demo] [--cache DIR] [--steps 400] [--quick]
+
+1. Supervised-trains a teacher (larger, uniform surface style) and a weaker student (smaller,
+   fewer steps, its own style) on the synthetic arithmetic task, or loads them from the cache
+   (default ~/.cache/topd_jax/miniature, or $TOPD_CACHE).
+2. Distils the student with OPD and with TOPD on the same budget, evaluating greedy accuracy on
+   held-out problems along the way.
+3. Prints a table with a row per method and writes into --out: accuracy.png (accuracy over steps
+   per method), ot_histograms.png (OT distances of high-loss candidates vs reference positions),
+   rollout.html (one student rollout with its high-loss tokens, real divergent states and
+   suppressed tokens highlighted) and results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+QUICK_SFT_STEPS = (40, 10)  # teacher, student: a smoke run, not a result
+
+
+def cache_dir(given: str | None) -> str:
+    if given:
+        return given
+    root = os.environ.get("TOPD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "topd_jax")
+    return os.path.join(root, "miniature")
+
+
+def plot_accuracy(curves: dict[str, list], teacher: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, curve in curves.items():
+        steps, acc = zip(*curve)
+        ax.plot(steps, acc, marker="o", label=method)
+    ax.axhline(teacher, color="gray", linestyle="--", label="teacher")
+    ax.set(xlabel="distillation step", ylabel="held-out accuracy (greedy)", ylim=(0, 1.02),
+           title="Student accuracy while distilling")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ot_histograms(rows: list[dict[str, Any]], path: str) -> None:
+    """Sum of the per-step OT histograms (20 bins on [0, 2]) of candidates and references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0.0, 2.0, 21)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("ot_hist_candidates", "high-loss candidates"), ("ot_hist_reference", "reference positions")):
+        counts = np.sum([r[key] for r in rows if key in r], axis=0)
+        if np.sum(counts):
+            ax.stairs(counts / np.sum(counts), edges, label=label, fill=False, linewidth=2)
+    ax.set(xlabel="OT distance of the student's and the teacher's look-ahead windows", ylabel="share",
+           title="Where futures diverge")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rollout_html(student, teacher, loss, path: str, *, seed: int = 0) -> dict[str, Any]:
+    """Render one student rollout: candidates C (high loss), R (divergent) and C \\ R (suppressed)."""
+    import jax
+
+    from topd_jax.data import synthetic
+    from topd_jax.losses.divergence import divergence_threshold
+    from topd_jax.miniature import MAX_COMPLETION
+    from topd_jax.prompts import left_pad
+    from topd_jax.trainer.step import Sampling, locate, sample, score_teacher
+
+    tok = synthetic.SyntheticTokenizer()
+    problems = synthetic.problems(seed + 30_000, 0, 16)
+    prompts, mask = left_pad([tok.encode(p.prompt()) for p in problems], synthetic.PROMPT_LENGTH)
+    options = Sampling(max_new_tokens=MAX_COMPLETION, eos_ids=(synthetic.EOS_ID,))
+    rollout = sample(student, prompts, mask, jax.random.PRNGKey(seed), options)
+    scores = score_teacher(teacher, rollout, chunk_size=1024, return_cache=True)
+    located = locate(student, teacher, rollout, scores, jax.random.PRNGKey(seed + 1), loss, options)
+    tau, _ = divergence_threshold(located.ot, located.valid, mode="reference", reference_ot=located.reference_ot,
+                                  reference_valid=located.reference_valid, quantile=loss.threshold_quantile)
+    valid, positions, ot = (np.asarray(x) for x in (located.valid, located.positions, located.ot))
+    divergent = valid & (ot >= float(tau))
+    # The rollout with both kinds of candidates shows the method best.
+    order = np.argsort(-(np.minimum(divergent.sum(1), 1) + np.minimum((valid & ~divergent).sum(1), 1)), kind="stable")
+    b = int(order[0])
+    d = np.asarray(rollout.logprobs - scores.logprobs)[b]
+    tokens, tmask = np.asarray(rollout.tokens)[b], np.asarray(rollout.mask)[b]
+    labels = synthetic.fork_labels(problems[b], tokens)
+    windows = np.asarray(located.teacher_windows.tokens)[b] if located.teacher_windows is not None else None
+    kind = {}
+    for m in np.flatnonzero(valid[b]):
+        t = int(positions[b, m])
+        future = f"; teacher continues: {tok.decode(windows[m])}" if windows is not None else ""
+        kind[t] = ("divergent" if divergent[b, m] else "suppressed", f"D = {ot[b, m]:.3f}{future}")
+    spans = []
+    for t in np.flatnonzero(tmask):
+        word = synthetic.VOCAB[int(tokens[t])]
+        cls, note = kind.get(int(t), ("", ""))
+        fork = {1: "fork", 0: "surface form", -1: "unlabelled"}[int(labels[t])]
+        title = f"d = {d[t]:.2f} ({fork}){'; ' + note if note else ''}"
+        spans.append(f'<span class="tok {cls}" title="{html.escape(title)}">{html.escape(word)}</span>')
+    page = f"""<!doctype html><meta charset="utf-8"><title>TOPD: one rollout</title>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}} .tok{{padding:2px 4px;margin:1px;
+display:inline-block;border-radius:4px;font-family:monospace}} .divergent{{background:#f4a3a3}}
+.suppressed{{background:#ddd;text-decoration:line-through}} .legend span{{margin-right:1em}}</style>
+<h1>One student rollout, as TOPD sees it</h1>
+<p><b>Prompt:</b> <code>{html.escape(problems[b].prompt())}</code> (answer {problems[b].answer})</p>
+<p class="legend"><span class="tok divergent">real divergent state</span> high-loss token whose
+look-ahead futures diverge (OT distance D &ge; &tau; = {float(tau):.3f}): kept, plus guidance along the
+teacher's window. <span class="tok suppressed">suppressed</span> high-loss token whose futures do not
+diverge: its OPD weight is set to &alpha;. Hover a token for its loss d<sub>t</sub> = b<sub>t</sub> -
+q<sub>t</sub>, its fork label and, at candidates, D and the teacher's continuation.</p>
+<p>{' '.join(spans)}</p>
+"""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return {"candidates": int(valid[b].sum()), "divergent": int(divergent[b].sum())}
+
+
+def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = False,
+        methods: Sequence[str] = ("opd", "topd")) -> dict[str, Any]:
+    """Everything the module docstring lists; returns the results written to results.json."""
+    from tqdm import tqdm
+
+    from topd_jax import miniature
+
+    os.makedirs(out, exist_ok=True)
+    teacher_sft, student_sft = miniature.TEACHER_SFT, miniature.STUDENT_SFT
+    eval_count = 256
+    if quick:
+        import dataclasses
+
+        teacher_sft = dataclasses.replace(teacher_sft, steps=QUICK_SFT_STEPS[0], batch_size=16)
+        student_sft = dataclasses.replace(student_sft, steps=QUICK_SFT_STEPS[1], batch_size=16)
+        eval_count = 32
+    total = teacher_sft.steps + student_sft.steps + steps * len(methods)
+    bar = tqdm(total=total, desc="demo", unit="step")
+    cache = cache_dir(cache)
+
+    def sft(config, name):
+        bar.set_description(f"SFT {name}")
+        cached = os.path.isfile(os.path.join(cache, f"{name}-{config.key()}", "config.json"))
+        path = miniature.cached_sft(config, cache, name, progress=lambda i, loss: bar.update(1))
+        if cached:
+            bar.update(config.steps)
+        return path
+
+    teacher_dir, student_dir = sft(teacher_sft, "teacher"), sft(student_sft, "student")
+    problems = miniature.eval_problems(eval_count)
+    teacher, student = miniature.load(teacher_dir), miniature.load(student_dir)
+    results: dict[str, Any] = {"teacher_accuracy": miniature.accuracy(teacher, problems), "methods": {},
+                               "eval_problems": eval_count, "steps": steps}
+    rows_by_method = {}
+    for method in methods:
+        bar.set_description(f"distil {method}")
+        config = miniature.distil_config(student_dir, teacher_dir, preset=method, seed=0, steps=steps,
+                                         output_dir=os.path.join(out, "runs", method))
+        run_ = miniature.distil(config, problems, eval_every=max(steps // 8, 1), on_step=lambda s: bar.update(1))
+        rows_by_method[method] = run_["metrics"]
+        low = [r["low_divergence_share"] for r in run_["metrics"] if "low_divergence_share" in r]
+        results["methods"][method] = {"accuracy": run_["accuracy"], "step_time": run_["step_time"],
+                                      "low_divergence_share": float(np.mean(low)) if low else None}
+    bar.set_description("plots")
+    plot_accuracy({m: r["accuracy"] for m, r in results["methods"].items()}, results["teacher_accuracy"],
+                  os.path.join(out, "accuracy.png"))
+    topd_rows = rows_by_method.get("topd", [])
+    plot_ot_histograms(topd_rows, os.path.join(out, "ot_histograms.png"))
+    loss = miniature.distil_config(student_dir, teacher_dir, preset="topd", seed=0, steps=1,
+                                   output_dir=out).topd_config()
+    results["rollout"] = rollout_html(student, teacher, loss, os.path.join(out, "rollout.html"))
+    bar.close()
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    base = next(iter(results["methods"].values()))["accuracy"][0][1]
+    opd = results["methods"].get("opd", {}).get("step_time")
+    lines = [f"teacher {results['teacher_accuracy']:.1%}; student before distillation {base:.1%} "
+             f"(greedy accuracy on {results['eval_problems']} held-out problems)", "",
+             "| method | accuracy after | best along the way | low-divergence share | step time |",
+             "| --- | --- | --- | --- | --- |"]
+    for method, r in results["methods"].items():
+        accs = [a for _, a in r["accuracy"]]
+        low = "-" if r["low_divergence_share"] is None else f"{r['low_divergence_share']:.1%}"
+        ratio = f" ({r['step_time'] / opd:.2f}x OPD)" if opd and method != "opd" else ""
+        lines.append(f"| {method} | {accs[-1]:.1%} | {max(accs):.1%} | {low} | {1e3 * r['step_time']:.0f} ms{ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m topd_jax.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="topd_demo", help="output directory (plots, HTML, results.json)")
+    parser.add_argument("--cache", default=None, help="SFT'd models cache (default ~/.cache/topd_jax/miniature)")
+    parser.add_argument("--steps", type=int, default=400, help="distillation steps per method")
+    parser.add_argument("--quick", action="store_true", help="tiny SFT budgets: a smoke run, not a result")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    results = run(args.out, cache=args.cache, steps=args.steps, quick=args.quick)
+    print(table(results))
+    print(f"\nplots, rollout.html and results.json in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
