@@ -11,6 +11,9 @@ places each process's shards on its devices.
 - `RandomPrompts`: random token prompts of random lengths in [P/2, P] for random models.
 - `SyntheticPrompts`: problems of the synthetic arithmetic task (`data.synthetic`), batch i
   = `synthetic.problems(seed, i, G)`.
+- `TfdsPrompts`: a local JSONL/Parquet math file built once into a TFDS ArrayRecord dataset
+  (`data.tfds_sources`) and read per host: batch i is THIS process's slice of global batch i
+  (`local = True`), so every host reads and tokenizes only its own prompts.
 - `JsonlPrompts`: problems from a local JSONL file, chat-templated with the student's tokenizer;
   visited in a seeded per-epoch permutation. Records that cannot be used (not JSON, missing or
   empty field, longer than P tokens) are counted and skipped, reported in `skipped`.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,6 +77,63 @@ class SyntheticPrompts:
         return left_pad([self.tokenizer.encode(p.prompt()) for p in self.problems(index)], self.prompt_length)
 
 
+class _Usable(Sequence):
+    """The records of `source` at `indices` (those whose prompt fits), random access."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
+
+
+class TfdsPrompts:
+    """Per-host chat prompts of a TFDS math dataset built from a local file (module docstring).
+
+    Process 0 builds (or reuses) data_dir/math_source/<name> from `path`; every process then
+    tokenizes the problems once, drops those longer than prompt_length (counted in `skipped`,
+    with the bad records the build skipped) and reads its own slice of each global batch with a
+    `ShardedReader` (seeded per-epoch permutation, position = the batch index).
+    """
+
+    local = True
+
+    def __init__(self, path: str | os.PathLike, tokenizer, *, layout: str, data_dir: str | os.PathLike,
+                 prompt_length: int, batch_size: int, seed: int, system_prompt: str | None = None,
+                 field: str = "problem", process_index: int = 0, process_count: int = 1):
+        from topd_jax.data import tfds_sources
+
+        name = os.path.basename(os.fspath(path)).split(".")[0].replace("-", "_")
+        if process_index == 0:
+            builder = tfds_sources.build_dataset(path, layout=layout, data_dir=data_dir, name=name,
+                                                 problem_field=field)
+            self.skipped: Counter[str] = Counter((builder.info.metadata or {}).get("skipped", {}))
+        else:
+            self.skipped = Counter()
+        if process_count > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("topd_jax: prompt dataset built")
+        source = tfds_sources.open_source(data_dir, name)
+        problems = [source[i]["problem"] for i in range(len(source))]
+        lengths = [len(ids) for ids in encode_prompts(tokenizer, problems, system=system_prompt)]
+        usable = [i for i, n in enumerate(lengths) if 1 <= n <= prompt_length]
+        if len(usable) < len(problems):
+            self.skipped[f"longer than prompt_length={prompt_length} tokens"] += len(problems) - len(usable)
+        if not usable:
+            raise ValueError(f"{path} has no prompt of at most {prompt_length} tokens (skipped: {dict(self.skipped)})")
+        self.reader = tfds_sources.ShardedReader(_Usable(source, usable), batch_size=batch_size, seed=seed,
+                                                 process_index=process_index, process_count=process_count)
+        self.tokenizer, self.prompt_length, self.system_prompt = tokenizer, prompt_length, system_prompt
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        problems = [record["problem"] for record in self.reader.batch(index)]
+        return left_pad(encode_prompts(self.tokenizer, problems, system=self.system_prompt), self.prompt_length)
+
+
 class JsonlPrompts:
     """Chat prompts from the `field` of each JSONL record; batch i takes the global prompt stream
     [i G, (i + 1) G) where epoch e visits the records in permutation(seed, e)."""
@@ -121,4 +181,4 @@ class JsonlPrompts:
         return left_pad(picks, self.prompt_length)
 
 
-__all__ = ["JsonlPrompts", "RandomPrompts", "SyntheticPrompts", "left_pad"]
+__all__ = ["JsonlPrompts", "RandomPrompts", "SyntheticPrompts", "TfdsPrompts", "left_pad"]

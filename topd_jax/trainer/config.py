@@ -158,8 +158,13 @@ class DataConfig:
     source         random: seeded random token prompts (for random models) |
                    jsonl: a local JSONL file, one problem per line |
                    synthetic: the seeded arithmetic task of `topd_jax.data.synthetic` (its own
-                   word-level tokenizer of 30 tokens; models need vocab_size >= 30)
-    path           the JSONL file; required when source is jsonl
+                   word-level tokenizer of 30 tokens; models need vocab_size >= 30) |
+                   tfds: a local JSONL or Parquet math file built once into a TFDS ArrayRecord
+                   dataset (in data_dir) and read per host, each process its own slice
+    path           the JSONL (or, for tfds, Parquet) file; required for jsonl and tfds
+    layout         tfds: how the file's fields map to problem/answer (prompts | aime24 | aime25 |
+                   amc23 | math500 | gsm8k; see topd_jax.data.tfds_sources)
+    data_dir       tfds: where the built dataset lives (null = output_dir/data)
     field          the JSON key of each line's problem text
     prompt_length  prompt tokens: the length of random prompts, and the left-padding width for
                    jsonl and synthetic (longer jsonl prompts are skipped and counted; synthetic
@@ -167,14 +172,17 @@ class DataConfig:
     system_prompt  optional system message of the chat template (jsonl)
     """
 
-    source: Literal["random", "jsonl", "synthetic"] = "random"
+    source: Literal["random", "jsonl", "synthetic", "tfds"] = "random"
     path: str | None = None
+    layout: Literal["prompts", "aime24", "aime25", "amc23", "math500", "gsm8k"] = "prompts"
+    data_dir: str | None = None
     field: str = "problem"
     prompt_length: int = 16
     system_prompt: str | None = None
 
     def __post_init__(self):
-        _check(("path", self.source != "jsonl" or bool(self.path), "set when source is 'jsonl'", self.path),
+        _check(("path", self.source not in ("jsonl", "tfds") or bool(self.path), "set when source is 'jsonl' or 'tfds'",
+                self.path),
                ("prompt_length", self.prompt_length >= 1, ">= 1", self.prompt_length))
 
 

@@ -33,7 +33,7 @@ from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import config_to_hf
 from topd_jax.models.sharding import param_shardings
 from topd_jax.models.tokenizer import load_tokenizer
-from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts
+from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts, TfdsPrompts
 from topd_jax.trainer import placement
 from topd_jax.trainer.checkpointing import Checkpointer
 from topd_jax.trainer.config import ModelSpec, TrainConfig, save_config
@@ -184,8 +184,14 @@ class Trainer:
         if d.source == "synthetic":
             return SyntheticPrompts(prompt_length=d.prompt_length, batch_size=r.prompts_per_step, seed=self.config.seed)
         if self.tokenizer is None:
-            raise ValueError("data.source 'jsonl' needs a tokenizer: set student.path to a checkpoint directory "
-                             "with tokenizer files")
+            raise ValueError(f"data.source {d.source!r} needs a tokenizer: set student.path to a checkpoint "
+                             "directory with tokenizer files")
+        if d.source == "tfds":
+            return TfdsPrompts(d.path, self.tokenizer, layout=d.layout, field=d.field,
+                               data_dir=d.data_dir or os.path.join(self.config.output_dir, "data"),
+                               prompt_length=d.prompt_length, batch_size=r.prompts_per_step, seed=self.config.seed,
+                               system_prompt=d.system_prompt, process_index=jax.process_index(),
+                               process_count=jax.process_count())
         return JsonlPrompts(d.path, self.tokenizer, field=d.field, prompt_length=d.prompt_length,
                             batch_size=r.prompts_per_step, seed=self.config.seed, system_prompt=d.system_prompt)
 
@@ -240,7 +246,8 @@ class Trainer:
         step = self.step
         key = jax.random.fold_in(self.state.key, step)
         k_sample, k_locate = jax.random.split(key)
-        prompt_tokens, prompt_mask = placement.put_batch(self.prompts.batch(self.data_position), self.mesh)
+        put = placement.put_local_batch if getattr(self.prompts, "local", False) else placement.put_batch
+        prompt_tokens, prompt_mask = put(self.prompts.batch(self.data_position), self.mesh)
         params, teacher = self.state.params, self.teacher_params
         with jax.set_mesh(self.mesh):  # decode loops pin their carries to the batch axes
             with timer.phase("sample"):

@@ -83,6 +83,16 @@ def put_batch(arrays: tuple[np.ndarray, ...], mesh: Mesh, rules: Rules = None) -
     return tuple(put_global(a, batch_sharding(mesh, np.shape(a), rules)) for a in arrays)
 
 
+def put_local_batch(arrays: tuple[np.ndarray, ...], mesh: Mesh, rules: Rules = None) -> tuple[jax.Array, ...]:
+    """This process's rows [B / processes, ...] of each array onto the mesh, split along B (the
+    processes' rows concatenated in process order form the global batch)."""
+    out = []
+    for a in arrays:
+        shape = (np.shape(a)[0] * jax.process_count(), *np.shape(a)[1:])
+        out.append(jax.make_array_from_process_local_data(batch_sharding(mesh, shape, rules), np.asarray(a), shape))
+    return tuple(out)
+
+
 def place(tree: Any, shardings: Any) -> Any:
     """Move arrays onto the given shardings (a no-op where they already are)."""
     return jax.device_put(tree, shardings)
@@ -109,4 +119,5 @@ def jit_sft_update(state: TrainState, batch_shape: tuple[int, int], mesh: Mesh, 
 
 
 __all__ = ["batch_size_divides", "data_mesh", "experience_shardings", "jit_sft_update", "jit_update", "place", "put_batch",
+           "put_local_batch",
            "put_global", "replicated", "state_shardings", "tree_shardings"]
