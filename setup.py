@@ -49,6 +49,8 @@ setup(
         "cuda": ["jax[cuda12]>=0.7.1,<0.13"],
         "test": [
             "pytest>=8",
+            # Two workers: the suite is mostly single-threaded compiles and tiny steps.
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "scipy>=1.11",
             "nbmake>=1.5",
