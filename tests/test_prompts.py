@@ -55,7 +55,7 @@ def test_tfds_prompts_split_each_global_batch_over_hosts_and_count_skips(hf_dir,
     tokenizer = load_tokenizer(hf_dir)
     kw = dict(layout="prompts", data_dir=tmp_path / "tfds", prompt_length=16, batch_size=4, seed=0)
     hosts = [TfdsPrompts(problems_file, tokenizer, process_index=i, process_count=2, **kw) for i in range(2)]
-    assert hosts[0].skipped["not_json"] == 1 and hosts[0].skipped["empty_problem"] == 1
+    assert hosts[0].skipped["not JSON"] == 1 and hosts[0].skipped["empty problem"] == 1
     assert hosts[0].skipped["longer than prompt_length=16 tokens"] == 1
     one = TfdsPrompts(problems_file, tokenizer, process_index=0, process_count=1, **kw)
     for index in range(5):  # 12 usable prompts: batches 3 and 4 wrap into the second epoch

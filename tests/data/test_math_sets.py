@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from topd_jax.data.math_sets import LAYOUTS, MathRecord, default_path, read_records
+from collections import Counter
+
+from topd_jax.data.math_sets import (LAYOUTS, MATH500_INSTRUCTION, MathRecord, default_path, iter_records,
+                                     read_records)
 
 CANDIDATES = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data", Path("/work/shared/data"))
 DATA = next((p.resolve() for p in CANDIDATES if (p / "math500.jsonl").is_file()), None)
@@ -54,6 +57,42 @@ def test_default_path_prefers_the_env_dir(tmp_path, monkeypatch):
     assert default_path("aime25", tmp_path / "elsewhere") is None
     with pytest.raises(ValueError, match="unknown math set layout 'mmlu'; known: aime24, aime25"):
         default_path("mmlu")
+    with pytest.raises(ValueError, match="layout 'prompts' has no published file"):
+        default_path("prompts")
+
+
+def _one_row(tmp_path, row):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("layout, row, expected", [
+    ("aime24", {"id": 60, "problem": " P ", "answer": "204", "url": "u"}, ("60", "P", "204")),
+    ("aime25", {"problem": "P", "answer": "70"}, ("1", "P", "70")),
+    ("amc23", {"id": 0, "problem": "P", "answer": 27.0}, ("0", "P", "27")),
+    ("amc23", {"id": 1, "problem": "P", "answer": 2.5}, ("1", "P", "2.5")),
+    ("math500", {"problem": MATH500_INSTRUCTION + " Convert $x$.", "answer": "3", "unique_id": "test/a/1.json"},
+     ("test/a/1.json", "Convert $x$.", "3")),
+    ("gsm8k", {"question": "Q", "answer": "3 + 4 = <<3+4=7>>7\n#### 7", "idx": 5}, ("5", "Q", "7")),
+    ("gsm8k", {"question": "Q", "answer": "#### 2\n#### 1,600", "idx": 6}, ("6", "Q", "1600")),
+    ("aime24", {"problem": "P", "answer": 204}, ("1", "P", "204")),  # No id: the line number.
+    ("prompts", {"problem": "P", "answer": "1", "id": "k"}, ("1", "P", "1")),  # id_field defaults to None.
+])
+def test_layout_maps_its_published_fields(tmp_path, layout, row, expected):
+    records, skipped = read_records(_one_row(tmp_path, row), layout)
+    assert records == [MathRecord(*expected)] and not skipped
+
+
+def test_prompts_layout_uses_given_fields_and_counts_into_the_given_counter(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"q": "P", "a": "1", "key": "k"}) + "\n" + json.dumps({"q": "R", "a": "2"}) + "\n"
+                    + json.dumps({"problem": "S", "answer": "3"}) + "\n")
+    skipped = Counter({"earlier": 1})
+    records = list(iter_records(path, "prompts", skipped=skipped, problem_field="q", answer_field="a",
+                                id_field="key", line_prefix="p.jsonl:"))
+    assert records == [MathRecord("k", "P", "1"), MathRecord("p.jsonl:2", "R", "2")]
+    assert skipped == {"earlier": 1, "missing field 'q'": 1}
 
 
 def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
@@ -103,5 +142,5 @@ def test_missing_file_and_unknown_layout_are_one_line_errors(tmp_path):
         read_records(tmp_path / "absent.jsonl", "aime24")
     (tmp_path / "x.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="unknown math set layout 'gsm8k_test'; known: aime24, aime25, amc23, "
-                                         "math500, gsm8k"):
+                                         "math500, gsm8k, prompts"):
         read_records(tmp_path / "x.jsonl", "gsm8k_test")

@@ -1,5 +1,6 @@
-"""TFDS math sources: per-layout fields, bad-record accounting, no TensorFlow, host sharding."""
+"""TFDS math sources: math_sets records, skip counts stored with the data, no TensorFlow, sharding."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from topd_jax.data import math_sets
 from topd_jax.data import tfds_sources as ts
 
 DATA = "/work/shared/data"
@@ -22,12 +24,12 @@ REAL = {  # layout -> (file, rows)
 
 GOOD = [{"q": f"What is {i} + {i}?", "a": str(2 * i), "key": f"k{i}"} for i in range(6)]
 BAD_LINES = [  # reason -> one raw JSONL line
-    ("not_utf8", b'{"q": "caf\xe9", "a": "1", "key": "x"}'),
-    ("not_json", b'{"q": "unterminated'),
-    ("not_object", b'["q", "a"]'),
-    ("missing_field", json.dumps({"q": "no answer", "key": "m"}).encode()),
-    ("empty_problem", json.dumps({"q": "   ", "a": "1", "key": "e"}).encode()),
-    ("empty_answer", json.dumps({"q": "Why?", "a": "", "key": "f"}).encode()),
+    ("not valid UTF-8", b'{"q": "caf\xe9", "a": "1", "key": "x"}'),
+    ("not JSON", b'{"q": "unterminated'),
+    ("not a JSON object", b'["q", "a"]'),
+    ("missing field 'a'", json.dumps({"q": "no answer", "key": "m"}).encode()),
+    ("empty problem", json.dumps({"q": "   ", "a": "1", "key": "e"}).encode()),
+    ("empty answer", json.dumps({"q": "Why?", "a": "", "key": "f"}).encode()),
 ]
 
 
@@ -52,57 +54,13 @@ def _build_mixed(path, data_dir, **kw):
                             problem_field="q", answer_field="a", **kw)
 
 
-# --- per-layout normalisation -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("layout, raw, expected", [
-    ("aime24", {"id": 60, "problem": " P ", "answer": "204", "url": "u"}, ("P", "204", "60")),
-    ("aime25", {"problem": "P", "answer": "70"}, ("P", "70", "7")),
-    ("amc23", {"id": 0, "problem": "P", "answer": 27.0}, ("P", "27", "0")),
-    ("amc23", {"id": 1, "problem": "P", "answer": 2.5}, ("P", "2.5", "1")),
-    ("math500", {"problem": ts.MATH500_INSTRUCTION + " Convert $x$.", "answer": "3",
-                 "unique_id": "test/a/1.json"}, ("Convert $x$.", "3", "test/a/1.json")),
-    ("gsm8k", {"question": "Q", "answer": "3 + 4 = <<3+4=7>>7\n#### 7", "idx": 5},
-     ("Q", "7", "5")),
-    ("gsm8k", {"question": "Q", "answer": "#### 2\n#### 1,600", "idx": 6}, ("Q", "1600", "6")),
-    ("aime24", {"problem": "P", "answer": 204}, ("P", "204", "7")),  # No id: the line.
-])
-def test_layout_maps_its_published_fields(layout, raw, expected):
-    out = ts.normalize_math_record(raw, "7", layout=layout)
-    assert (out["problem"], out["answer"], out["id"]) == expected
-
-
-def test_gsm8k_answer_without_final_marker_is_empty():
-    with pytest.raises(ts.BadRecord) as err:
-        ts.normalize_math_record({"question": "Q", "answer": "7", "idx": 0}, "0", layout="gsm8k")
-    assert err.value.reason == "empty_answer"
-
-
-def test_non_text_answer_is_empty():
-    with pytest.raises(ts.BadRecord) as err:
-        ts.normalize_math_record({"problem": "P", "answer": [1]}, "0", layout="aime25")
-    assert err.value.reason == "empty_answer"
-
-
-def test_prompts_layout_uses_given_fields_and_line_id_by_default():
-    raw = {"q": "P", "a": "1", "key": "k"}
-    kw = dict(layout="prompts", problem_field="q", answer_field="a")
-    assert ts.normalize_math_record(raw, "3", **kw)["id"] == "3"
-    assert ts.normalize_math_record(raw, "3", id_field="key", **kw)["id"] == "k"
-
-
-def test_unknown_layout_is_rejected():
-    with pytest.raises(ValueError, match="unknown layout"):
-        ts.normalize_math_record({}, "0", layout="aime26")
-
-
 # --- building and reading ---------------------------------------------------------------------
 
 
 def test_bad_records_are_skipped_and_counted_by_reason(mixed_jsonl, tmp_path):
     builder = _build_mixed(mixed_jsonl, tmp_path / "tfds", id_field="key")
     skipped = builder.info.metadata["skipped"]
-    assert skipped == {r: (0 if r == "unreadable_row" else 1) for r in ts.SKIP_REASONS}
+    assert skipped == {reason: 1 for reason, _ in BAD_LINES}
     stored = json.load(open(os.path.join(builder.data_dir, "metadata.json")))
     assert stored["skipped"] == skipped
     source = ts.open_source(tmp_path / "tfds", "mixed")
@@ -129,8 +87,7 @@ def test_parquet_source_with_bad_text_and_a_corrupt_row_group(tmp_path):
         f.seek(column.data_page_offset + column.total_compressed_size - 4)
         f.write(b"\x00\x00\x00\x00")
     builder = ts.build_dataset(path, layout="prompts", data_dir=tmp_path / "tfds", id_field="id")
-    assert builder.info.metadata["skipped"]["not_utf8"] == 1
-    assert builder.info.metadata["skipped"]["unreadable_row"] == 2
+    assert builder.info.metadata["skipped"] == {"not valid UTF-8": 1, "unreadable row group": 2}
     source = ts.open_source(tmp_path / "tfds", "prompts")
     assert [source[i] for i in range(len(source))] == [
         {"problem": f"P{i}", "answer": str(i), "id": f"r{i}"} for i in (0, 1, 3)]
@@ -168,11 +125,14 @@ def test_a_source_without_usable_records_is_an_error(tmp_path):
         ts.build_dataset(path, layout="prompts", data_dir=tmp_path / "tfds")
 
 
-def test_missing_inputs_are_named(tmp_path):
+def test_missing_inputs_and_unknown_layouts_are_named(mixed_jsonl, tmp_path):
     with pytest.raises(FileNotFoundError, match="math source file not found"):
         ts.build_dataset(tmp_path / "nope.jsonl", layout="aime24", data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="call build_dataset first"):
         ts.open_source(tmp_path, "nope")
+    with pytest.raises(ValueError, match="unknown math set layout 'aime26'"):
+        ts.build_dataset(mixed_jsonl, layout="aime26", data_dir=tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists()
 
 
 def test_tensorflow_is_never_imported(tmp_path):
@@ -212,11 +172,11 @@ def test_real_eval_file_builds_every_row(layout, real_sources):
     assert sum(builders[layout].info.metadata["skipped"].values()) == 0
     source = ts.open_source(data_dir, layout)
     assert len(source) == REAL[layout][1]
-    raw = [json.loads(line) for line in open(os.path.join(DATA, REAL[layout][0]), "rb")]
-    for i in (0, len(source) - 1):
+    plain, _ = math_sets.read_records(os.path.join(DATA, REAL[layout][0]), layout)
+    for i in (0, len(source) - 1):  # The TFDS records are those of the plain reader.
         rec = source[i]
         assert all(isinstance(v, str) and v for v in rec.values())
-        assert rec == ts.normalize_math_record(raw[i], str(i + 1), layout=layout)
+        assert rec == dataclasses.asdict(plain[i])
     if layout == "math500":
         assert not any(source[i]["problem"].startswith("Return your") for i in range(20))
     if layout == "amc23":

@@ -1,27 +1,13 @@
 """TFDS builders (ArrayRecord, no TensorFlow) for local math files, and per-host prompt readers.
 
-A local JSONL or Parquet file becomes a TFDS dataset of three text features, `problem`, `answer`
+Local JSONL or Parquet files become a TFDS dataset of three text features, `problem`, `answer`
 and `id`, written as ArrayRecord in file order (shuffling is the reader's job, not the writer's).
-The layout names where each feature comes from:
-
-| layout    | problem                              | answer                    | id                 |
-|-----------|--------------------------------------|---------------------------|--------------------|
-| `prompts` | `problem_field` ("problem")          | `answer_field` ("answer") | `id_field` or line |
-| `aime24`  | `problem`                            | `answer`                  | `id`               |
-| `aime25`  | `problem`                            | `answer`                  | line               |
-| `amc23`   | `problem`                            | `answer` (27.0 -> "27")   | `id`               |
-| `math500` | `problem` minus MATH500_INSTRUCTION  | `answer`                  | `unique_id`        |
-| `gsm8k`   | `question`                           | `answer` after "####"     | `idx`              |
-
-"line" is the 1-based line (JSONL) or row (Parquet) number in its file, prefixed by the file name
-when several files are read; it is also the id of a record that lacks its layout's id field.
-Numbers become text (27.0 -> "27"). GSM8K keeps the text after the last "####" without thousands
-separators ("1,600" -> "1600"). Blank JSONL lines are ignored. These rules match
-`math_sets.read_records`, the plain (non-TFDS) reader.
-A bad record (`not_utf8`, `not_json`, `not_object`, `unreadable_row`, `missing_field`,
-`empty_problem`, `empty_answer`) is skipped and counted; the counts by reason are logged at the
-end of building and stored with the data (`builder.info.metadata["skipped"]`, in
-`metadata.json`), so a broken line never stops an epoch.
+The records are those of `math_sets.iter_records`: its module docstring holds the layout table
+(`prompts` and the published eval sets), the text rules and the skip reasons. When several files
+make one dataset, a line-number id is prefixed by its file name ("a.jsonl:3"). Bad records are
+skipped and counted; the counts by reason are logged at the end of building and stored with the
+data (`builder.info.metadata["skipped"]`, in `metadata.json`), so a broken line never stops an
+epoch.
 
 TFDS imports TensorFlow lazily, only for `tf.data`; building with `file_format="array_record"`
 and reading with `as_data_source` never touch it.
@@ -37,123 +23,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
-import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-LAYOUTS = ("prompts", "aime24", "aime25", "amc23", "math500", "gsm8k")
-SKIP_REASONS = ("not_utf8", "not_json", "not_object", "unreadable_row", "missing_field",
-                "empty_problem", "empty_answer")
-# The instruction the published MATH500 file prepends to every problem.
-MATH500_INSTRUCTION = "Return your final response within \\boxed{}."
-# layout -> (problem field, answer field, id field or None for the line index)
-_LAYOUT_FIELDS = {
-    "aime24": ("problem", "answer", "id"),
-    "aime25": ("problem", "answer", None),
-    "amc23": ("problem", "answer", "id"),
-    "math500": ("problem", "answer", "unique_id"),
-    "gsm8k": ("question", "answer", "idx"),
-}
+from topd_jax.data import math_sets
+
 _BUILDER_NAME = "math_source"
 _VERSION = "1.0.0"
 
 
-class BadRecord(ValueError):
-    """A source record that cannot become a (problem, answer, id) example; `reason` names why."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _as_text(value: Any) -> str:
-    """A field value as stripped text: bytes are UTF-8 decoded, integral floats lose `.0`,
-    anything but text or a number is empty."""
-    if isinstance(value, bool) or not isinstance(value, (str, bytes, int, float)):
-        return ""
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRecord("not_utf8") from None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value).strip()
-
-
-def normalize_math_record(raw: Any, line: str, *, layout: str, problem_field: str = "problem",
-                          answer_field: str = "answer", id_field: str | None = None
-                          ) -> dict[str, str]:
-    """One raw record -> {"problem", "answer", "id"} under `layout`; raises BadRecord if bad.
-
-    The field arguments apply to the `prompts` layout only; `line` is the id when the layout
-    names no id field or the record lacks it.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    if not isinstance(raw, dict):
-        raise BadRecord("not_object")
-    fields = (problem_field, answer_field, id_field)
-    p_key, a_key, id_key = _LAYOUT_FIELDS.get(layout, fields)
-    if raw.get(p_key) is None or raw.get(a_key) is None:
-        raise BadRecord("missing_field")
-    problem, answer = _as_text(raw[p_key]), _as_text(raw[a_key])
-    if layout == "math500" and problem.startswith(MATH500_INSTRUCTION):
-        problem = problem[len(MATH500_INSTRUCTION):].strip()
-    if layout == "gsm8k":
-        final = answer.rsplit("####", 1)[1].strip() if "####" in answer else ""
-        answer = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", final)  # "1,600" -> "1600"
-    if not problem:
-        raise BadRecord("empty_problem")
-    if not answer:
-        raise BadRecord("empty_answer")
-    given_id = _as_text(raw.get(id_key)) if id_key is not None else ""
-    return {"problem": problem, "answer": answer, "id": given_id or line}
-
-
-def _jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, parsed object or BadRecord) per non-blank line of a JSONL file."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield n, BadRecord("not_utf8")
-                continue
-            try:
-                yield n, json.loads(text)
-            except json.JSONDecodeError:
-                yield n, BadRecord("not_json")
-
-
-def _parquet_records(path: str) -> Iterator[tuple[int, Any]]:
-    """(1-based row number, row dict or BadRecord) per row; an unreadable row group is all bad."""
-    import pyarrow.parquet as pq  # Only Parquet sources need pyarrow.
-
-    pfile, row = pq.ParquetFile(path, page_checksum_verification=True), 1
-    for g in range(pfile.num_row_groups):
-        size = pfile.metadata.row_group(g).num_rows
-        try:
-            rows = pfile.read_row_group(g).to_pylist()
-        except Exception:  # noqa: BLE001 - any decode failure of this group skips its rows.
-            rows = [BadRecord("unreadable_row")] * size
-        for r in rows:
-            yield row, r
-            row += 1
-
-
 @dataclasses.dataclass(eq=False)
 class MathSourceConfig(tfds.core.BuilderConfig):
-    """Which local files to read (`source_paths`, `.jsonl` or `.parquet`) and how (`layout`)."""
+    """Which local files to read (`source_paths`, `.jsonl` or `.parquet`) and how (`layout` and,
+    for `prompts`, the field names: see `math_sets`)."""
 
     source_paths: tuple[str, ...] = ()
     layout: str = "prompts"
@@ -202,25 +90,16 @@ class MathSource(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self):
         cfg, skipped, key = self.builder_config, Counter(), 0
         for path in cfg.source_paths:
-            is_parquet = str(path).endswith(".parquet")
-            records = _parquet_records(path) if is_parquet else _jsonl_records(path)
             prefix = f"{os.path.basename(path)}:" if len(cfg.source_paths) > 1 else ""
-            for n, raw in records:
-                try:
-                    if isinstance(raw, BadRecord):
-                        raise raw
-                    example = normalize_math_record(
-                        raw, f"{prefix}{n}", layout=cfg.layout, problem_field=cfg.problem_field,
-                        answer_field=cfg.answer_field, id_field=cfg.id_field)
-                except BadRecord as bad:
-                    skipped[bad.reason] += 1
-                    continue
-                yield key, example  # Integer keys in file order: the written order.
+            for record in math_sets.iter_records(
+                    path, cfg.layout, skipped=skipped, problem_field=cfg.problem_field,
+                    answer_field=cfg.answer_field, id_field=cfg.id_field, line_prefix=prefix):
+                yield key, dataclasses.asdict(record)  # Integer keys in file order: written order.
                 key += 1
         if key == 0:
             raise ValueError(f"no usable records in {list(cfg.source_paths)}; skipped "
                              f"{dict(skipped)}")
-        self.info.metadata["skipped"] = {r: skipped[r] for r in SKIP_REASONS}
+        self.info.metadata["skipped"] = dict(skipped)
         self.info.metadata["source"] = _source_key(cfg)
         logging.info("math_source/%s: wrote %d records, skipped %s", cfg.name, key,
                      dict(skipped) or "none")
@@ -246,8 +125,7 @@ def build_dataset(source_path: str | os.PathLike | Sequence[str | os.PathLike], 
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"math source file not found: {p}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    math_sets.get_layout(layout)  # An unknown layout fails here, before any file is hashed.
     name = name or os.path.basename(paths[0]).split(".")[0].replace("-", "_")
     config = MathSourceConfig(name=name, version=_VERSION, source_paths=paths, layout=layout,
                               problem_field=problem_field, answer_field=answer_field,

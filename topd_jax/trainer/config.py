@@ -163,7 +163,7 @@ class DataConfig:
                    dataset (in data_dir) and read per host, each process its own slice
     path           the JSONL (or, for tfds, Parquet) file; required for jsonl and tfds
     layout         tfds: how the file's fields map to problem/answer (prompts | aime24 | aime25 |
-                   amc23 | math500 | gsm8k; see topd_jax.data.tfds_sources)
+                   amc23 | math500 | gsm8k; see topd_jax.data.math_sets)
     data_dir       tfds: where the built dataset lives (null = output_dir/data)
     field          the JSON key of each line's problem text
     prompt_length  prompt tokens: the length of random prompts, and the left-padding width for
