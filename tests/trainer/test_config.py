@@ -188,7 +188,7 @@ def test_bad_loss_key_or_value_fails_at_load():
     ("steps=0", "steps must be >= 1, got 0"),
     ("rollout.top_p=2", "rollout.top_p must be in (0, 1], got 2.0"),
     ("rollout.prompts_per_step=0", "rollout.prompts_per_step must be >= 1, got 0"),
-    ("data.source=jsonl", "data.path must be set when source is 'jsonl', got None"),
+    ("data.source=jsonl", "data.path must be set when source is 'jsonl' or 'tfds', got None"),
     ("optimizer.learning_rate=0", "optimizer.learning_rate must be > 0, got 0.0"),
     ("checkpoint.keep=0", "checkpoint.keep must be >= 1, got 0"),
     ("mesh.tensor=0", "mesh.tensor must be >= 1 or -1, got 0"),
