@@ -80,17 +80,11 @@ def rollout_html(student, teacher, loss, path: str, *, seed: int = 0) -> dict[st
 
     from topd_jax.data import synthetic
     from topd_jax.losses.divergence import divergence_threshold
-    from topd_jax.miniature import MAX_COMPLETION
-    from topd_jax.prompts import left_pad
-    from topd_jax.trainer.step import Sampling, locate, sample, score_teacher
+    from topd_jax.miniature import located_rollouts
 
     tok = synthetic.SyntheticTokenizer()
     problems = synthetic.problems(seed + 30_000, 0, 16)
-    prompts, mask = left_pad([tok.encode(p.prompt()) for p in problems], synthetic.PROMPT_LENGTH)
-    options = Sampling(max_new_tokens=MAX_COMPLETION, eos_ids=(synthetic.EOS_ID,))
-    rollout = sample(student, prompts, mask, jax.random.PRNGKey(seed), options)
-    scores = score_teacher(teacher, rollout, chunk_size=1024, return_cache=True)
-    located = locate(student, teacher, rollout, scores, jax.random.PRNGKey(seed + 1), loss, options)
+    rollout, scores, located = located_rollouts(student, teacher, loss, problems, jax.random.PRNGKey(seed))
     tau, _ = divergence_threshold(located.ot, located.valid, mode="reference", reference_ot=located.reference_ot,
                                   reference_valid=located.reference_valid, quantile=loss.threshold_quantile)
     valid, positions, ot = (np.asarray(x) for x in (located.valid, located.positions, located.ot))

@@ -35,8 +35,8 @@ from topd_jax.models.decoder import CausalLM
 from topd_jax.prompts import left_pad
 from topd_jax.sampling import generate
 from topd_jax.trainer import placement
-from topd_jax.trainer.config import RandomModelConfig, TrainConfig, load_config
-from topd_jax.trainer.loop import Trainer
+from topd_jax.trainer.config import ModelSpec, RandomModelConfig, TrainConfig, load_config
+from topd_jax.trainer.loop import Trainer, build_model
 from topd_jax.trainer.step import Sampling, init_state, locate, sample, score_teacher
 
 VOCAB = len(synthetic.VOCAB)
@@ -92,13 +92,12 @@ def sft_batch(seed: int, index: int, batch_size: int, style: synthetic.Style):
 
 def sft(config: SftConfig, *, progress: Callable[[int, float], None] | None = None) -> CausalLM:
     """A model of `config.model` trained for `config.steps` AdamW steps (cosine decay)."""
-    cfg = config.model.model_config()
-    model = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(config.model.init_seed))
+    mesh = placement.data_mesh(jax.devices()[:1])
+    model, _ = build_model(ModelSpec(random=config.model), mesh)  # initialised inside jit
     graphdef, params = nnx.split(model, nnx.Param)
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps, alpha=0.05)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=0.01))
     state = init_state(params, optimizer, jax.random.PRNGKey(config.seed))
-    mesh = placement.data_mesh(jax.devices()[:1])
     width = synthetic.PROMPT_LENGTH + MAX_COMPLETION
     update = placement.jit_sft_update(state, (config.batch_size, width), mesh, graphdef=graphdef,
                                       optimizer=optimizer, chunk_size=1024)
@@ -194,15 +193,29 @@ def distil(config: TrainConfig, problems: Sequence[synthetic.Problem], *, eval_e
 
 # ---------------------------------------------------------------------------- locator analysis
 
-def _candidate_decisions(student, teacher, loss: TopdConfig, problems, key) -> dict[str, np.ndarray]:
-    """For one batch: fork labels, OT and proxy decisions at the valid candidates (flat arrays)."""
-    tok = synthetic.SyntheticTokenizer()
-    prompts, mask = left_pad([tok.encode(p.prompt()) for p in problems], synthetic.PROMPT_LENGTH)
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "loss"))
+def _phases(graphdef, params, teacher_graphdef, teacher_params, prompts, mask, key, *, loss):
+    """sample -> score -> locate of the student's rollouts at temperature 1, one program."""
+    student, teacher = nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params)
     options = Sampling(max_new_tokens=MAX_COMPLETION, eos_ids=(synthetic.EOS_ID,))
     k_sample, k_locate = jax.random.split(key)
     rollout = sample(student, prompts, mask, k_sample, options)
     scores = score_teacher(teacher, rollout, chunk_size=1024, return_cache=True)
-    located = locate(student, teacher, rollout, scores, k_locate, loss, options)
+    return rollout, scores, locate(student, teacher, rollout, scores, k_locate, loss, options)
+
+
+def located_rollouts(student: CausalLM, teacher: CausalLM, loss: TopdConfig, problems, key):
+    """(rollout, teacher scores, Located) of the student's rollouts of `problems`."""
+    tok = synthetic.SyntheticTokenizer()
+    prompts, mask = left_pad([tok.encode(p.prompt()) for p in problems], synthetic.PROMPT_LENGTH)
+    graphdef, params = nnx.split(student, nnx.Param)
+    teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    return _phases(graphdef, params, teacher_graphdef, teacher_params, prompts, mask, key, loss=loss)
+
+
+def _candidate_decisions(student, teacher, loss: TopdConfig, problems, key) -> dict[str, np.ndarray]:
+    """For one batch: fork labels, OT and proxy decisions at the valid candidates (flat arrays)."""
+    rollout, scores, located = located_rollouts(student, teacher, loss, problems, key)
     valid = np.asarray(located.valid)
     tau_ot, _ = divergence_threshold(located.ot, located.valid, mode="reference", reference_ot=located.reference_ot,
                                      reference_valid=located.reference_valid, quantile=loss.threshold_quantile)
@@ -222,9 +235,13 @@ def _candidate_decisions(student, teacher, loss: TopdConfig, problems, key) -> d
 def precision_recall(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """Precision and recall of `predicted` divergent states against true forks (NaN if undefined)."""
     hits = float(np.sum(predicted & truth))
-    precision = hits / np.sum(predicted) if np.sum(predicted) else float("nan")
-    recall = hits / np.sum(truth) if np.sum(truth) else float("nan")
+    precision = hits / float(np.sum(predicted)) if np.sum(predicted) else float("nan")
+    recall = hits / float(np.sum(truth)) if np.sum(truth) else float("nan")
     return precision, recall
+
+
+def _share(values: np.ndarray) -> float:
+    return float(np.mean(values)) if values.size else float("nan")
 
 
 def locator_analysis(student: CausalLM, teacher: CausalLM, *, loss: TopdConfig, batches: int = 4,
@@ -241,11 +258,11 @@ def locator_analysis(student: CausalLM, teacher: CausalLM, *, loss: TopdConfig, 
     parts = [_candidate_decisions(student, teacher, loss, synthetic.problems(seed + 20_000, i, batch_size),
                                   jax.random.PRNGKey(seed * 1000 + i)) for i in range(batches)]
     fork = np.concatenate([p["fork"] for p in parts])
-    out = {"candidates": float(fork.size), "fork_share": float(np.mean(fork))}
+    out = {"candidates": float(fork.size), "fork_share": _share(fork)}
     for name in ("ot", "proxy"):
         divergent = np.concatenate([p[name] for p in parts])
         out[f"{name}_precision"], out[f"{name}_recall"] = precision_recall(divergent, fork)
-        out[f"{name}_low_divergence_share"] = float(1.0 - np.mean(divergent))
+        out[f"{name}_low_divergence_share"] = 1.0 - _share(divergent)
     return out
 
 
@@ -256,19 +273,23 @@ METHODS = {"opd": ("opd", ()), "opd_suppress": ("opd_suppress", ()), "topd": ("t
 
 
 def reproduce(out_dir: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, methods: Sequence[str] = tuple(METHODS),
-              eval_count: int = 256, cache_dir: str | None = None, progress=None) -> dict[str, Any]:
+              eval_count: int = 256, cache_dir: str | None = None, progress=None,
+              teacher_sft: SftConfig = TEACHER_SFT, student_sft: SftConfig = STUDENT_SFT,
+              locator_batches: int = 8) -> dict[str, Any]:
     """SFT teacher and student (cached), distil with every method and seed on the same budget,
-    evaluate, analyse the locators; returns (and writes out_dir/results.json) everything."""
+    evaluate, analyse the locators (skipped with locator_batches=0); returns (and writes
+    out_dir/results.json) everything."""
     cache_dir = cache_dir or os.path.join(out_dir, "models")
-    teacher_dir = cached_sft(TEACHER_SFT, cache_dir, "teacher")
-    student_dir = cached_sft(STUDENT_SFT, cache_dir, "student")
+    teacher_dir = cached_sft(teacher_sft, cache_dir, "teacher")
+    student_dir = cached_sft(student_sft, cache_dir, "student")
     problems = eval_problems(eval_count)
     teacher, student = load(teacher_dir), load(student_dir)
     results: dict[str, Any] = {"teacher_accuracy": accuracy(teacher, problems),
                                "student_accuracy": accuracy(student, problems), "steps": steps,
                                "seeds": list(seeds), "eval_problems": eval_count, "runs": {}}
     loss = distil_config(student_dir, teacher_dir, preset="topd", seed=0, steps=1, output_dir=out_dir).topd_config()
-    results["locators"] = locator_analysis(student, teacher, loss=loss, batches=8, batch_size=32)
+    if locator_batches:
+        results["locators"] = locator_analysis(student, teacher, loss=loss, batches=locator_batches, batch_size=32)
     for method in methods:
         preset, extra = METHODS[method]
         for seed in seeds:
@@ -305,7 +326,9 @@ def summary(results: dict[str, Any]) -> str:
                      f"{t / opd_time:.2f}x |" if low else
                      f"| {m} | {acc.mean():.1%} +- {acc.std():.1%} | - | {1e3 * t:.0f} ms | "
                      f"{(t / opd_time) if opd_time else float('nan'):.2f}x |")
-    loc = results["locators"]
+    loc = results.get("locators")
+    if not loc:
+        return "\n".join(lines)
     lines += ["", f"Locators on {int(loc['candidates'])} high-loss candidates of the SFT'd student "
               f"({loc['fork_share']:.1%} at true forks):", "",
               "| locator | precision | recall | low-divergence share |", "| --- | --- | --- | --- |"]
@@ -343,5 +366,5 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["DISTIL", "METHODS", "reproduce", "summary", "STUDENT", "SftConfig", "TEACHER", "accuracy", "cached_sft", "completions", "distil",
+__all__ = ["DISTIL", "METHODS", "located_rollouts", "reproduce", "summary", "STUDENT", "SftConfig", "TEACHER", "accuracy", "cached_sft", "completions", "distil",
            "distil_config", "eval_problems", "load", "locator_analysis", "precision_recall", "sft", "sft_batch"]
