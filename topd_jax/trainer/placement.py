@@ -4,7 +4,7 @@ Parameters follow the logical-axis rules (`models.sharding`); optimizer moments 
 parameter they belong to; scalars (counts, step, key) are replicated; every per-rollout array is
 split along its leading B axis over the batch mesh axes. `jit_update` / `jit_sft_update` are
 `jax.jit` with these shardings as in_shardings/out_shardings and the state donated, so the
-compiled step never resharded or copied its state. Host data enters through `put_global`, which
+compiled step never reshards or copies its state. Host data enters through `put_global`, which
 is multi-host safe: every process holds the whole (small) host batch and contributes its shards.
 """
 
