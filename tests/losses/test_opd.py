@@ -157,3 +157,21 @@ def test_reverse_kl_memory_scales_with_the_chunk_not_with_b_t_v():
     for fn in (forward, backward):
         temp = fn.lower(s, s, m).compile().memory_analysis().temp_size_in_bytes
         assert temp <= 4 * slab, (temp, slab, b * t * v * 4)
+
+
+@pytest.mark.parametrize("name", ["behaviour_logprobs", "teacher_logprobs", "mask", "weights"])
+def test_mismatched_shapes_are_a_one_line_error_naming_the_argument(name):
+    args = {"behaviour_logprobs": jnp.zeros((2, 3)), "teacher_logprobs": jnp.zeros((2, 3)),
+            "mask": jnp.ones((2, 3)), "weights": jnp.ones((2, 3))}
+    args[name] = jnp.zeros((1, 3))  # would broadcast silently
+    with pytest.raises(ValueError, match=f"^opd_loss: {name} has shape \\(1, 3\\)") as info:
+        opd_loss(jnp.zeros((2, 3)), args["behaviour_logprobs"], args["teacher_logprobs"], args["mask"],
+                 weights=args["weights"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("clip_eps", [-1.0, 0.0, float("inf"), float("nan")])
+def test_a_clip_eps_that_is_not_positive_and_finite_is_refused(clip_eps):
+    x = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="clip_eps must be None"):
+        opd_loss(x, x, x, jnp.ones((2, 3)), clip_eps=clip_eps)

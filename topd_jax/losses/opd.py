@@ -40,6 +40,17 @@ def aggregate(per_token: Array, mask: Array, agg: Aggregation = "token_mean") ->
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
+def _check_opd_args(student_logprobs: Array, **others: Array | None) -> None:
+    """One-line error unless every given per-token array has student_logprobs' [B, T] shape."""
+    shape = tuple(jnp.shape(student_logprobs))
+    if len(shape) != 2:
+        raise ValueError(f"opd_loss: student_logprobs must be [B, T], got shape {shape}")
+    for name, value in others.items():
+        if value is not None and tuple(jnp.shape(value)) != shape:
+            raise ValueError(f"opd_loss: {name} has shape {tuple(jnp.shape(value))}, but student_logprobs "
+                             f"has {shape}; every per-token input must be [B, T]")
+
+
 def opd_loss(
     student_logprobs: Array,
     behaviour_logprobs: Array,
@@ -72,7 +83,14 @@ def opd_loss(
 
     Returns (loss, metrics) with metrics `loss_opd`, `reverse_kl_sampled` (mean d over valid
     tokens), `importance_ratio` (mean rho) and `clip_fraction`.
+
+    Raises a one-line ValueError naming the argument when the [B, T] inputs differ in shape
+    (broadcasting would silently mix rollouts) or clip_eps is not None and not in (0, inf).
     """
+    _check_opd_args(student_logprobs, behaviour_logprobs=behaviour_logprobs, teacher_logprobs=teacher_logprobs,
+                    mask=mask, weights=weights)
+    if clip_eps is not None and not (0 < clip_eps < float("inf")):
+        raise ValueError(f"opd_loss: clip_eps must be None (no clipping) or a finite value > 0, got {clip_eps!r}")
     dtype = student_logprobs.dtype
     mask = mask.astype(dtype)
     behaviour = jax.lax.stop_gradient(behaviour_logprobs)
