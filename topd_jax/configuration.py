@@ -154,7 +154,24 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 scalars: 1e-5 is a float (1.1: a string) and only true/false are
-    booleans (1.1: also on/off/yes/no, which would turn `initialize: off` into False)."""
+    booleans (1.1: also on/off/yes/no, which would turn `initialize: off` into False); a key given
+    twice in one mapping is an error (PyYAML keeps the last one, so an edit could silently lose)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {

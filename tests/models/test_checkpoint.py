@@ -157,6 +157,52 @@ def test_block_reads_equal_numpy_slicing(dtype, tmp_path):
     np.testing.assert_array_equal(f.read("v", ((1, 3),)).astype(np.float32), ref[0, 0, 1:3])
 
 
+def _with_header(path, edit):
+    """Rewrite the JSON header of safetensors file `path` with `edit(header)`, data unchanged."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+
+
+def _set(name, key, value):
+    return lambda header: header[name].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("x", "dtype", "F64"), r"tensor 'x' spans 24 bytes, but F64 \(2, 3\) needs 48"),
+    (_set("y", "data_offsets", [24, 64]), r"tensor 'y' spans 40 bytes"),
+    (_set("y", "data_offsets", [28, 44]), r"starts at byte 28 of the data, expected 24 \(a gap\)"),
+    (_set("y", "data_offsets", [20, 36]), r"tensor 'y' starts at byte 20 of the data, expected 24 \(an overlap\)"),
+    (_set("x", "dtype", "F7"), r"unsupported dtype 'F7'"),
+    (_set("x", "shape", [2, -3]), r"invalid shape"),
+    (lambda h: h.pop("y"), r"trailing bytes"),
+])
+def test_a_header_that_misdescribes_the_data_is_refused_as_the_safetensors_library_does(tmp_path, edit, message):
+    from safetensors import safe_open
+
+    path = tmp_path / "t.safetensors"
+    save_file({"x": torch.zeros(2, 3), "y": torch.ones(4)}, path)
+    _with_header(path, edit)
+    with pytest.raises(CheckpointError, match=message) as info:
+        SafetensorsFile(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(Exception):  # the reference reader agrees that the file is broken
+        with safe_open(path, framework="pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+
+
+def test_a_truncated_safetensors_file_is_refused_when_opened(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"x": torch.zeros(2, 3), "y": torch.ones(4)}, path)
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match=r"the tensors end at byte 40 of the data but the file holds 36 "
+                                              r"\(truncated\)"):
+        SafetensorsFile(path)
+
+
 def test_saving_over_a_checkpoint_replaces_it_whole_and_keeps_other_files(hf_checkpoint, tmp_path):
     path, hf = hf_checkpoint("qwen3")
     model = load_pretrained(path, dtype=jnp.float32)

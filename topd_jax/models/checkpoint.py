@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from topd_jax.errors import CheckpointError  # the one class, shared with trainer/checkpointing
 from topd_jax.fileio import replace_directory
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.decoder import CausalLM
@@ -44,10 +45,6 @@ from topd_jax.models.sharding import MeshAxes, Rules, logical_sharding
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 Path = tuple[Any, ...]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match its config.json (missing, misshapen or unused tensors)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +158,7 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, SafetensorsFile]:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
+            raise CheckpointError(f"{index} has no weight_map")
         opened: dict[str, SafetensorsFile] = {}
         for shard in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(path, shard)):
@@ -170,12 +167,12 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, SafetensorsFile]:
         out = {}
         for name, shard in weight_map.items():
             if name not in opened[shard].tensors:
-                raise ValueError(f"{index} maps tensor {name!r} to {shard}, which does not hold it")
+                raise CheckpointError(f"{index} maps tensor {name!r} to {shard}, which does not hold it")
             out[name] = opened[shard]
         return out
     pickles = sorted(os.path.basename(p) for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pat)))
     if pickles:
-        raise ValueError(f"{path} holds only pickle checkpoint files ({', '.join(pickles)}); only safetensors "
+        raise CheckpointError(f"{path} holds only pickle checkpoint files ({', '.join(pickles)}); only safetensors "
                          "are supported and pickle files are never unpickled: convert the checkpoint to safetensors")
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 

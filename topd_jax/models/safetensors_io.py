@@ -19,6 +19,8 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from topd_jax.errors import CheckpointError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -30,6 +32,40 @@ if sys.byteorder != "little":  # the format is little-endian and arrays are read
     raise ImportError("topd_jax.models.safetensors_io needs a little-endian host")
 
 
+def check_header(tensors: dict, data_size: int, where: str) -> None:
+    """A one-line CheckpointError (a ValueError) unless the header describes the data section
+    exactly, as the `safetensors` library requires: every dtype known, every tensor's byte
+    length equal to its dtype's size times its shape, and the [begin, end) ranges in order,
+    without gaps or overlaps, covering the `data_size` bytes after the header. Reading trusts these offsets, so a header
+    that says F64 for F32 data, or points past the end, must never get as far as a read."""
+    spans = []
+    for name, info in tensors.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{where}: tensor {name!r} needs dtype, shape and data_offsets in the header")
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in DTYPES:
+            raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {code!r} (known: {', '.join(DTYPES)})")
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointError(f"{where}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, but {code} "
+                             f"{tuple(shape)} needs {nbytes}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise CheckpointError(f"{where}: tensor {name!r} starts at byte {begin} of the data, expected {end} "
+                             f"({'an overlap' if begin < end else 'a gap'})")
+        end = stop
+    if end != data_size:
+        raise CheckpointError(f"{where}: the tensors end at byte {end} of the data but the file holds {data_size} "
+                         f"({'truncated' if end > data_size else 'trailing bytes'})")
+
+
 class SafetensorsFile:
     """Header of one .safetensors file plus block reads: read(name, ((r0, r1), (c0, c1), ...))."""
 
@@ -38,17 +74,20 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise ValueError(f"{self.path} is not a safetensors file (shorter than 8 bytes)")
+                raise CheckpointError(f"{self.path} is not a safetensors file (shorter than 8 bytes)")
             (size,) = struct.unpack("<Q", head)
             if size > os.path.getsize(self.path) - 8:
-                raise ValueError(f"{self.path} is not a safetensors file (header size {size} past the end)")
+                raise CheckpointError(f"{self.path} is not a safetensors file (header size {size} past the end)")
             try:
                 header = json.loads(f.read(size))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ValueError(f"{self.path} is not a safetensors file (unreadable header)") from None
+                raise CheckpointError(f"{self.path} is not a safetensors file (unreadable header)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} is not a safetensors file (the header is not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + size
         self.tensors: dict[str, dict] = header
+        check_header(self.tensors, os.path.getsize(self.path) - self.data_start, self.path)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name]["shape"])
@@ -56,7 +95,7 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         code = self.tensors[name]["dtype"]
         if code not in DTYPES:
-            raise ValueError(f"tensor {name!r} in {self.path} has unsupported dtype {code}")
+            raise CheckpointError(f"tensor {name!r} in {self.path} has unsupported dtype {code}")
         return DTYPES[code]
 
     def read(self, name: str, block: Block | None = None) -> np.ndarray:
@@ -73,7 +112,7 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             data = np.fromfile(f, dtype=dtype, count=count, offset=offset)
         if data.size != count:
-            raise ValueError(f"{self.path} is truncated: tensor {name!r} is incomplete")
+            raise CheckpointError(f"{self.path} is truncated: tensor {name!r} is incomplete")
         data = data.reshape((rows[1] - rows[0],) + inner if shape else ())
         rest = tuple(slice(a, b) for a, b in block[1:])
         return data[(slice(None),) + rest] if rest else data

@@ -26,11 +26,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import orbax.checkpoint as ocp
 
+from topd_jax.errors import CheckpointError  # re-exported: the one class, also raised for HF checkpoints
+
 PyTree = Any
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that was asked for does not exist or cannot be used."""
 
 
 def abstract_like(tree: PyTree, shardings: PyTree | jax.sharding.Sharding | None = None) -> PyTree:

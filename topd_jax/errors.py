@@ -1,0 +1,65 @@
+"""The errors a user can act on, and the one place the command lines turn them into one line.
+
+    ConfigError      a config key or value, or the inputs it names, cannot work (configuration.py)
+    CheckpointError  a checkpoint (training or Hugging Face) is missing, unreadable or does not fit
+    TrainingError    a run that started cannot go on (every step skipped, the disk filled up)
+    OSError          the file system refused (read-only directory, disk full, missing file)
+
+`python -m topd_jax.{train,export,eval}` print each as `error: <one line>` and exit 2; `--debug`
+or TOPD_DEBUG=1 re-raises it for the traceback. Any other exception is a bug and keeps its
+traceback. docs/faults.md lists what each failure looks like and how to recover.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import Callable
+
+from topd_jax.configuration import ConfigError
+
+DEBUG_ENV = "TOPD_DEBUG"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that was asked for does not exist, cannot be read, or does not fit the model."""
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on; the message names the last complete checkpoint when there is one."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, TrainingError, OSError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line: OSErrors as `<what failed>: <path>`, others their first line."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        text = f"{err.strerror}: {err.filename}"
+        if err.errno == errno.ENOSPC:
+            text += " (the disk is full)"
+    else:
+        text = str(err) or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) if len(lines) <= 3 else lines[0]
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """--debug, or TOPD_DEBUG set to anything but '', '0' or 'false'."""
+    return flag or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false")
+
+
+def run_cli(body: Callable[[], int], *, debug: bool = False) -> int:
+    """body() -> its exit code; a user error -> `error: <one line>` on stderr and exit 2."""
+    try:
+        return body()
+    except USER_ERRORS as err:
+        if debug_requested(debug):
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["CheckpointError", "ConfigError", "DEBUG_ENV", "TrainingError", "USER_ERRORS", "debug_requested",
+           "one_line", "run_cli"]
