@@ -40,28 +40,13 @@ from topd_jax.trainer.config import ModelSpec, TrainConfig, save_config
 from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
 from topd_jax.trainer.metrics import MetricsLogger
 from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
-from topd_jax.trainer.step import Sampling, TrainState, experience, init_state, locate, sample, score_teacher
+from topd_jax.trainer.phases import locate_phase as _locate
+from topd_jax.trainer.phases import sample_phase as _sample
+from topd_jax.trainer.phases import score_phase as _score_teacher
+from topd_jax.trainer.step import Sampling, TrainState, experience, init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CHECKPOINT_DIR = "checkpoints"
-
-
-# The no-gradient phases, each one program over (graphdef, params): no per-call graph traversal
-# of the modules, no op-by-op dispatch of the glue between the library's jitted functions.
-@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _sample(graphdef, params, prompt_tokens, prompt_mask, key, *, options):
-    return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, options)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "return_cache"))
-def _score_teacher(graphdef, params, rollout, *, chunk_size, return_cache):
-    return score_teacher(nnx.merge(graphdef, params), rollout, chunk_size=chunk_size, return_cache=return_cache)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "loss", "options"))
-def _locate(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key, *, loss, options):
-    return locate(nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params), rollout, scores, key,
-                  loss, options)
 
 
 def host_value(x: jax.Array) -> np.ndarray:

@@ -1,0 +1,72 @@
+"""The step's no-gradient phases as the trainer jits them, and shape-only models.
+
+    rollout = sample_phase(graphdef, params, prompt_tokens, prompt_mask, key, options=sampling)
+    scores  = score_phase(teacher_graphdef, teacher_params, rollout, chunk_size=..., return_cache=...)
+    located = locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key,
+                           loss=loss, options=sampling)
+
+Each phase is one program over (graphdef, params): no per-call graph traversal of the modules,
+no op-by-op dispatch of the glue between the library's jitted functions. `Trainer.train_step`
+calls them under `jax.set_mesh(mesh)` (the decode loops pin their carries to the batch axes);
+`topd_jax.plan` lowers the very same functions on abstract inputs for a TPU topology. The update
+is `placement.jit_update`.
+
+`abstract_model` builds a `CausalLM` of shapes only (`nnx.eval_shape`): from `config.json` alone
+for a checkpoint path (no weight file is opened), or from the random-model config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from topd_jax.models.config import ModelConfig
+from topd_jax.models.decoder import CausalLM
+from topd_jax.models.families import read_config
+from topd_jax.trainer.config import ModelSpec
+from topd_jax.trainer.step import locate, sample, score_teacher
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
+def sample_phase(graphdef, params, prompt_tokens, prompt_mask, key, *, options):
+    """`step.sample` of the student (graphdef, params): the `time_sample` phase."""
+    return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, options)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "return_cache"))
+def score_phase(graphdef, params, rollout, *, chunk_size, return_cache):
+    """`step.score_teacher` of the teacher (graphdef, params): the `time_score` phase."""
+    return score_teacher(nnx.merge(graphdef, params), rollout, chunk_size=chunk_size, return_cache=return_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "loss", "options"))
+def locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key, *, loss, options):
+    """`step.locate` of student and teacher: the `time_branch` phase."""
+    return locate(nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params), rollout, scores, key,
+                  loss, options)
+
+
+def model_config(spec: ModelSpec, num_layers: int | None = None) -> ModelConfig:
+    """The ModelConfig of `spec`: its path's config.json (nothing else is read) or its random config;
+    `num_layers` cuts the decoder to its first layers (shape studies only)."""
+    cfg = read_config(spec.path) if spec.path is not None else spec.random.model_config()
+    if num_layers is None:
+        return cfg
+    if not 1 <= num_layers <= cfg.num_layers:
+        raise ValueError(f"num_layers must be in [1, {cfg.num_layers}], got {num_layers}")
+    return dataclasses.replace(cfg, num_layers=num_layers,
+                               mlp_only_layers=tuple(i for i in cfg.mlp_only_layers if i < num_layers))
+
+
+def abstract_model(cfg: ModelConfig, dtype: str = "float32") -> CausalLM:
+    """A CausalLM of `cfg` whose params are ShapeDtypeStructs (no memory, no weights read)."""
+    return nnx.eval_shape(lambda: CausalLM(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
+
+
+__all__ = ["DTYPES", "abstract_model", "locate_phase", "model_config", "sample_phase", "score_phase"]
