@@ -1,0 +1,178 @@
+"""topd_jax.plan: the trainer's phases compiled for a TPU topology (libtpu, no TPU) and locally."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from topd_jax.plan import chips, hlo, measure, report
+from topd_jax.plan.cli import main
+from topd_jax.trainer.config import load_config
+from topd_jax.trainer.flops import PhaseTimer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
+TOPOLOGY = "v5e:2x2"  # 4 chips: the smallest v5e slice libtpu compiles for
+
+
+@pytest.fixture(autouse=True)
+def _libtpu_env(monkeypatch):
+    # What chips.compile_only_env would set, scoped to the test (other tests read TPU_WORKER_HOSTNAMES).
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    monkeypatch.setenv("TPU_WORKER_ID", "0")
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def _tpu_devices(name=TOPOLOGY):
+    devices, chip = chips.topology_devices(name)
+    return devices, chip
+
+
+def test_plan_tiny_config_on_a_tpu_topology(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["--config", TINY, "--topology", TOPOLOGY, "--json", str(out), f"output_dir={tmp_path}"]) == 0
+    printed = capsys.readouterr().out
+    assert "| sample" in printed and "| train" in printed and "roofline s (est.)" in printed
+    plan = json.loads(out.read_text())
+    assert plan["topology"] == TOPOLOGY and plan["chip"] == "v5e" and plan["hbm_gib"] == 16
+    assert plan["devices"] == 4 and plan["mesh"]["data"] == 4 and plan["fits"]
+    assert [p["phase"] for p in plan["phases"]] == ["sample", "score", "branch", "train"]
+    for p in plan["phases"]:
+        assert p["error"] is None and p["compile_s"] > 0 and p["tflop"] > 0 and p["args_gib"] > 0
+        assert p["peak_gib"] == pytest.approx(p["args_gib"] + p["out_gib"] - p["alias_gib"] + p["temp_gib"]
+                                              + p["held_gib"])
+        assert p["roofline_s"] > 0
+    sample, branch = plan["phases"][0], plan["phases"][2]
+    assert [(d["model"], d["steps"]) for d in sample["decode_steps"]] == [("student", 24)]
+    assert [(d["model"], d["steps"]) for d in branch["decode_steps"]] == [("teacher", 8), ("student", 8)]
+    # The loops' full step counts are added to the once-counted body.
+    assert sample["with_loops"]["tflop"] > sample["tflop"]
+
+
+def test_plan_tiny_config_on_local_devices(capsys):
+    assert main(["--config", TINY, "--topology", "local", "--no-decode-steps"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{jax.device_count()} devices" in printed and "chip: unknown" in printed
+
+
+def test_plan_measures_the_trainers_update(tmp_path):
+    """The plan's update figures are the memory analysis of the update the Trainer compiles."""
+    from topd_jax.trainer.loop import Trainer
+
+    config = load_config(TINY, [f"output_dir={tmp_path}", "logging.tensorboard=false", "logging.progress=false"])
+    trainer = Trainer(config)
+    try:
+        trainer.train_step(PhaseTimer())
+        expected = trainer._update.memory_analysis()
+    finally:
+        trainer.close()
+    train = measure.plan_step(config, jax.devices(), decode_steps=False).phases[-1]
+    assert train.phase == "train" and train.error is None
+    assert (train.args, train.out, train.alias, train.temp) == (
+        expected.argument_size_in_bytes, expected.output_size_in_bytes, expected.alias_size_in_bytes,
+        expected.temp_size_in_bytes)
+
+
+def test_too_large_a_batch_exits_1_naming_the_phase(tmp_path, capsys):
+    code = main(["--config", TINY, "--topology", TOPOLOGY, "--no-decode-steps", "--json", str(tmp_path / "p.json"),
+                 "rollout.prompts_per_step=4194304"])
+    assert code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("does not fit: ")]
+    assert lines and all(line.split(": ")[1] in measure.PHASES for line in lines)
+    assert not json.loads((tmp_path / "p.json").read_text())["fits"]
+
+
+@pytest.mark.parametrize("topology", ["v9:2x2", "v5p", "v5p:4x4x", "tpu"])
+def test_unknown_topology_is_a_one_line_error(topology, capsys):
+    assert main(["--config", TINY, "--topology", topology]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "known chips: v4, v5e, v5p, v6e" in err
+
+
+def test_a_topology_libtpu_refuses_is_a_one_line_error(capsys):
+    assert main(["--config", TINY, "--topology", "v5e:1x1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: topology 'v5e:1x1': ")
+
+
+def test_a_model_directory_with_only_config_json(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3ForCausalLM"], "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "tie_word_embeddings": True, "rope_theta": 10000.0}))
+    out = tmp_path / "plan.json"
+    assert main(["--config", TINY, "--topology", TOPOLOGY, "--no-decode-steps", "--json", str(out),
+                 f"student.path={model}", "--student-layers", "2"]) == 0
+    assert os.listdir(model) == ["config.json"]
+    plan = json.loads(out.read_text())
+    assert plan["layers"]["student"] == [2, 3] and all(p["error"] is None for p in plan["phases"])
+    assert "LAYERS CUT: student 2 of 3" in capsys.readouterr().out
+
+
+def test_collective_bytes_of_a_compiled_all_gather():
+    devices, _ = _tpu_devices()
+    mesh = Mesh(np.array(devices), ("x",))
+    gather = jax.jit(lambda x: x * 2, in_shardings=NamedSharding(mesh, PartitionSpec("x")),
+                     out_shardings=NamedSharding(mesh, PartitionSpec()))
+    compiled = gather.lower(jax.ShapeDtypeStruct((1024, 256), jnp.float32)).compile()
+    found = hlo.collective_bytes(compiled.as_text())
+    assert found["all-gather"] == 1024 * 256 * 4  # the gathered result, on every chip
+    assert found["reduce-scatter"] == found["all-reduce"] == found["all-to-all"] == 0
+
+
+def test_collective_bytes_of_hand_written_hlo():
+    text = "\n".join([
+        "  %ag = (bf16[128,64]{1,0}, bf16[512,64]{1,0}) all-gather-start(bf16[128,64]{1,0:T(8,128)(2,1)} %p), "
+        "channel_id=1, replica_groups=[1,4]<=[4], dimensions={0}",
+        "  %agd = bf16[512,64]{1,0} all-gather-done((bf16[128,64]{1,0}, bf16[512,64]{1,0}) %ag)",
+        "  %rs = f32[32]{0} reduce-scatter(f32[128]{0} %q), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add",
+        "  ROOT %ar = f32[10]{0} all-reduce(f32[10]{0} %r), replica_groups={}, to_apply=%add",
+        "  %m = f32[99,99]{1,0} multiply(f32[99,99]{1,0} %a, f32[99,99]{1,0} %b)",
+    ])
+    assert hlo.collective_bytes(text) == {"all-gather": 512 * 64 * 2, "reduce-scatter": 128 * 4,
+                                          "all-reduce": 40, "all-to-all": 0}
+
+
+def test_tpu_cost_analysis_counts_a_loop_body_once():
+    """Why the plan compiles one decode step alone: the loop's trip count is not in its FLOPs."""
+    devices, _ = _tpu_devices()
+    x = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=NamedSharding(Mesh(np.array(devices[:1]), ("x",)),
+                                                                             PartitionSpec()))
+
+    def flops(n):
+        loop = jax.jit(lambda a: jax.lax.fori_loop(0, n, lambda i, y: y @ a, a))
+        return loop.lower(x).compile().cost_analysis()["flops"]
+
+    assert flops(4) == flops(16) < 2 * 2 * 256**3
+
+
+def test_chip_table_and_device_kinds():
+    assert {c.name for c in chips.CHIPS.values()} == {"v4", "v5e", "v5p", "v6e"}
+    kinds = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 lite": "v6e", "cpu": None}
+    for kind, name in kinds.items():
+        chip = chips.chip_of_device(type("D", (), {"device_kind": kind})())
+        assert (chip and chip.name) == name
+    assert chips.parse_topology("v5p:4x4x2") == (chips.CHIPS["v5p"], (4, 4, 2))
+    assert chips.CHIPS["v4"].per_device(2).hbm_bytes == 16 * chips.GIB
+
+
+def test_oom_message_and_roofline():
+    assert measure.oom_used_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 120.50G of "
+                                  "95.74G hbm. Exceeded hbm capacity by 24.8G.") == 120.5 * 2**30
+    assert measure.oom_used_bytes("INTERNAL: something else") is None
+    chip = chips.CHIPS["v5p"]
+    step = measure.DecodeStep("student", 10, flops=1e12, hbm_bytes=1e9, collectives={"all-gather": 0.0},
+                              compile_s=1.0)
+    phase = measure.PhaseFigures("sample", flops=2e12, hbm_bytes=1e12, decode=(step,))
+    assert report.loop_totals(phase) == (2e12 + 9e12, 1e12 + 9e9, 0.0)
+    assert report.roofline_seconds(phase, chip) == pytest.approx(max(11e12 / 459e12, 1.009e12 / 2765e9))
+    assert report.roofline_seconds(phase, None) is None

@@ -1,0 +1,75 @@
+"""Command line: will this train config fit a TPU slice? Compile every phase for its topology.
+
+    python -m topd_jax.plan --config configs/paper_qwen3_30b_a3b_to_4b.yaml --topology v5p:4x4x2 \\
+        student.path=../shared/models/qwen3-4b-instruct-2507 teacher.path=../shared/models/qwen3-30b-a3b-instruct-2507
+
+Same config file and `key=value` overrides as `python -m topd_jax.train`. TOPOLOGY is a TPU slice
+(`v5p:4x4x2`, `v6e:8x8`, `v5e:4x4`: chip and chip grid) compiled for on any machine through libtpu
+(`pip install -e ".[tpu]"`; no TPU is opened), or `local` for this machine's devices. Models need
+only their config.json (no weight file is read). Prints per-device memory, FLOPs, HBM bytes,
+collective bytes and a roofline estimate per phase (sample, score, branch, train); exit status 1
+with one line per phase that exceeds --headroom x HBM or does not compile, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m topd_jax.plan", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML train config (default: every key at its default)")
+    parser.add_argument("--topology", required=True, help="TPU topology (v5p:4x4x2, v6e:8x8, v5e:4x4, v4:2x2x2) or local")
+    parser.add_argument("--headroom", type=float, default=0.9, help="fraction of HBM a phase may use (default 0.9)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+    parser.add_argument("--student-layers", type=int, metavar="N",
+                        help="compile only the student's first N layers (shape studies; labelled in the output)")
+    parser.add_argument("--teacher-layers", type=int, metavar="N", help="the same for the teacher")
+    parser.add_argument("--no-decode-steps", action="store_true",
+                        help="skip compiling one decode step of each loop alone")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.topology != "local":  # compile-only TPU devices: never open an accelerator here
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from topd_jax.configuration import ConfigError
+    from topd_jax.trainer.config import load_config
+
+    if not 0 < args.headroom <= 1:
+        print(f"error: --headroom must be in (0, 1], got {args.headroom}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from topd_jax.plan import chips, measure, report
+
+    try:
+        devices, chip = chips.topology_devices(args.topology)
+        plan = measure.plan_step(config, devices, student_layers=args.student_layers,
+                                 teacher_layers=args.teacher_layers, decode_steps=not args.no_decode_steps,
+                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"error: {chips.first_line(err)}", file=sys.stderr)
+        return 2
+    print(report.format_table(plan, chip, args.topology, args.headroom))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_json(plan, chip, args.topology, args.headroom), f, indent=2)
+            f.write("\n")
+    failed = report.failures(plan, chip, args.headroom)
+    for line in failed:
+        print(f"does not fit: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+__all__ = ["main", "parse_args"]

@@ -1,0 +1,342 @@
+"""Compile every phase of one train step for a set of devices and measure it, per device.
+
+    report = plan_step(config, devices)      # devices: a TPU topology's compile-only devices
+    [p.phase for p in report.phases]         # ["sample", "score", "branch", "train"]
+
+The phases are the trainer's own jitted functions with the trainer's shardings: `phases.sample_phase`,
+`phases.score_phase`, `phases.locate_phase` (lowered under `jax.set_mesh(mesh)`, as `Trainer.train_step`
+runs them) and `placement.jit_update`. Their inputs are abstract (`jax.ShapeDtypeStruct` with a
+sharding) and chained as the trainer chains the real ones: the models from `config.json` alone
+(`phases.abstract_model`), the state from `jax.eval_shape(init_state, ...)` on
+`placement.state_shardings`, the prompts on the batch sharding, each phase's outputs (shapes from
+the lowering, shardings from the compiled program) feeding the next, and the update's batch from
+`jax.eval_shape(step.experience, rollout, scores, located)` on `placement.experience_shardings`.
+
+Figures of a phase, all per device (the compiled program is the partitioned one):
+  args, out, alias, temp   `compiled.memory_analysis()`: argument, output, aliased (donated
+                           argument buffers reused for outputs) and temporary bytes
+  held                     bytes of the step's long-lived arrays the phase does not take as
+                           arguments but that stay in HBM while it runs: the optimizer state and
+                           teacher params during sampling, the student's state during scoring, its
+                           optimizer state during branching, the teacher's params during the update
+  peak                     args + out - alias + temp + held
+  flops, hbm_bytes         `compiled.cost_analysis()` "flops" and "bytes accessed"
+  collectives              `hlo.collective_bytes(compiled.as_text())`
+A while loop's body is counted once by XLA's cost analysis (checked: a loop of 4 and one of 16
+matmuls both report one matmul's FLOPs), so for the decode loops (`generate`'s one-token steps,
+`branch`'s K window steps) one step is also compiled on its own through the model's step function
+(`CausalLM.__call__` on one token with the cache, `CausalLM.branch_step`) and reported with the
+number of steps the phase runs at most; `DecodeStep.loop_*` are steps x step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from topd_jax.models.sharding import batch_sharding
+from topd_jax.plan.chips import first_line
+from topd_jax.plan.hlo import KINDS, collective_bytes
+from topd_jax.trainer import placement, phases
+from topd_jax.trainer.config import TrainConfig
+from topd_jax.trainer.runtime import mesh_from_config
+from topd_jax.trainer.step import Sampling, experience, init_state
+from topd_jax.models.decoder import init_branch_cache
+
+PHASES = ("sample", "score", "branch", "train")  # the trainer's time keys, in step order
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStep:
+    """One step of a decode loop compiled alone: its model, FLOPs and HBM bytes per device, and
+    the number of steps the phase runs at most (max_new_tokens or the window K); collectives as
+    `hlo.collective_bytes`."""
+
+    model: str
+    steps: int
+    flops: float
+    hbm_bytes: float
+    collectives: dict[str, float]
+    compile_s: float
+
+    @property
+    def loop_flops(self) -> float:
+        return self.steps * self.flops
+
+    @property
+    def loop_hbm_bytes(self) -> float:
+        return self.steps * self.hbm_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseFigures:
+    """The compiled figures of one phase (module docstring); `error` is the compiler's one-line
+    reason when it did not compile (then `peak` is the compiler's HBM use when it says it)."""
+
+    phase: str
+    args: float = 0.0
+    out: float = 0.0
+    alias: float = 0.0
+    temp: float = 0.0
+    held: float = 0.0
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+    collectives: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    compile_s: float = 0.0
+    decode: tuple[DecodeStep, ...] = ()
+    error: str | None = None
+    oom_used: float | None = None
+
+    @property
+    def peak(self) -> float:
+        if self.error is not None:
+            return self.oom_used if self.oom_used is not None else math.nan
+        return self.args + self.out - self.alias + self.temp + self.held
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The phases of one train step on `devices` (a mesh of `mesh_shape`), in step order."""
+
+    phases: tuple[PhaseFigures, ...]
+    mesh_shape: dict[str, int]
+    num_devices: int
+    student_layers: tuple[int, int]  # (compiled, in config.json)
+    teacher_layers: tuple[int, int]
+
+
+def per_device_bytes(tree: Any) -> float:
+    """Bytes one device holds of a tree of sharded arrays or ShapeDtypeStructs (its largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return float(total)
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves placed on the matching leaves of `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _batch_split(tree: Any, mesh) -> Any:
+    """Stand-in shardings for a phase's outputs when it did not compile: leading axis split along
+    the batch rule (as the decode loops pin their carries), scalars replicated."""
+    def one(x):
+        if not x.shape:
+            return placement.replicated(mesh)
+        return batch_sharding(mesh, x.shape)
+    return jax.tree.map(one, tree)
+
+
+_OOM_USED = re.compile(r"Used\s+([0-9.]+)([KMGT]?)i?B?\s+of\s+([0-9.]+)([KMGT]?)i?B?\s+hbm", re.IGNORECASE)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def oom_used_bytes(message: str) -> float | None:
+    """The HBM bytes an out-of-memory compile error says the program needs ("Used 120.5G of 95.74G
+    hbm"), or None when the message does not say."""
+    match = _OOM_USED.search(message)
+    return float(match[1]) * _UNITS[match[2].upper()] if match else None
+
+
+def _figures(phase: str, compiled: Any, held: float, seconds: float) -> PhaseFigures:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    return PhaseFigures(
+        phase=phase, args=float(memory.argument_size_in_bytes), out=float(memory.output_size_in_bytes),
+        alias=float(memory.alias_size_in_bytes), temp=float(memory.temp_size_in_bytes), held=held,
+        flops=float(cost.get("flops", 0.0)), hbm_bytes=float(cost.get("bytes accessed", 0.0)),
+        collectives={k: float(v) for k, v in collective_bytes(compiled.as_text()).items()}, compile_s=seconds)
+
+
+def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: bool
+             ) -> tuple[PhaseFigures, Any]:
+    """Lower and compile one phase: (figures, its abstract outputs with their shardings or None)."""
+    begin = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh) if context else _null():
+            lowered = lower()
+    except Exception as err:  # a trace error of this config: nothing downstream can be lowered
+        return PhaseFigures(phase, held=held, error=f"did not lower: {first_line(err)}"), None
+    try:
+        compiled = lowered.compile()
+    except Exception as err:
+        message = str(err)
+        figures = PhaseFigures(phase, held=held, compile_s=time.perf_counter() - begin,
+                               error=first_line(err), oom_used=oom_used_bytes(message))
+        if figures.oom_used is not None:
+            figures = dataclasses.replace(figures, oom_used=figures.oom_used + held)
+        return figures, with_shardings(lowered.out_info, _batch_split(lowered.out_info, mesh))
+    out = with_shardings(lowered.out_info, compiled.output_shardings)
+    return _figures(phase, compiled, held, time.perf_counter() - begin), out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# One loop step alone, for its FLOPs and bytes (the cache donated: updated in place, as in the loop).
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(4,))
+def _generate_step(graphdef, params, tokens, alive, cache):
+    return nnx.merge(graphdef, params)(tokens[:, None], attention_mask=alive[:, None], cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(6,))
+def _branch_step(graphdef, params, fed, positions, cache, last, branch_kv, step):
+    return nnx.merge(graphdef, params).branch_step(fed, positions, cache, last, branch_kv, step)
+
+
+def _decode_step(model: str, steps: int, lower: Callable[[], Any], mesh) -> DecodeStep | None:
+    begin = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = lower().compile()
+    except Exception:  # the phase's own figures carry the reason
+        return None
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    collectives = {k: float(v) for k, v in collective_bytes(compiled.as_text()).items()}
+    return DecodeStep(model, steps, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                      collectives, time.perf_counter() - begin)
+
+
+def _abstract_params(cfg, dtype: str, mesh):
+    graphdef, params = nnx.split(phases.abstract_model(cfg, dtype), nnx.Param)
+    return graphdef, with_shardings(params, placement.tree_shardings(params, mesh))
+
+
+def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None,
+              teacher_layers: int | None = None, decode_steps: bool = True,
+              progress: Callable[[str], None] = lambda line: None) -> StepPlan:
+    """Compile the four phases of `config`'s train step for `devices` (module docstring).
+
+    student_layers / teacher_layers cut the models to their first layers (compile time grows with
+    depth); decode_steps=False skips the separately compiled loop steps. `progress` gets one line
+    per compiled program.
+    """
+    mesh = mesh_from_config(config.mesh, devices)
+    r = config.rollout
+    placement.batch_size_divides(r.prompts_per_step * r.num_samples, mesh)
+    s_full, t_full = phases.model_config(config.student), phases.model_config(config.teacher)
+    s_cfg = phases.model_config(config.student, student_layers)
+    t_cfg = phases.model_config(config.teacher, teacher_layers)
+    if s_cfg.vocab_size != t_cfg.vocab_size:
+        raise ValueError(f"student vocab_size {s_cfg.vocab_size} != teacher vocab_size {t_cfg.vocab_size}; TOPD "
+                         "compares the two models' tokens, so they must share a tokenizer")
+    graphdef, s_params = _abstract_params(s_cfg, config.student.dtype, mesh)
+    t_graphdef, t_params = _abstract_params(t_cfg, config.teacher.dtype, mesh)
+    loss = config.topd_config()
+    optimizer = config.optimizer.build(config.steps)
+    init = functools.partial(init_state, optimizer=optimizer)
+    state = jax.eval_shape(init, s_params, key=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    state = with_shardings(state, placement.state_shardings(state, mesh))
+    replicated = placement.replicated(mesh)
+    keys = jax.eval_shape(lambda k: jax.random.split(jax.random.fold_in(k, 0)), state.key)
+    k_sample = k_locate = jax.ShapeDtypeStruct(keys.shape[1:], keys.dtype, sharding=replicated)
+    shape = (r.prompts_per_step, config.data.prompt_length)
+    prompt_tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
+    prompt_mask = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=batch_sharding(mesh, shape))
+    sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                        eos_ids=tuple(r.eos_ids), num_samples=r.num_samples)
+    held = {"sample": per_device_bytes((state.opt_state, t_params)),
+            "score": per_device_bytes((state.params, state.opt_state)),
+            "branch": per_device_bytes(state.opt_state), "train": per_device_bytes(t_params)}
+
+    results: list[PhaseFigures] = []
+
+    def run(phase, lower, context=True):
+        progress(f"compiling {phase} ...")
+        figures, out = _compile(phase, lower, held[phase], mesh, context)
+        progress(f"  {phase}: {figures.compile_s:.1f} s" + (f" ({figures.error})" if figures.error else ""))
+        results.append(figures)
+        return out
+
+    def missing(phase, needs):
+        results.append(PhaseFigures(phase, held=held[phase], error=f"not compiled: needs the outputs of {needs}"))
+
+    rollout = run("sample", lambda: phases.sample_phase.lower(graphdef, state.params, prompt_tokens, prompt_mask,
+                                                              k_sample, options=sampling))
+    scores = located = None
+    if rollout is None:
+        missing("score", "sample")
+    else:
+        scores = run("score", lambda: phases.score_phase.lower(t_graphdef, t_params, rollout,
+                                                               chunk_size=config.chunk_size,
+                                                               return_cache=loss.uses_windows))
+    if scores is None:
+        missing("branch", "score" if rollout is not None else "sample")
+    else:
+        located = run("branch", lambda: phases.locate_phase.lower(graphdef, state.params, t_graphdef, t_params,
+                                                                  rollout, scores, k_locate, loss=loss,
+                                                                  options=sampling))
+    if rollout is None or scores is None or (located is None and results[-1].error is not None):
+        missing("train", "sample, score and branch")
+    else:
+        batch = jax.eval_shape(experience, rollout, scores, located)
+        batch = with_shardings(batch, placement.experience_shardings(batch, mesh))
+        jitted = placement.jit_update(state, batch, mesh, graphdef=graphdef, optimizer=optimizer, loss=loss,
+                                      chunk_size=config.chunk_size)
+        run("train", lambda: jitted.lower(state, batch), context=False)
+
+    if decode_steps and rollout is not None:
+        results = _with_decode_steps(results, rollout, scores, located, graphdef, state.params, t_graphdef, t_params,
+                                     s_cfg, t_cfg, config, loss, mesh, progress)
+    return StepPlan(tuple(results), dict(mesh.shape), len(devices), (s_cfg.num_layers, s_full.num_layers),
+                    (t_cfg.num_layers, t_full.num_layers))
+
+
+def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_graphdef, t_params, s_cfg, t_cfg,
+                       config, loss, mesh, progress):
+    """Attach the separately compiled loop steps to the sample and branch phases."""
+    b = rollout.tokens.shape[0]
+    rows = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding(mesh, (b,)))
+    alive = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sharding(mesh, (b,)))
+    progress("compiling one decode step of sample ...")
+    sample_step = _decode_step("student", config.rollout.max_new_tokens,
+                               lambda: _generate_step.lower(graphdef, params, rows, alive, rollout.cache), mesh)
+    branch_steps = []
+    if located is not None and loss.uses_windows and scores is not None and scores.cache is not None:
+        points = located.positions.shape[1]
+        ot = loss.locator == "ot"
+        if ot and located.reference_positions is not None:
+            points += located.reference_positions.shape[1]
+        shape = (b, points)
+        index = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=placement.replicated(mesh))
+        models = [("teacher", t_graphdef, t_params, t_cfg, scores.cache, config.teacher.dtype)]
+        if ot:
+            models.append(("student", graphdef, params, s_cfg, rollout.cache, config.student.dtype))
+        for name, gd, ps, cfg, cache, dtype in models:
+            kv = jax.eval_shape(lambda: init_branch_cache(cfg, b, points, loss.window, phases.DTYPES[dtype]))
+            kv = with_shardings(kv, _batch_split(kv, mesh))
+            progress(f"compiling one window step of branch ({name}) ...")
+            found = _decode_step(name, loss.window, functools.partial(
+                _branch_step.lower, gd, ps, index, index, cache, index, kv, step), mesh)
+            if found is not None:
+                branch_steps.append(found)
+    out = []
+    for figures in results:
+        if figures.phase == "sample" and sample_step is not None:
+            figures = dataclasses.replace(figures, decode=(sample_step,))
+        elif figures.phase == "branch" and branch_steps:
+            figures = dataclasses.replace(figures, decode=tuple(branch_steps))
+        out.append(figures)
+    return out
+
+
+__all__ = ["DecodeStep", "PHASES", "PhaseFigures", "StepPlan", "oom_used_bytes", "per_device_bytes", "plan_step",
+           "with_shardings"]

@@ -1,0 +1,147 @@
+"""The plan's table, its JSON and the fit check, from a `measure.StepPlan` and a `chips.Chip`.
+
+Roofline estimate of a phase (an estimate, not a measurement: perfect overlap, peak rates):
+
+    t = max(F / peak_flops, H / hbm_bandwidth, C / ici_bandwidth)
+
+F, H, C: the phase's FLOPs, HBM bytes accessed and collective bytes per device. XLA counts a
+decode loop's body once, so for sample and branch each separately compiled loop step adds its
+figures (steps - 1) more times: the loops run at most max_new_tokens (K) steps, fewer when every
+row has sampled an EOS.
+
+A phase does not fit when its peak exceeds headroom x the chip's HBM, or when it did not compile.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from topd_jax.plan.chips import GIB, Chip
+from topd_jax.plan.hlo import KINDS
+from topd_jax.plan.measure import PhaseFigures, StepPlan
+
+_SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A"}
+
+
+def loop_totals(p: PhaseFigures) -> tuple[float, float, float]:
+    """(FLOPs, HBM bytes, collective bytes) of the phase with every decode loop run to its full
+    step count (module docstring)."""
+    flops, hbm, coll = p.flops, p.hbm_bytes, sum(p.collectives.values())
+    for d in p.decode:
+        flops += (d.steps - 1) * d.flops
+        hbm += (d.steps - 1) * d.hbm_bytes
+        coll += (d.steps - 1) * sum(d.collectives.values())
+    return flops, hbm, coll
+
+
+def roofline_seconds(p: PhaseFigures, chip: Chip | None) -> float | None:
+    """The roofline estimate of phase `p` on `chip` (module docstring); None without a chip or figures."""
+    if chip is None or p.error is not None:
+        return None
+    flops, hbm, coll = loop_totals(p)
+    return max(flops / chip.peak_flops, hbm / chip.hbm_bandwidth, coll / chip.ici_bandwidth)
+
+
+def failures(plan: StepPlan, chip: Chip | None, headroom: float) -> list[str]:
+    """One line per phase that does not fit (module docstring); empty when every phase fits."""
+    lines = []
+    for p in plan.phases:
+        if p.error is not None:
+            used = "" if math.isnan(p.peak) else f", needs {p.peak / GIB:.1f} GiB per device"
+            said = p.error if p.error.startswith(("did not lower", "not compiled")) else f"did not compile: {p.error}"
+            lines.append(f"{p.phase}: {said}{used}")
+        elif chip is not None and p.peak > headroom * chip.hbm_bytes:
+            lines.append(f"{p.phase}: peak {p.peak / GIB:.1f} GiB per device exceeds {headroom:g} x "
+                         f"{chip.hbm_bytes / GIB:.1f} GiB HBM of {chip.name} = {headroom * chip.hbm_bytes / GIB:.1f} GiB")
+    return lines
+
+
+def _num(x: float) -> str:
+    """3 significant digits without exponents for the usual range (0.0021, 0.213, 21.3, 2130)."""
+    if math.isnan(x):
+        return "-"
+    if x == 0 or abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{max(2 - math.floor(math.log10(abs(x))), 1)}f}" if abs(x) >= 1e-4 else f"{x:.1e}"
+
+
+def _gib(x: float) -> str:
+    return _num(x / GIB)
+
+
+def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: float) -> str:
+    """The plan as printed by `python -m topd_jax.plan` (figures per device)."""
+    s_used, s_all = plan.student_layers
+    t_used, t_all = plan.teacher_layers
+    lines = [f"topology {topology}: {plan.num_devices} devices, mesh {plan.mesh_shape}"]
+    if chip is None:
+        lines.append("chip: unknown (no HBM, % HBM or roofline; known chips: v4, v5e, v5p, v6e)")
+    else:
+        lines.append(f"chip {chip.name} per device: HBM {chip.hbm_bytes / GIB:.1f} GiB, {chip.peak_flops / 1e12:.0f} "
+                     f"TFLOP/s bf16, HBM {chip.hbm_bandwidth / 1e9:.0f} GB/s, ICI {chip.ici_bandwidth / 1e9:.0f} GB/s "
+                     f"(public Cloud TPU figures; headroom {headroom:g})")
+    if (s_used, t_used) != (s_all, t_all):
+        lines.append(f"LAYERS CUT: student {s_used} of {s_all}, teacher {t_used} of {t_all} layers (not the full models)")
+    header = ["phase", "args GiB", "out GiB", "temp GiB", "held GiB", "peak GiB", "% HBM", "TFLOP", "HBM GB",
+              "AG / RS / AR / A2A GB", "roofline s (est.)", "compile s"]
+    rows = []
+    for p in plan.phases:
+        share = "-" if chip is None or math.isnan(p.peak) else f"{100 * p.peak / chip.hbm_bytes:.0f}%"
+        roof = roofline_seconds(p, chip)
+        if p.error is not None:
+            rows.append([p.phase, "-", "-", "-", _gib(p.held), _gib(p.peak), share, "-", "-", "-", "-",
+                         f"{p.compile_s:.1f}"])
+            continue
+        coll = " / ".join(_num(p.collectives[k] / 1e9) for k in KINDS)
+        rows.append([p.phase, _gib(p.args), _gib(p.out), _gib(p.temp), _gib(p.held), _gib(p.peak), share,
+                     _num(p.flops / 1e12), _num(p.hbm_bytes / 1e9), coll,
+                     "-" if roof is None else _num(roof), f"{p.compile_s:.1f}"])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.append("held: the step's other long-lived arrays in HBM during the phase; peak = args + out - alias + "
+                 "temp + held. XLA counts a loop body once; one loop step, compiled alone:")
+    for p in plan.phases:
+        for d in p.decode:
+            lines.append(f"  {p.phase} ({d.model}): one step {_num(d.flops / 1e12)} TFLOP, {_num(d.hbm_bytes / 1e9)} GB "
+                         f"HBM, {_num(sum(d.collectives.values()) / 1e9)} GB collectives; x {d.steps} steps = "
+                         f"{_num(d.loop_flops / 1e12)} TFLOP, {_num(d.loop_hbm_bytes / 1e9)} GB HBM")
+    for p in plan.phases:
+        if p.error is not None:
+            lines.append(f"{p.phase}: {p.error}")
+    return "\n".join(lines)
+
+
+def to_json(plan: StepPlan, chip: Chip | None, topology: str, headroom: float) -> dict[str, Any]:
+    """The figures of `format_table` as a JSON-ready dict (bytes as GiB where the key says so)."""
+
+    def gib(x):
+        return None if math.isnan(x) else x / GIB
+
+    phases = []
+    for p in plan.phases:
+        flops, hbm, coll = loop_totals(p)
+        phases.append({
+            "phase": p.phase, "args_gib": gib(p.args), "out_gib": gib(p.out), "alias_gib": gib(p.alias),
+            "temp_gib": gib(p.temp), "held_gib": gib(p.held), "peak_gib": gib(p.peak),
+            "hbm_fraction": None if chip is None or math.isnan(p.peak) else p.peak / chip.hbm_bytes,
+            "tflop": p.flops / 1e12, "hbm_bytes": p.hbm_bytes, "collective_bytes": dict(p.collectives),
+            "with_loops": {"tflop": flops / 1e12, "hbm_bytes": hbm, "collective_bytes": coll},
+            "roofline_s": roofline_seconds(p, chip), "compile_s": p.compile_s, "error": p.error,
+            "decode_steps": [{"model": d.model, "steps": d.steps, "step_tflop": d.flops / 1e12,
+                              "step_hbm_bytes": d.hbm_bytes, "step_collective_bytes": d.collectives,
+                              "compile_s": d.compile_s} for d in p.decode],
+        })
+    chip_figures = None if chip is None else {
+        "hbm_bytes": chip.hbm_bytes, "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth,
+        "ici_bandwidth": chip.ici_bandwidth}
+    return {"topology": topology, "chip": None if chip is None else chip.name,
+            "hbm_gib": None if chip is None else chip.hbm_bytes / GIB, "chip_figures": chip_figures,
+            "devices": plan.num_devices, "mesh": plan.mesh_shape, "headroom": headroom,
+            "layers": {"student": list(plan.student_layers), "teacher": list(plan.teacher_layers)},
+            "fits": not failures(plan, chip, headroom), "phases": phases}
+
+
+__all__ = ["failures", "format_table", "loop_totals", "roofline_seconds", "to_json"]
