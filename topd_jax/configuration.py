@@ -101,6 +101,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def check(*checks: tuple[str, bool, str, Any]) -> None:
+    """The one validation style of every config dataclass (trainer, loss, model): each check is
+    (field, ok, requirement, value); the first that fails is the one-line ConfigError
+    "field must be requirement, got value". Nested in a section, `from_dict` turns the field
+    into its dotted key ("rollout.top_p must be in (0, 1], got 2.0")."""
+    for name, ok, requirement, value in checks:
+        if not ok:
+            raise ConfigError(f"{name} must be {requirement}, got {value!r}")
+
+
 def check_keys(cls: type, keys: typing.Iterable[str], *, prefix: str = "") -> None:
     """ConfigError for the first key that is not a field of dataclass `cls`, naming the closest."""
     fields = sorted(f.name for f in dataclasses.fields(cls))
@@ -223,3 +233,43 @@ def apply_override(values: dict[str, Any], override: str, cls: type) -> None:
             raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])!r} holds {child!r}, not a mapping")
         node = child
     node[parts[-1]] = parse_yaml(text, f"override {override!r}")
+
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """{field: description} from a docstring laid out as `name   description` lines with indented
+    continuation lines (the convention of every config dataclass here)."""
+    docs: dict[str, str] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    current, column = None, 0
+    for line in (cls.__doc__ or "").splitlines():
+        match = re.match(r"^(\s*)(\w+)\s{2,}(\S.*)$", line)
+        if match and match.group(2) in names and match.group(2) not in docs:
+            current, column = match.group(2), len(match.group(1))
+            docs[current] = match.group(3).strip()
+        elif current and line.strip() and len(line) - len(line.lstrip()) > column:
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return docs
+
+
+def describe_keys(cls: type, instance: Any = None, prefix: str = "") -> list[str]:
+    """Two lines per key of dataclass `cls` (nested sections dotted), for --help:
+
+        rollout.max_new_tokens: int = 32
+            generated tokens per rollout (>= 1)
+
+    Defaults are those of `instance` (default: `cls()`), so a section's own default factory shows."""
+    lines: list[str] = []
+    hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+    instance = cls() if instance is None else instance
+    for field in dataclasses.fields(cls):
+        tp, value = hints[field.name], getattr(instance, field.name)
+        if is_dataclass_type(tp):
+            lines.extend(describe_keys(tp, value, f"{prefix}{field.name}."))
+            continue
+        lines.append(f"  {prefix}{field.name}: {type_name(tp)} = {to_dict(value)!r}")
+        if field.name in docs:
+            lines.append(f"      {docs[field.name]}")
+    return lines

@@ -45,6 +45,20 @@ def one_line(err: BaseException) -> str:
     return " ".join(lines) if len(lines) <= 3 else lines[0]
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` or what caused it is ENOSPC; TensorStore (Orbax's array writes) reports it as
+    a ValueError whose text carries the OS message, not as an OSError."""
+    for _ in range(10):
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if os.strerror(errno.ENOSPC) in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+        if err is None:
+            return False
+    return False
+
+
 def debug_requested(flag: bool = False) -> bool:
     """--debug, or TOPD_DEBUG set to anything but '', '0' or 'false'."""
     return flag or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false")
@@ -62,4 +76,4 @@ def run_cli(body: Callable[[], int], *, debug: bool = False) -> int:
 
 
 __all__ = ["CheckpointError", "ConfigError", "DEBUG_ENV", "TrainingError", "USER_ERRORS", "debug_requested",
-           "one_line", "run_cli"]
+           "is_disk_full", "one_line", "run_cli"]

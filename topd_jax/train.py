@@ -6,41 +6,59 @@ Overrides use the dotted names of `topd_jax/trainer/config.py` (`steps=2`, `pres
 `output_dir=/tmp/run`, `seed=1`, `loss.window=8`, `rollout.max_new_tokens=16`); values are YAML.
 A run resumes from output_dir/checkpoints when a checkpoint is there (checkpoint.resume=false
 starts over). Writes output_dir/metrics.jsonl, TensorBoard events and config.yaml.
+
+Every failure a user can act on (a bad key or value, a checkpoint that does not fit or cannot
+be read, a full disk, a run whose steps are all skipped) is one line `error: ...` and exit
+status 2; --debug (or TOPD_DEBUG=1) shows the traceback instead. See docs/faults.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Sequence
 
-from topd_jax.configuration import ConfigError
+from topd_jax.errors import run_cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m topd_jax.train", description=__doc__.split("\n\n")[0])
+    # The key list needs the config module (numpy, optax): build it only for --help.
+    wants_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    epilog = None
+    if wants_help:
+        from topd_jax.configuration import describe_keys
+        from topd_jax.trainer.config import TrainConfig
+
+        epilog = "config keys (key=value overrides; values are YAML):\n" + "\n".join(describe_keys(TrainConfig))
+    parser = argparse.ArgumentParser(prog="python -m topd_jax.train", description=__doc__.split("\n\n")[0],
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: every key at its default)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (see below)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_cli(lambda: _train(args), debug=args.debug)
+
+
+def _train(args: argparse.Namespace) -> int:
     # Parse the config before importing JAX-heavy modules: a typo fails in a second.
     from topd_jax.trainer.config import load_config
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except (ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     from topd_jax.trainer.loop import Trainer
 
     trainer = Trainer(config)
     try:
         metrics = trainer.run()
-    finally:
-        trainer.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # a failed save re-raises on close; the first error counts
+            trainer.close()
+        raise
+    trainer.close()
     if metrics:
         print(f"step {trainer.step}/{config.steps}: loss {float(metrics['loss']):.4f}, metrics in "
               f"{config.output_dir}/metrics.jsonl")

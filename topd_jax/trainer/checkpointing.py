@@ -16,21 +16,53 @@ same step would also replace one.
 
 Restores are resharding: the caller gives the target layout as `jax.ShapeDtypeStruct`s with
 a `.sharding` (see `abstract_like`), which may use a different mesh than the one saved from.
+They are checked first: each array's stored shape (from the metadata alone) against the
+target's, a one-line CheckpointError naming the array and both shapes. A step whose files are
+damaged is an `UnreadableCheckpoint` (a CheckpointError) naming the step; `restore_latest`
+then moves it aside to `<step>.corrupt-<UTC time>` and falls back to the next older step.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from topd_jax.errors import CheckpointError  # re-exported: the one class, also raised for HF checkpoints
 
 PyTree = Any
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint step whose files are damaged or missing (a truncated array file, a deleted
+    _METADATA); `Checkpointer.restore_latest` passes over such a step for an older one."""
+
+
+def _first_line(err: BaseException) -> str:
+    """The root cause's first line: Orbax wraps TensorStore's precise error ("OUT_OF_RANGE: Error
+    reading ... byte range ... is not valid") in a generic one that prints the whole spec."""
+    for _ in range(10):
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+def _leaf_name(key_path) -> str:
+    """'layers/0/mlp/down_proj' for a pytree key path; nnx's `value` wrapper level is dropped so
+    the target (nnx.State) and the stored metadata (plain dicts) name a leaf alike."""
+    parts = []
+    for entry in key_path:
+        part = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
+        if str(part) not in ("value", "raw_value"):
+            parts.append(str(part))
+    return "/".join(parts)
 
 
 def abstract_like(tree: PyTree, shardings: PyTree | jax.sharding.Sharding | None = None) -> PyTree:
@@ -171,11 +203,83 @@ class Checkpointer:
         items.update({name: ocp.args.JsonRestore() for name in json_names})
         if not items:
             raise CheckpointError("restore needs at least one tree or json item name")
+        where = f"checkpoint step {step} in {self.directory}"
+        for name in sorted(abstract_trees, key=lambda n: n != "params"):  # the params name the mismatch best
+            self._check_shapes(step, name, abstract_trees[name])
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except KeyError as e:  # Orbax: 'Item "x" was not found in the checkpoint. Available ...'
-            raise CheckpointError(f"checkpoint {step} in {self.directory}: {e.args[0]}") from None
+            raise UnreadableCheckpoint(f"{where} is unreadable: {e.args[0]}") from None
+        except Exception as e:  # noqa: BLE001 (TensorStore, JSON, OS errors: the files are damaged)
+            raise UnreadableCheckpoint(f"{where} is unreadable: {_first_line(e)}") from e
         return {name: restored[name] for name in items}
+
+    def restore_latest(
+        self,
+        abstract_trees: Mapping[str, PyTree],
+        json_names: Sequence[str] = (),
+        *,
+        report: Callable[[str], None] = lambda message: None,
+    ) -> tuple[int, dict[str, Any]]:
+        """(step, items) of the newest checkpoint that restores, as `restore` does.
+
+        A step that does not restore (a truncated or deleted file: `UnreadableCheckpoint`) is
+        reported in one line through `report` and passed over for the next older one; a
+        writable Checkpointer also moves it aside to `<step>.corrupt-<UTC time>` (never deleted,
+        so nothing is lost and the next save of that step is not refused). A checkpoint that is
+        readable but does not fit (a shape mismatch) is a CheckpointError, as from `restore`:
+        falling back would silently train something else.
+        """
+        passed: list[str] = []
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self.restore(step, abstract_trees, json_names)
+            except UnreadableCheckpoint as err:
+                moved = "" if self.read_only else f"; moved it to {os.path.basename(self.move_aside(step))}"
+                passed.append(str(step))
+                report(f"{err}{moved}; trying the next older step")
+        raise CheckpointError(f"no readable checkpoint in {self.directory}"
+                              + (f" (unreadable: steps {', '.join(passed)})" if passed else ""))
+
+    def move_aside(self, step: int) -> str:
+        """Rename step directory `step` to `<step>.corrupt-<UTC time>` (process 0; every process
+        waits for it) and re-list the steps; returns the new path."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; cannot move step {step} aside")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = os.path.join(self.directory, f"{step}.corrupt-{stamp}")
+        if jax.process_index() == 0:
+            os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"topd_jax: checkpoint {step} moved aside")
+        self._manager.reload()
+        return target
+
+    def stored_shapes(self, step: int, name: str) -> dict[str, tuple[int, ...]]:
+        """{'path/to/leaf': shape} of array item `name` at `step`, from its metadata alone."""
+        path = os.path.join(self.directory, str(step), name)
+        try:
+            metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+            leaves = jax.tree_util.tree_flatten_with_path(metadata.tree)[0]
+        except Exception as e:  # noqa: BLE001 (a missing or damaged _METADATA)
+            raise UnreadableCheckpoint(f"checkpoint step {step} in {self.directory} is unreadable: the metadata "
+                                       f"of {name!r}: {_first_line(e)}") from e
+        return {_leaf_name(key): tuple(leaf.shape) for key, leaf in leaves if hasattr(leaf, "shape")}
+
+    def _check_shapes(self, step: int, name: str, abstract_tree: PyTree) -> None:
+        """One-line CheckpointError naming the first leaf whose stored shape differs from the
+        target's (a model of another size), before Orbax reads any data."""
+        stored = self.stored_shapes(step, name)
+        for key, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]:
+            leaf_name, shape = _leaf_name(key), tuple(getattr(leaf, "shape", ()))
+            where = f"checkpoint step {step} in {self.directory}: {name}/{leaf_name}"
+            if leaf_name not in stored:
+                raise CheckpointError(f"{where} is built by the config but not in the checkpoint (have "
+                                      f"{len(stored)} arrays); the model's structure changed")
+            if stored[leaf_name] != shape:
+                raise CheckpointError(f"{where} has shape {stored[leaf_name]} but the config builds {shape}")
 
     def restore_tree(self, step: int | None, name: str, abstract_tree: PyTree) -> PyTree:
         """Restore one array pytree item (e.g. only `params`, not `opt_state`)."""

@@ -190,13 +190,16 @@ class DataConfig:
 class OptimizerConfig:
     """AdamW with global-norm clipping and a warmup + constant/cosine learning-rate schedule.
 
-    learning_rate  peak learning rate (> 0)
+    learning_rate  peak learning rate (finite, > 0: inf or nan would turn every weight into NaN)
     schedule       constant | cosine (decays to 0 at the last step)
     warmup_steps   linear warmup from 0 over this many steps (>= 0)
     weight_decay   decoupled AdamW weight decay (>= 0)
     b1, b2         Adam moment decay rates, in [0, 1)
     eps            Adam epsilon (> 0)
     max_grad_norm  clip gradients to this global norm (> 0); null = no clipping
+    max_consecutive_skips  stop the run with an error after this many consecutive steps whose
+                   loss or gradients were non-finite (each is skipped, params unchanged); a run
+                   that only skips is not training. 0 = never stop (>= 0)
     """
 
     learning_rate: float = 1e-5
@@ -207,17 +210,21 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
+    max_consecutive_skips: int = 10
 
     def __post_init__(self):
-        _check(("learning_rate", self.learning_rate > 0, "> 0", self.learning_rate),
+        _check(("learning_rate", self.learning_rate > 0, "> 0", self.learning_rate),  # nan fails too
+               ("learning_rate", math.isfinite(self.learning_rate), "finite", self.learning_rate),
                ("schedule", self.schedule in ("constant", "cosine"), "'constant' or 'cosine'", self.schedule),
                ("warmup_steps", self.warmup_steps >= 0, ">= 0", self.warmup_steps),
                ("weight_decay", self.weight_decay >= 0, ">= 0", self.weight_decay),
                ("b1", 0 <= self.b1 < 1, "in [0, 1)", self.b1),
                ("b2", 0 <= self.b2 < 1, "in [0, 1)", self.b2),
                ("eps", self.eps > 0, "> 0", self.eps),
-               ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "> 0 or null",
-                self.max_grad_norm))
+               ("max_grad_norm", self.max_grad_norm is None or (math.isfinite(self.max_grad_norm)
+                                                                 and self.max_grad_norm > 0), "> 0 and finite, or null",
+                self.max_grad_norm),
+               ("max_consecutive_skips", self.max_consecutive_skips >= 0, ">= 0", self.max_consecutive_skips))
 
     def learning_rate_schedule(self, total_steps: int) -> Callable[[Any], Any]:
         """step -> learning rate, with W = warmup_steps, T = total_steps, lr = learning_rate:
@@ -318,12 +325,18 @@ class CheckpointConfig:
     keep        most recent checkpoints kept (>= 1)
     async_save  write checkpoints in the background while training continues
     resume      continue from the latest checkpoint in output_dir when there is one
+    resume_changed  resume even though keys that change the training (preset, loss, models,
+                rollout, data, optimizer, seed) differ from the checkpoint's config; without it
+                such a resume is refused with a one-line error listing the keys. Accepted
+                changes are recorded in events.log and the earlier config.yaml is kept as
+                config.before-<step>.yaml
     """
 
     every: int = 100
     keep: int = 3
     async_save: bool = True
     resume: bool = True
+    resume_changed: bool = False
 
     def __post_init__(self):
         _check(("every", self.every >= 0, ">= 0", self.every), ("keep", self.keep >= 1, ">= 1", self.keep))
@@ -430,6 +443,34 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     for override in overrides:
         configuration.apply_override(values, override, TrainConfig)
     return TrainConfig.from_dict(values)
+
+
+# Keys a resume may change freely: where and how long the run goes, how it is laid out on the
+# devices, checkpointed and logged. Any other change alters what is trained (checked on resume).
+RESUME_MAY_CHANGE = ("output_dir", "steps", "chunk_size", "mesh", "distributed", "checkpoint", "logging")
+
+
+def resume_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
+    """`key: saved -> new` for every key outside RESUME_MAY_CHANGE whose value in the checkpoint's
+    config (`saved`, as TrainConfig.to_dict wrote it) differs from `config`'s, dotted, sorted.
+    A key that only one side has (a version added or moved it) counts as its default there."""
+
+    def flat(values: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(values, Mapping):  # tuples as the JSON of the checkpoint holds them
+            return {prefix[:-1]: list(values) if isinstance(values, tuple) else values}
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out.update(flat(value, f"{prefix}{key}."))
+        return out
+
+    default = flat(TrainConfig().to_dict())
+    old, new = flat(dict(saved)), flat(config.to_dict())
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, default.get(key, "<unset>")), new.get(key, default.get(key, "<unset>"))
+        if key.split(".")[0] not in RESUME_MAY_CHANGE and before != after:
+            changes.append(f"{key}: {before!r} -> {after!r}")
+    return changes
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

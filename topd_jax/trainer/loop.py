@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from topd_jax.errors import CheckpointError, ConfigError, TrainingError, is_disk_full, one_line
 from topd_jax.losses.topd import TopdConfig
 from topd_jax.models.checkpoint import load_pretrained
 from topd_jax.models.decoder import CausalLM
@@ -36,7 +37,7 @@ from topd_jax.models.tokenizer import load_tokenizer
 from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts, TfdsPrompts
 from topd_jax.trainer import placement
 from topd_jax.trainer.checkpointing import Checkpointer
-from topd_jax.trainer.config import ModelSpec, TrainConfig, save_config
+from topd_jax.trainer.config import ModelSpec, TrainConfig, resume_changes, save_config
 from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
 from topd_jax.trainer.metrics import MetricsLogger
 from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
@@ -121,23 +122,37 @@ class Trainer:
         self.mesh = mesh_from_config(config.mesh, devices)
         r = config.rollout
         self.rollouts_per_step = r.prompts_per_step * r.num_samples
-        placement.batch_size_divides(self.rollouts_per_step, self.mesh)
-        self.student, tokenizer_dir = build_model(config.student, self.mesh)
-        self.teacher, _ = build_model(config.teacher, self.mesh)
+        try:
+            placement.batch_size_divides(self.rollouts_per_step, self.mesh)
+        except ValueError as err:
+            raise ConfigError(f"rollout.prompts_per_step: {err}") from None
+        models = {}
+        for role in ("student", "teacher"):
+            spec = getattr(config, role)
+            try:
+                models[role] = build_model(spec, self.mesh)
+            except (OSError, CheckpointError) as err:  # a missing, pickle-only or damaged directory
+                raise ConfigError(f"{role}.path {spec.path}: {one_line(err)}") from err
+        (self.student, tokenizer_dir), (self.teacher, _) = models["student"], models["teacher"]
         vocab_s, vocab_t = self.student.config.vocab_size, self.teacher.config.vocab_size
         if vocab_s != vocab_t:
-            raise ValueError(f"student vocab_size {vocab_s} != teacher vocab_size {vocab_t}; TOPD compares the "
-                             "two models' tokens, so they must share a tokenizer")
+            raise ConfigError(f"student vocab_size {vocab_s} != teacher vocab_size {vocab_t} (student.random / "
+                              "teacher.random or their path's config.json); TOPD compares the two models' tokens, "
+                              "so they must share a tokenizer")
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         self.prompts = self._prompt_source()
         if config.data.source == "synthetic":
             self.tokenizer = self.prompts.tokenizer
             if vocab_s < self.tokenizer.vocab_size:
-                raise ValueError(f"data.source 'synthetic' has {self.tokenizer.vocab_size} tokens; the models' "
+                raise ConfigError(f"data.source 'synthetic' has {self.tokenizer.vocab_size} tokens; the models' "
                                  f"vocab_size {vocab_s} is smaller")
         eos = r.eos_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = (int(self.tokenizer.eos_token_id),)
+        outside = [i for i in eos if not 0 <= i < vocab_s]
+        if outside:  # sampling would index past the vocabulary at the first step
+            raise ConfigError(f"rollout.eos_ids: {outside} outside the models' vocabulary of {vocab_s} tokens "
+                              f"[0, {vocab_s})")
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                  top_k=r.top_k, eos_ids=tuple(eos), num_samples=r.num_samples)
 
@@ -153,8 +168,14 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(config.output_dir, CHECKPOINT_DIR),
                                          every=config.checkpoint.every, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
+        self.notices: list[str] = []  # one-line reports of the resume, written to events.log by run()
+        self.resume_changes: list[str] = []
         if config.checkpoint.resume and self.checkpointer.latest_step() is not None:
-            self.restore(self.checkpointer.latest_step())
+            try:
+                self.restore()
+            except BaseException:
+                self.checkpointer.close()  # a refused resume must not leave Orbax's threads behind
+                raise
         self._update = None
         self.update_flops = None
         self._peak = None
@@ -197,11 +218,29 @@ class Trainer:
              "model_config": config_to_hf(self.student.config, dtype=self.config.student.dtype)},
             force=force)
 
-    def restore(self, step: int) -> None:
-        """Continue from checkpoint `step`, onto this run's shardings."""
+    def restore(self, step: int | None = None) -> None:
+        """Continue from checkpoint `step` (None: the newest readable one; unreadable newer steps
+        are moved aside, see Checkpointer.restore_latest), onto this run's shardings.
+
+        Refused with a one-line error when the checkpoint's arrays have other shapes than this
+        config builds, or when keys that change the training differ from the checkpoint's config
+        (config.resume_changes) unless checkpoint.resume_changed is set; accepted changes are
+        listed in `notices` (events.log)."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                 {"params": self.state.params, "opt_state": self.state.opt_state})
-        restored = self.checkpointer.restore(step, abstract, ["meta"])
+        if step is None:
+            step, restored = self.checkpointer.restore_latest(abstract, ["meta", "config"], report=self.notices.append)
+        else:
+            restored = self.checkpointer.restore(step, abstract, ["meta", "config"])
+        changes = resume_changes(restored["config"], self.config)
+        if changes and not self.config.checkpoint.resume_changed:
+            raise ConfigError(f"{self.config.output_dir} holds a checkpoint (step {step}) of another config: "
+                              f"{'; '.join(changes)}. Pass checkpoint.resume_changed=true to continue with the new "
+                              "values, or checkpoint.resume=false or another output_dir to start over")
+        if changes:
+            self.resume_changes = changes
+            self.notices.append(f"resuming step {step} with changed config (checkpoint.resume_changed=true): "
+                                + "; ".join(changes))
         meta = restored["meta"]
         replicated = placement.replicated(self.mesh)
         self.state = TrainState(
@@ -266,30 +305,80 @@ class Trainer:
 
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train from the current step to config.steps (or to step `until`, saving a checkpoint
-        there: a planned stop that a later run resumes); returns the last step's metrics."""
+        there: a planned stop that a later run resumes); returns the last step's metrics.
+
+        Raises a one-line TrainingError naming the last complete checkpoint when
+        optimizer.max_consecutive_skips steps in a row were skipped (non-finite loss or
+        gradients), or when writing fails (a full disk, a read-only output_dir)."""
         cfg = self.config
         start = self.step
         stop = cfg.steps if until is None else min(until, cfg.steps)
+        try:
+            return self._run(start, stop)
+        except TrainingError:
+            raise
+        except Exception as err:  # noqa: BLE001 (only file-system failures are turned into one line)
+            if isinstance(err, OSError):
+                reason = one_line(err)
+            elif is_disk_full(err):  # TensorStore reports ENOSPC as a ValueError with the spec
+                reason = "No space left on device (the disk is full) while writing a checkpoint"
+            else:
+                raise
+            raise TrainingError(f"{reason}; {self._last_checkpoint()}") from err
+
+    def _last_checkpoint(self) -> str:
+        """Where a failed run can resume from, for its one-line error."""
+        try:
+            self.checkpointer.wait()
+        except Exception:  # noqa: BLE001 (the failed save itself; what is complete is what counts)
+            pass
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return f"no complete checkpoint in {self.checkpointer.directory} yet"
+        return (f"the last complete checkpoint is step {latest} in {self.checkpointer.directory}; the next run "
+                "resumes from it")
+
+    def _run(self, start: int, stop: int) -> dict[str, Any]:
+        cfg = self.config
         if self.primary:
             os.makedirs(cfg.output_dir, exist_ok=True)
-            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+            path = os.path.join(cfg.output_dir, "config.yaml")
+            if self.resume_changes and os.path.isfile(path):  # keep what the run trained with so far
+                os.replace(path, os.path.join(cfg.output_dir, f"config.before-{start}.yaml"))
+            save_config(cfg, path)
         logger = MetricsLogger(cfg.output_dir, total_steps=cfg.steps, start_step=start,
                                tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                                enabled=self.primary)
+        for notice in self.notices:
+            logger.warn(notice)
+        self.notices = []
+        skipped = dict(getattr(self.prompts, "skipped", {}) or {})
+        if skipped:
+            logger.warn(f"data: skipped {sum(skipped.values())} records of {cfg.data.path or cfg.data.source} ("
+                        + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) + ")")
         if start:
             logger.warn(f"resumed from step {start} of {cfg.output_dir}")
         metrics: dict[str, Any] = {}
         timer = PhaseTimer()
+        limit, consecutive = cfg.optimizer.max_consecutive_skips, 0
         with logger, _Preemption() as preemption:
             while self.step < stop:
                 metrics = self.train_step(timer)
                 step = self.step
                 if metrics["skipped"]:
                     logger.warn(f"step {step}: non-finite loss or gradients; update skipped, params unchanged")
+                consecutive = consecutive + 1 if metrics["skipped"] else 0
                 logger.log(step, metrics)
                 self.save(force=step == stop)
                 for callback in self.callbacks:
                     callback(self, step, metrics)
+                if limit and consecutive >= limit:
+                    self.checkpointer.wait()
+                    raise TrainingError(
+                        f"steps {step - consecutive + 1}-{step}: {consecutive} consecutive steps had a non-finite "
+                        f"loss or gradients and were skipped (optimizer.max_consecutive_skips={limit}); the run "
+                        f"is not training: lower optimizer.learning_rate or set optimizer.max_grad_norm; "
+                        f"{self._last_checkpoint()}")
                 if preemption.agreed():
                     self.save(force=True)
                     self.checkpointer.wait()
