@@ -14,6 +14,12 @@ gathered result of an all-gather, the summed operand of a reduce-scatter or all-
 exchanged buffer of an all-to-all. That is the volume each chip handles, not the bytes on a
 link (a ring all-gather sends (n - 1) / n of it). Like XLA's cost analysis, an instruction inside a
 loop body counts once, not once per iteration.
+
+`largest_arrays(text, n)` lists the n largest arrays the program materialises: results of the
+instructions outside fused computations (a fusion's inside lives in registers and VMEM), without
+parameters and the ops that only alias other buffers (tuple, get-tuple-element, bitcast, while,
+conditional, call, -done halves), largest first, each with the JAX op that made it (HLO metadata).
+It names the buffers that dominate `temp`; it is not the allocator's exact live set.
 """
 
 from __future__ import annotations
@@ -51,6 +57,35 @@ def _largest_array(text: str) -> int:
     return max((array_bytes(t, d) for t, d in _ARRAY.findall(text)), default=0)
 
 
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_ALIASING = {"parameter", "tuple", "get-tuple-element", "bitcast", "while", "conditional", "call", "opt-barrier",
+             "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done", "async-done",
+             "send-done", "recv-done"}
+_LAYOUT = re.compile(r"\{[^{}]*\}")
+
+
+def largest_arrays(hlo_text: str, n: int = 10) -> list[tuple[int, str, str, str]]:
+    """The n largest materialised arrays (module docstring): (bytes, type, opcode, JAX op name)."""
+    lines = hlo_text.splitlines()
+    fused = {name for line in lines if " fusion(" in line for name in _CALLS.findall(line)}
+    found, inside_fused = [], False
+    for line in lines:
+        header = _HEADER.match(line)
+        if header is not None and "=" not in line.split("(", 1)[0]:
+            inside_fused = header["name"] in fused
+            continue
+        match = _INSTRUCTION.match(line)
+        if inside_fused or match is None or match["op"] in _ALIASING:
+            continue
+        size = _largest_array(match["type"])
+        if size:
+            name = _OP_NAME.search(line)
+            found.append((size, _LAYOUT.sub("", match["type"]), match["op"], name[1] if name else ""))
+    return sorted(found, key=lambda item: -item[0])[:n]
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Per-chip bytes of each collective kind in an optimised HLO module (module docstring)."""
     totals = dict.fromkeys(KINDS, 0)
@@ -63,4 +98,4 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return totals
 
 
-__all__ = ["KINDS", "array_bytes", "collective_bytes"]
+__all__ = ["KINDS", "array_bytes", "collective_bytes", "largest_arrays"]

@@ -44,11 +44,11 @@ from flax import nnx
 
 from topd_jax.models.sharding import batch_sharding
 from topd_jax.plan.chips import first_line
-from topd_jax.plan.hlo import KINDS, collective_bytes
+from topd_jax.plan.hlo import KINDS, collective_bytes, largest_arrays
 from topd_jax.trainer import placement, phases
 from topd_jax.trainer.config import TrainConfig
 from topd_jax.trainer.runtime import mesh_from_config
-from topd_jax.trainer.step import Sampling, experience, init_state
+from topd_jax.trainer.step import experience, init_state
 from topd_jax.models.decoder import init_branch_cache
 
 PHASES = ("sample", "score", "branch", "train")  # the trainer's time keys, in step order
@@ -94,6 +94,7 @@ class PhaseFigures:
     decode: tuple[DecodeStep, ...] = ()
     error: str | None = None
     oom_used: float | None = None
+    largest: tuple[tuple[int, str, str, str], ...] = ()  # hlo.largest_arrays, when asked for
 
     @property
     def peak(self) -> float:
@@ -148,18 +149,20 @@ def oom_used_bytes(message: str) -> float | None:
     return float(match[1]) * _UNITS[match[2].upper()] if match else None
 
 
-def _figures(phase: str, compiled: Any, held: float, seconds: float) -> PhaseFigures:
+def _figures(phase: str, compiled: Any, held: float, seconds: float, buffers: int) -> PhaseFigures:
     memory = compiled.memory_analysis()
+    text = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     return PhaseFigures(
         phase=phase, args=float(memory.argument_size_in_bytes), out=float(memory.output_size_in_bytes),
         alias=float(memory.alias_size_in_bytes), temp=float(memory.temp_size_in_bytes), held=held,
         flops=float(cost.get("flops", 0.0)), hbm_bytes=float(cost.get("bytes accessed", 0.0)),
-        collectives={k: float(v) for k, v in collective_bytes(compiled.as_text()).items()}, compile_s=seconds)
+        collectives={k: float(v) for k, v in collective_bytes(text).items()}, compile_s=seconds,
+        largest=tuple(largest_arrays(text, buffers)) if buffers else ())
 
 
-def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: bool
+def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: bool, buffers: int
              ) -> tuple[PhaseFigures, Any]:
     """Lower and compile one phase: (figures, its abstract outputs with their shardings or None)."""
     begin = time.perf_counter()
@@ -178,7 +181,7 @@ def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: b
             figures = dataclasses.replace(figures, oom_used=figures.oom_used + held)
         return figures, with_shardings(lowered.out_info, _batch_split(lowered.out_info, mesh))
     out = with_shardings(lowered.out_info, compiled.output_shardings)
-    return _figures(phase, compiled, held, time.perf_counter() - begin), out
+    return _figures(phase, compiled, held, time.perf_counter() - begin, buffers), out
 
 
 class _null:
@@ -220,13 +223,14 @@ def _abstract_params(cfg, dtype: str, mesh):
 
 
 def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None,
-              teacher_layers: int | None = None, decode_steps: bool = True,
+              teacher_layers: int | None = None, decode_steps: bool = True, buffers: int = 0,
               progress: Callable[[str], None] = lambda line: None) -> StepPlan:
     """Compile the four phases of `config`'s train step for `devices` (module docstring).
 
     student_layers / teacher_layers cut the models to their first layers (compile time grows with
-    depth); decode_steps=False skips the separately compiled loop steps. `progress` gets one line
-    per compiled program.
+    depth); decode_steps=False skips the separately compiled loop steps; buffers > 0 lists each
+    phase's largest materialised arrays (`hlo.largest_arrays`). `progress` gets one line per
+    compiled program.
     """
     mesh = mesh_from_config(config.mesh, devices)
     r = config.rollout
@@ -239,7 +243,7 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
                          "compares the two models' tokens, so they must share a tokenizer")
     graphdef, s_params = _abstract_params(s_cfg, config.student.dtype, mesh)
     t_graphdef, t_params = _abstract_params(t_cfg, config.teacher.dtype, mesh)
-    loss = config.topd_config()
+    loss = config.loss
     optimizer = config.optimizer.build(config.steps)
     init = functools.partial(init_state, optimizer=optimizer)
     state = jax.eval_shape(init, s_params, key=jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -250,8 +254,7 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
     shape = (r.prompts_per_step, config.data.prompt_length)
     prompt_tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
     prompt_mask = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=batch_sharding(mesh, shape))
-    sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                        eos_ids=tuple(r.eos_ids), num_samples=r.num_samples)
+    sampling = r  # the rollout options are the static options of sampling and branching
     held = {"sample": per_device_bytes((state.opt_state, t_params)),
             "score": per_device_bytes((state.params, state.opt_state)),
             "branch": per_device_bytes(state.opt_state), "train": per_device_bytes(t_params)}
@@ -260,7 +263,7 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
 
     def run(phase, lower, context=True):
         progress(f"compiling {phase} ...")
-        figures, out = _compile(phase, lower, held[phase], mesh, context)
+        figures, out = _compile(phase, lower, held[phase], mesh, context, buffers)
         progress(f"  {phase}: {figures.compile_s:.1f} s" + (f" ({figures.error})" if figures.error else ""))
         results.append(figures)
         return out

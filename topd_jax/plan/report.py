@@ -102,12 +102,20 @@ def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: flo
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.append("held: the step's other long-lived arrays in HBM during the phase; peak = args + out - alias + "
-                 "temp + held. XLA counts a loop body once; one loop step, compiled alone:")
+                 "temp + held; roofline = max(FLOP / peak, HBM bytes / HBM bw, collective bytes / ICI bw) with "
+                 "every decode loop run to its full step count."
+                 + (" XLA counts a loop body once; one loop step, compiled alone:"
+                    if any(p.decode for p in plan.phases) else ""))
     for p in plan.phases:
         for d in p.decode:
             lines.append(f"  {p.phase} ({d.model}): one step {_num(d.flops / 1e12)} TFLOP, {_num(d.hbm_bytes / 1e9)} GB "
                          f"HBM, {_num(sum(d.collectives.values()) / 1e9)} GB collectives; x {d.steps} steps = "
-                         f"{_num(d.loop_flops / 1e12)} TFLOP, {_num(d.loop_hbm_bytes / 1e9)} GB HBM")
+                         f"{_num(d.loop_flops / 1e12)} TFLOP, {_num(d.loop_hbm_bytes / 1e9)} GB HBM (compiled in {d.compile_s:.1f} s)")
+    for p in plan.phases:
+        if p.largest:
+            lines.append(f"{p.phase}: largest arrays of the compiled program (per device):")
+        for size, kind, op, name in p.largest:
+            lines.append(f"  {_gib(size)} GiB {kind} {op} {name[-110:]}")
     for p in plan.phases:
         if p.error is not None:
             lines.append(f"{p.phase}: {p.error}")
@@ -133,6 +141,8 @@ def to_json(plan: StepPlan, chip: Chip | None, topology: str, headroom: float) -
             "decode_steps": [{"model": d.model, "steps": d.steps, "step_tflop": d.flops / 1e12,
                               "step_hbm_bytes": d.hbm_bytes, "step_collective_bytes": d.collectives,
                               "compile_s": d.compile_s} for d in p.decode],
+            "largest_arrays": [{"bytes": size, "type": kind, "op": op, "op_name": name}
+                               for size, kind, op, name in p.largest],
         })
     chip_figures = None if chip is None else {
         "hbm_bytes": chip.hbm_bytes, "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth,
