@@ -2,9 +2,10 @@
 
     python -m topd_jax.export --checkpoint runs/tiny_cpu --out exported/ [--step N] [--dtype bfloat16]
 
---checkpoint is a run's output_dir or its checkpoints/ directory; the newest complete checkpoint
-is used unless --step names one. Only the student's parameters are read (not the optimizer
-state). The output holds config.json and safetensors that transformers loads, plus the
+--checkpoint is a run's output_dir or its checkpoints/ directory; the newest checkpoint that
+reads back is used unless --step names one (an unreadable newer step is reported, one line, and
+left in place). Weights that are not all finite (a diverged run) are refused. Only the
+student's parameters are read (not the optimizer state). The output holds config.json and safetensors that transformers loads, plus the
 student's tokenizer files when the run loaded the student from a directory that has them. The
 output directory is replaced whole, so a failed export leaves an earlier one intact.
 """
@@ -15,23 +16,32 @@ import argparse
 import os
 import shutil
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
+
+from topd_jax.errors import run_cli
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
-           dtype: str | None = None) -> int:
-    """Export the student of `checkpoint` (run dir or its checkpoints/) to `out`; returns the step."""
+           dtype: str | None = None, report: Callable[[str], None] = lambda message: None) -> int:
+    """Export the student of `checkpoint` (run dir or its checkpoints/) to `out`; returns the step.
+
+    Without `step`, the newest step that reads back is used; each newer unreadable one is
+    reported through `report` (one line) and left where it is (a reader never renames). Refused
+    with a CheckpointError: a named step that is unreadable, and weights that are not all finite
+    (a diverged run), so no NaN model is ever written.
+    """
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     from topd_jax.models.checkpoint import save_pretrained
     from topd_jax.models.decoder import CausalLM
     from topd_jax.models.families import config_from_hf
-    from topd_jax.trainer.checkpointing import Checkpointer, CheckpointError
+    from topd_jax.trainer.checkpointing import Checkpointer, CheckpointError, UnreadableCheckpoint, leaf_name
     from topd_jax.trainer.loop import CHECKPOINT_DIR
 
     directory = os.fspath(checkpoint)
@@ -39,21 +49,39 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
         directory = os.path.join(directory, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    with Checkpointer(directory, every=0, keep=1, async_save=False, read_only=True) as checkpointer:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.all_steps():
-            raise CheckpointError(f"no complete checkpoint {'' if step is None else step} in {directory}; "
-                                  f"complete steps: {checkpointer.all_steps()}")
+
+    def read(checkpointer, step):
         hf_config = checkpointer.restore_json(step, "model_config")
         run_config = checkpointer.restore_json(step, "config")
         cfg = config_from_hf(hf_config)
-        saved_dtype = run_config["student"]["dtype"]
-        param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[saved_dtype]
+        param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[run_config["student"]["dtype"]]
         abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=param_dtype, rngs=nnx.Rngs(0)))
         graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
-        params = checkpointer.restore_tree(step, "params", target)
+        return run_config, graphdef, checkpointer.restore_tree(step, "params", target)
+
+    with Checkpointer(directory, every=0, keep=1, async_save=False, read_only=True) as checkpointer:
+        steps = checkpointer.all_steps()
+        if not steps or (step is not None and step not in steps):
+            raise CheckpointError(f"no complete checkpoint {'' if step is None else step} in {directory}; "
+                                  f"complete steps: {steps}")
+        for candidate in ([step] if step is not None else reversed(steps)):
+            try:
+                run_config, graphdef, params = read(checkpointer, candidate)
+            except UnreadableCheckpoint as err:
+                if step is not None:
+                    raise
+                report(f"{err}; trying the next older step")
+                continue
+            step = candidate
+            break
+        else:
+            raise CheckpointError(f"no readable checkpoint in {directory} (steps {steps} are all unreadable)")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not np.all(np.isfinite(np.asarray(leaf, np.float32))):
+            raise CheckpointError(f"checkpoint step {step} in {directory}: params/{leaf_name(path)} holds NaN or inf (the "
+                                  "run diverged); export an earlier step with --step")
     model = nnx.merge(graphdef, params)
     source = run_config["student"].get("path")
     os.makedirs(out, exist_ok=True)
@@ -70,18 +98,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m topd_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run output_dir or its checkpoints/ directory")
     parser.add_argument("--out", required=True, help="Hugging Face checkpoint directory to write")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast the weights (default: as trained)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
     args = parser.parse_args(argv)
-    from topd_jax.trainer.checkpointing import CheckpointError
 
-    try:
-        step = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
-    except (CheckpointError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported step {step} of {args.checkpoint} to {args.out}")
-    return 0
+    def body() -> int:
+        step = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
+                      report=lambda message: print(f"warning: {message}", file=sys.stderr))
+        print(f"exported step {step} of {args.checkpoint} to {args.out}")
+        return 0
+
+    return run_cli(body, debug=args.debug)
 
 
 if __name__ == "__main__":

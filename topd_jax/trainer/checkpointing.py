@@ -54,7 +54,7 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:400]
 
 
-def _leaf_name(key_path) -> str:
+def leaf_name(key_path) -> str:
     """'layers/0/mlp/down_proj' for a pytree key path; nnx's `value` wrapper level is dropped so
     the target (nnx.State) and the stored metadata (plain dicts) name a leaf alike."""
     parts = []
@@ -266,20 +266,20 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 (a missing or damaged _METADATA)
             raise UnreadableCheckpoint(f"checkpoint step {step} in {self.directory} is unreadable: the metadata "
                                        f"of {name!r}: {_first_line(e)}") from e
-        return {_leaf_name(key): tuple(leaf.shape) for key, leaf in leaves if hasattr(leaf, "shape")}
+        return {leaf_name(key): tuple(leaf.shape) for key, leaf in leaves if hasattr(leaf, "shape")}
 
     def _check_shapes(self, step: int, name: str, abstract_tree: PyTree) -> None:
         """One-line CheckpointError naming the first leaf whose stored shape differs from the
         target's (a model of another size), before Orbax reads any data."""
         stored = self.stored_shapes(step, name)
         for key, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]:
-            leaf_name, shape = _leaf_name(key), tuple(getattr(leaf, "shape", ()))
-            where = f"checkpoint step {step} in {self.directory}: {name}/{leaf_name}"
-            if leaf_name not in stored:
+            path, shape = leaf_name(key), tuple(getattr(leaf, "shape", ()))
+            where = f"checkpoint step {step} in {self.directory}: {name}/{path}"
+            if path not in stored:
                 raise CheckpointError(f"{where} is built by the config but not in the checkpoint (have "
                                       f"{len(stored)} arrays); the model's structure changed")
-            if stored[leaf_name] != shape:
-                raise CheckpointError(f"{where} has shape {stored[leaf_name]} but the config builds {shape}")
+            if stored[path] != shape:
+                raise CheckpointError(f"{where} has shape {stored[path]} but the config builds {shape}")
 
     def restore_tree(self, step: int | None, name: str, abstract_tree: PyTree) -> PyTree:
         """Restore one array pytree item (e.g. only `params`, not `opt_state`)."""

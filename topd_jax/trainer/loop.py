@@ -16,6 +16,7 @@ across hosts); the trainer then saves a complete checkpoint and returns cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -30,6 +31,7 @@ from flax import nnx
 from topd_jax.errors import CheckpointError, ConfigError, TrainingError, is_disk_full, one_line
 from topd_jax.losses.topd import TopdConfig
 from topd_jax.models.checkpoint import load_pretrained
+from topd_jax.models.config import DTYPES
 from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import config_to_hf
 from topd_jax.models.sharding import param_shardings
@@ -44,9 +46,8 @@ from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
 from topd_jax.trainer.phases import locate_phase as _locate
 from topd_jax.trainer.phases import sample_phase as _sample
 from topd_jax.trainer.phases import score_phase as _score_teacher
-from topd_jax.trainer.step import Sampling, TrainState, experience, init_state
+from topd_jax.trainer.step import TrainState, experience, init_state
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -118,7 +119,7 @@ class Trainer:
         initialize_distributed(config.distributed)
         self.config = config
         self.callbacks = tuple(callbacks)
-        self.loss: TopdConfig = config.topd_config()
+        self.loss: TopdConfig = config.loss
         self.mesh = mesh_from_config(config.mesh, devices)
         r = config.rollout
         self.rollouts_per_step = r.prompts_per_step * r.num_samples
@@ -131,7 +132,7 @@ class Trainer:
             spec = getattr(config, role)
             try:
                 models[role] = build_model(spec, self.mesh)
-            except (OSError, CheckpointError) as err:  # a missing, pickle-only or damaged directory
+            except (OSError, CheckpointError, ConfigError) as err:  # missing, pickle-only, damaged, bad config.json
                 raise ConfigError(f"{role}.path {spec.path}: {one_line(err)}") from err
         (self.student, tokenizer_dir), (self.teacher, _) = models["student"], models["teacher"]
         vocab_s, vocab_t = self.student.config.vocab_size, self.teacher.config.vocab_size
@@ -153,8 +154,8 @@ class Trainer:
         if outside:  # sampling would index past the vocabulary at the first step
             raise ConfigError(f"rollout.eos_ids: {outside} outside the models' vocabulary of {vocab_s} tokens "
                               f"[0, {vocab_s})")
-        self.sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                 top_k=r.top_k, eos_ids=tuple(eos), num_samples=r.num_samples)
+        # The rollout options with the EOS resolved: the static options of sampling and branching.
+        self.rollout_config = dataclasses.replace(r, eos_ids=tuple(eos))
 
         self.optimizer = config.optimizer.build(config.steps)
         self.graphdef, params = nnx.split(self.student, nnx.Param)
@@ -276,7 +277,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):  # decode loops pin their carries to the batch axes
             with timer.phase("sample"):
                 rollout = jax.block_until_ready(_sample(self.graphdef, params, prompt_tokens, prompt_mask, k_sample,
-                                                        options=self.sampling))
+                                                        options=self.rollout_config))
             with timer.phase("score"):
                 scores = jax.block_until_ready(_score_teacher(self.teacher_graphdef, teacher, rollout,
                                                               chunk_size=self.config.chunk_size,
@@ -284,7 +285,7 @@ class Trainer:
             with timer.phase("branch"):
                 located = jax.block_until_ready(_locate(self.graphdef, params, self.teacher_graphdef, teacher,
                                                         rollout, scores, k_locate, loss=self.loss,
-                                                        options=self.sampling))
+                                                        options=self.rollout_config))
         batch = experience(rollout, scores, located)
         del rollout, scores, located  # the caches are the largest buffers of the step
         batch = placement.place(batch, placement.experience_shardings(batch, self.mesh))
@@ -295,7 +296,7 @@ class Trainer:
         self.data_position += 1
         host = {k: host_value(v) for k, v in metrics.items()}
         times = timer.split()
-        tokens = float(host_value(jnp.sum(batch.mask)))
+        tokens = float(host_value(jnp.sum(batch.rollout.mask)))
         host.update(times, tokens=tokens, tokens_per_s=tokens / max(times["time_step"], 1e-9))
         if self.update_flops:  # XLA's count is per device (the partitioned program), as is the peak
             host["mfu"] = mfu(self.update_flops, times["time_train"], self.peak_flops(), 1)

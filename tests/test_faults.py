@@ -1,0 +1,255 @@
+"""Faults and bad input: each is one line `error: ...` and exit 2, a corrupt checkpoint falls
+back to the newest readable step, and nothing fails silently (docs/faults.md)."""
+
+import errno
+import glob
+import json
+import os
+import shutil
+
+import pytest
+
+from topd_jax import export, train
+from topd_jax.errors import TrainingError
+from topd_jax.models.families import config_to_hf
+from topd_jax.trainer.config import RandomModelConfig, load_config
+from topd_jax.trainer.loop import Trainer
+from topd_jax.trainer.metrics import MetricsLogger
+
+TINY = ["--config", "configs/tiny_cpu.yaml", "rollout.max_new_tokens=8", "data.prompt_length=5", "loss.window=3",
+        "loss.max_candidates=2", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=1"]
+
+
+def tiny_config(output_dir, *extra):
+    return load_config("configs/tiny_cpu.yaml", [f"output_dir={output_dir}", *TINY[2:], *extra])
+
+
+def one_line_error(capsys, argv, main=train.main) -> str:
+    """Run a CLI; assert exit 2 and a single `error: ` line on stderr; return that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == err[-1], err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step tiny run with checkpoints at steps 1 and 2 (copy it before damaging it)."""
+    out = tmp_path_factory.mktemp("trained")
+    assert train.main([*TINY, f"output_dir={out}", "steps=2"]) == 0
+    return out
+
+
+def copy_run(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+def truncate_a_params_file(step_dir):
+    files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
+             if os.path.isfile(f)]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+
+
+DAMAGE = {
+    "truncated params data": truncate_a_params_file,
+    "deleted params/_METADATA": lambda step_dir: os.remove(os.path.join(step_dir, "params", "_METADATA")),
+    "deleted meta/metadata": lambda step_dir: os.remove(os.path.join(step_dir, "meta", "metadata")),
+}
+
+
+# --------------------------------------------------------------------------- corrupt or mismatched checkpoints
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_corrupt_newest_step_is_moved_aside_and_the_run_resumes_from_the_older_one(trained, tmp_path, damage):
+    out = copy_run(trained, tmp_path)
+    DAMAGE[damage](out / "checkpoints" / "2")
+    trainer = Trainer(tiny_config(out, "steps=2"))
+    try:
+        assert trainer.step == 1
+        [notice] = trainer.notices
+        assert notice.startswith(f"checkpoint step 2 in {out / 'checkpoints'} is unreadable: ") and "\n" not in notice
+        [moved] = glob.glob(str(out / "checkpoints" / "2.corrupt-*"))
+        assert os.path.basename(moved) in notice  # never deleted: the user can look at it
+        assert trainer.checkpointer.all_steps() == [1]
+        trainer.run(until=1)  # nothing to train; writes the notice to events.log
+    finally:
+        trainer.close()
+    assert "step 2" in (out / "events.log").read_text() and "unreadable" in (out / "events.log").read_text()
+
+
+def test_export_of_a_corrupt_run_says_which_step_it_used_and_moves_nothing(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    truncate_a_params_file(out / "checkpoints" / "2")
+    assert export.main(["--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0
+    captured = capsys.readouterr()
+    assert "exported step 1 of" in captured.out
+    assert "step 2" in captured.err and "unreadable" in captured.err
+    assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]  # a reader never renames
+    assert "step 2" in one_line_error(capsys, ["--checkpoint", str(out), "--out", str(tmp_path / "x"), "--step", "2"],
+                                      export.main)
+
+
+def test_no_readable_step_at_all_is_one_line(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    for step in ("1", "2"):
+        os.remove(out / "checkpoints" / step / "meta" / "metadata")
+    line = one_line_error(capsys, [*TINY, f"output_dir={out}", "steps=2"])
+    assert "no readable checkpoint" in line and "steps 2, 1" in line
+
+
+def test_resuming_with_another_model_shape_names_both_shapes(trained, capsys):
+    line = one_line_error(capsys, [*TINY, f"output_dir={trained}", "steps=2", "student.random.hidden_size=48"])
+    assert line == (f"error: checkpoint step 2 in {trained / 'checkpoints'}: params/embed_tokens has shape (128, 32) "
+                    "but the config builds (128, 48)")
+
+
+def test_resuming_with_a_changed_config_is_refused_and_keeps_config_yaml(trained, capsys):
+    before = (trained / "config.yaml").read_text()
+    line = one_line_error(capsys, [*TINY, f"output_dir={trained}", "steps=2", "preset=opd",
+                                   "optimizer.learning_rate=0.01"])
+    assert "optimizer.learning_rate: 0.001 -> 0.01; preset: 'topd' -> 'opd'" in line
+    assert "checkpoint.resume_changed=true" in line
+    assert (trained / "config.yaml").read_text() == before
+
+
+def test_resume_changed_records_the_change_and_keeps_the_earlier_config(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    before = (out / "config.yaml").read_text()
+    trainer = Trainer(tiny_config(out, "steps=2", "optimizer.learning_rate=0.002", "checkpoint.resume_changed=true"))
+    try:
+        assert trainer.step == 2
+        trainer.run()  # already at steps: writes config and events only
+    finally:
+        trainer.close()
+    assert "optimizer.learning_rate: 0.001 -> 0.002" in (out / "events.log").read_text()
+    assert (out / "config.before-2.yaml").read_text() == before
+    assert "learning_rate: 0.002" in (out / "config.yaml").read_text()
+
+
+def test_changing_only_steps_or_logging_resumes_without_a_flag(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    trainer = Trainer(tiny_config(out, "steps=5", "logging.progress=true", "checkpoint.keep=2"))
+    trainer.close()
+    assert trainer.step == 2 and not trainer.resume_changes
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.prompts_per_step=6", "mesh.data=8"], "6 rollouts per step (prompts_per_step x num_samples) do not split "
+                                                    "over the 8 batch shards"),
+    (["mesh.data=3"], "mesh data=3 fsdp=1 tensor=1 expert=1 needs 3 devices, but there are 8"),
+    (["teacher.random.vocab_size=256"], "student vocab_size 128 != teacher vocab_size 256"),
+    (["rollout.eos_ids=[999]"], "rollout.eos_ids: [999] outside the models' vocabulary of 128 tokens [0, 128)"),
+    (["optimizer.learning_rate=.inf"], "optimizer.learning_rate must be finite, got inf"),
+    (["optimizer.learning_rate=.nan"], "optimizer.learning_rate must be > 0, got nan"),
+    (["optimizer.learning_rate=0"], "optimizer.learning_rate must be > 0, got 0.0"),
+    (["student.path=/no/such/model"], "student.path /no/such/model: "),
+])
+def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    line = one_line_error(capsys, [*TINY, f"output_dir={out}", *overrides])
+    assert message in line
+    assert not out.exists()
+
+
+def test_a_student_path_with_only_pickle_files_is_one_line(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config_to_hf(RandomModelConfig().model_config())))
+    (model / "pytorch_model.bin").write_bytes(b"never unpickled")
+    line = one_line_error(capsys, [*TINY, f"output_dir={tmp_path / 'run'}", f"student.path={model}"])
+    assert f"student.path {model}" in line and "only pickle checkpoint files (pytorch_model.bin)" in line
+
+
+def test_a_duplicated_yaml_key_is_an_error(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 2\nrollout:\n  top_k: 1\n  top_k: 5\n")
+    line = one_line_error(capsys, ["--config", str(path)])
+    assert line == f"error: {path}: invalid YAML: duplicate key 'top_k' (first at line 3) at line 4, column 3"
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert one_line_error(capsys, [*TINY, f"output_dir={blocker / 'run'}"]) == f"error: Not a directory: {blocker}/run"
+    # Root ignores permission bits, so a read-only directory is simulated at the OS call.
+    real = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    line = one_line_error(capsys, [*TINY, f"output_dir={tmp_path / 'ro'}", "steps=1"])
+    assert line.startswith("error: Permission denied: ") and str(tmp_path / "ro") in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="outside the models' vocabulary"):
+        train.main([*TINY, f"output_dir={tmp_path}", "rollout.eos_ids=[999]", "--debug"])
+
+
+# --------------------------------------------------------------------------- failures while training
+
+
+def test_a_full_disk_is_one_line_naming_the_last_complete_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    out = copy_run(trained, tmp_path)
+    real = MetricsLogger.log
+
+    def full(self, step, metrics):
+        if step == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "metrics.jsonl"))
+        return real(self, step, metrics)
+
+    monkeypatch.setattr(MetricsLogger, "log", full)
+    line = one_line_error(capsys, [*TINY, f"output_dir={out}", "steps=3"])
+    assert line == (f"error: No space left on device: {out / 'metrics.jsonl'} (the disk is full); the last complete "
+                    f"checkpoint is step 2 in {out / 'checkpoints'}; the next run resumes from it")
+
+
+def test_a_full_disk_inside_an_orbax_save_is_recognised(trained, tmp_path, monkeypatch):
+    from topd_jax.trainer.checkpointing import Checkpointer
+
+    out = copy_run(trained, tmp_path)
+
+    def save(self, step, *args, **kwargs):  # TensorStore's form: a ValueError carrying the OS text
+        raise ValueError(f"Error writing to {out}/checkpoints/{step}: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    trainer = Trainer(tiny_config(out, "steps=3"))
+    try:
+        with pytest.raises(TrainingError, match=r"^No space left on device \(the disk is full\) while writing a "
+                                                r"checkpoint; the last complete checkpoint is step 2 in "):
+            trainer.run()
+    finally:
+        trainer.close()
+
+
+def test_steps_that_are_all_skipped_stop_the_run(tmp_path, capsys):
+    line = one_line_error(capsys, [*TINY, f"output_dir={tmp_path}", "steps=4", "optimizer.learning_rate=1e30",
+                                   "optimizer.max_grad_norm=null", "optimizer.max_consecutive_skips=1"])
+    assert "1 consecutive steps had a non-finite loss or gradients and were skipped" in line
+    assert "optimizer.max_consecutive_skips=1" in line and "last complete checkpoint is step" in line
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(row) for row in f]
+    assert rows[-1]["skipped"] and len(rows) < 4
+
+
+def test_help_lists_every_config_key_with_its_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("rollout.max_new_tokens: int = 32", "optimizer.max_consecutive_skips: int = 10",
+                 "checkpoint.resume_changed: bool = False", "teacher.random.hidden_size: int = 64"):
+        assert line in out
+    assert "generated tokens per rollout (>= 1)" in out
