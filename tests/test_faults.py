@@ -253,3 +253,23 @@ def test_help_lists_every_config_key_with_its_default(capsys):
                  "checkpoint.resume_changed: bool = False", "teacher.random.hidden_size: int = 64"):
         assert line in out
     assert "generated tokens per rollout (>= 1)" in out
+
+
+def test_export_refuses_weights_that_are_not_finite(trained, tmp_path, capsys):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    out = copy_run(trained, tmp_path)
+    trainer = Trainer(tiny_config(out, "steps=3"))
+    try:
+        nan = jax.tree.map(lambda x: x * jnp.nan, trainer.state.params)
+        trainer.state = dataclasses.replace(trainer.state, params=nan, step=trainer.state.step + 1)
+        trainer.save(force=True)
+    finally:
+        trainer.close()
+    line = one_line_error(capsys, ["--checkpoint", str(out), "--out", str(tmp_path / "hf")], export.main)
+    assert f"checkpoint step 3 in {out / 'checkpoints'}: params/" in line and "holds NaN or inf" in line
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    assert export.main(["--checkpoint", str(out), "--out", str(tmp_path / "hf"), "--step", "2"]) == 0
