@@ -73,3 +73,40 @@ def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
                 f.write("new")
     assert (out / "weights").read_text() == "old"
     assert os.listdir(tmp_path) == ["out"]
+
+
+@pytest.fixture
+def umask_027():
+    previous = os.umask(0o027)
+    yield 0o027
+    os.umask(previous)
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_a_new_directory_follows_the_umask_and_an_existing_one_keeps_its_mode(tmp_path, umask_027):
+    from topd_jax.fileio import umask
+
+    assert umask() == 0o027
+    with replace_directory(tmp_path / "new", replaced=lambda name: True):
+        pass
+    assert _mode(tmp_path / "new") == 0o750  # not mkdtemp's 0700
+    (tmp_path / "old").mkdir()
+    os.chmod(tmp_path / "old", 0o755)
+    with replace_directory(tmp_path / "old", replaced=lambda name: True):
+        pass
+    assert _mode(tmp_path / "old") == 0o755
+
+
+def test_write_file_is_atomic_and_gives_the_mode_open_would(tmp_path, umask_027):
+    from topd_jax.fileio import write_file
+
+    target = tmp_path / "sub" / "config.yaml"
+    write_file(target, "a: 1\n")
+    assert target.read_text() == "a: 1\n" and _mode(target) == 0o640  # not mkstemp's 0600
+    os.chmod(target, 0o604)
+    write_file(target, b"a: 2\n")
+    assert target.read_text() == "a: 2\n" and _mode(target) == 0o604
+    assert os.listdir(target.parent) == ["config.yaml"]  # no temporary left behind

@@ -1,12 +1,62 @@
-"""Crash-safe writes: what a user saved is never lost or half-written."""
+"""Crash-safe writes: what a user saved is never lost or half-written.
+
+Both writers stage into a private temporary (mkstemp/mkdtemp create it 0600/0700) and give it
+the mode a plain `open`/`mkdir` would have before it takes the target's place: the mode of the
+file or directory it replaces, else 0666/0777 less the user's umask. So a 0755 export folder
+stays 0755 and a new config.yaml is 0644 under the usual umask 022.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from typing import Callable, Iterator
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str, *, directory: bool) -> int:
+    """The permission bits for `path`: those it has now, else what open/mkdir would give it."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return (0o777 if directory else 0o666) & ~umask()
+
+
+def write_file(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` to `path` atomically: a temporary file in the same directory, fsynced, given
+    `default_mode(path)`, then renamed over `path`; a crash leaves the old or the new file."""
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not expose an empty file after a crash
+        os.chmod(tmp, default_mode(path, directory=False))
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _fsync_tree(root: str) -> None:
@@ -54,10 +104,12 @@ def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is not a directory")
     os.makedirs(parent, exist_ok=True)
+    mode = default_mode(path, directory=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
     retired_dir = retired = None
     try:
         yield staging
+        os.chmod(staging, mode)  # mkdtemp's 0700 would otherwise become the folder's mode
         if os.path.isdir(path):
             for entry in os.listdir(path):
                 source, target = os.path.join(path, entry), os.path.join(staging, entry)
