@@ -73,3 +73,32 @@ def test_a_trainer_step_on_tfds_prompts(hf_dir, problems_file, tmp_path):
     metrics = trainer.train_step(PhaseTimer())
     trainer.close()
     assert np.isfinite(metrics["loss"]) and (tmp_path / "data" / "math_source").is_dir()
+
+
+def test_jsonl_prompts_accept_a_bom_and_count_bad_lines_by_reason(hf_dir, tmp_path):
+    from topd_jax.prompts import JsonlPrompts
+
+    good = [json.dumps({"problem": f"What is {i}+1?"}) for i in range(7)]
+    bad = ["{not json", json.dumps({"question": "no problem field"}), json.dumps({"problem": ""}),
+           json.dumps(["a list"]), json.dumps({"problem": " ".join(["w2"] * 40)})]
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(good[:1] + bad + good[1:]).encode() + b"\n")
+    prompts = JsonlPrompts(path, load_tokenizer(hf_dir), field="problem", prompt_length=16, batch_size=2, seed=0)
+    assert len(prompts.rows) == 7  # the first line, behind its BOM, is one of them
+    assert dict(prompts.skipped) == {"not valid UTF-8 JSON": 1, "missing or empty 'problem'": 3,
+                                     "longer than prompt_length=16 tokens": 1}
+
+
+def test_the_trainer_reports_skipped_prompt_records_at_start_up(hf_dir, problems_file, tmp_path, capsys):
+    config = load_config("configs/tiny_cpu.yaml", [
+        f"output_dir={tmp_path}", f"student.path={hf_dir}", f"teacher.path={hf_dir}", "data.source=jsonl",
+        f"data.path={problems_file}", "data.prompt_length=16", "logging.progress=false", "logging.tensorboard=false"])
+    trainer = Trainer(config)
+    try:
+        trainer.run(until=0)  # start-up only
+    finally:
+        trainer.close()
+    line = f"data: skipped 3 records of {problems_file} (longer than prompt_length=16 tokens: 1, " \
+           "missing or empty 'problem': 1, not valid UTF-8 JSON: 1)"
+    assert line in (tmp_path / "events.log").read_text()
+    assert line in capsys.readouterr().out  # printed at start-up too

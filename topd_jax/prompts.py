@@ -16,7 +16,8 @@ places each process's shards on its devices.
   (`local = True`), so every host reads and tokenizes only its own prompts.
 - `JsonlPrompts`: problems from a local JSONL file, chat-templated with the student's tokenizer;
   visited in a seeded per-epoch permutation. Records that cannot be used (not JSON, missing or
-  empty field, longer than P tokens) are counted and skipped, reported in `skipped`.
+  empty field, longer than P tokens) are counted and skipped, reported in `skipped` (the
+  trainer writes the counts to events.log at start-up); a UTF-8 byte-order mark is accepted.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from topd_jax.configuration import ConfigError
 from topd_jax.data import synthetic
 from topd_jax.models.tokenizer import encode_prompts
 
@@ -124,7 +126,8 @@ class TfdsPrompts:
         if len(usable) < len(problems):
             self.skipped[f"longer than prompt_length={prompt_length} tokens"] += len(problems) - len(usable)
         if not usable:
-            raise ValueError(f"{path} has no prompt of at most {prompt_length} tokens (skipped: {dict(self.skipped)})")
+            raise ConfigError(f"data.path {path} has no prompt of at most data.prompt_length={prompt_length} tokens "
+                              f"(skipped: {dict(self.skipped)})")
         self.reader = tfds_sources.ShardedReader(_Usable(source, usable), batch_size=batch_size, seed=seed,
                                                  process_index=process_index, process_count=process_count)
         self.tokenizer, self.prompt_length, self.system_prompt = tokenizer, prompt_length, system_prompt
@@ -149,8 +152,8 @@ class JsonlPrompts:
             for raw in f:
                 if not raw.strip():
                     continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
+                try:  # utf-8-sig: a byte-order mark (editors on Windows write one) is not an error
+                    record = json.loads(raw.decode("utf-8-sig"))
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     self.skipped["not valid UTF-8 JSON"] += 1
                     continue
@@ -164,7 +167,8 @@ class JsonlPrompts:
         if len(self.rows) < len(encoded):
             self.skipped[f"longer than prompt_length={prompt_length} tokens"] += len(encoded) - len(self.rows)
         if not self.rows:
-            raise ValueError(f"{path} has no usable prompts in field {field!r} (skipped: {dict(self.skipped)})")
+            raise ConfigError(f"data.path {path} has no usable prompts in data.field {field!r} "
+                              f"(skipped: {dict(self.skipped)})")
         self.prompt_length, self.batch_size, self.seed = prompt_length, batch_size, seed
         self._epoch, self._order = -1, np.arange(0)
 

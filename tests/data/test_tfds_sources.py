@@ -252,3 +252,16 @@ def test_reader_over_a_built_source_returns_text_records(real_sources):
              for i in range(2)]
     ids = sum((_ids(h.batch(0)) for h in hosts), [])
     assert len(set(ids)) == 8 and all(isinstance(i, str) for i in ids)
+
+
+def test_a_source_edited_after_its_build_is_a_one_line_error_naming_the_file(mixed_jsonl, tmp_path):
+    from topd_jax.configuration import ConfigError
+
+    _build_mixed(mixed_jsonl, tmp_path / "tfds")
+    with open(mixed_jsonl, "ab") as f:
+        f.write(json.dumps({"q": "edited", "a": "1"}).encode() + b"\n")
+    with pytest.raises(ConfigError) as info:
+        _build_mixed(mixed_jsonl, tmp_path / "tfds")
+    message = str(info.value)
+    assert "\n" not in message and str(mixed_jsonl) in message
+    assert "its sha256 differ" in message and "edited since it was built" in message and "data.data_dir" in message

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from topd_jax.configuration import ConfigError
 from topd_jax.data import math_sets
 
 _BUILDER_NAME = "math_source"
@@ -97,8 +98,8 @@ class MathSource(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 yield key, dataclasses.asdict(record)  # Integer keys in file order: written order.
                 key += 1
         if key == 0:
-            raise ValueError(f"no usable records in {list(cfg.source_paths)}; skipped "
-                             f"{dict(skipped)}")
+            raise ConfigError(f"no usable records in {list(cfg.source_paths)}; skipped "
+                              f"{dict(skipped)}")
         self.info.metadata["skipped"] = dict(skipped)
         self.info.metadata["source"] = _source_key(cfg)
         logging.info("math_source/%s: wrote %d records, skipped %s", cfg.name, key,
@@ -134,9 +135,13 @@ def build_dataset(source_path: str | os.PathLike | Sequence[str | os.PathLike], 
     builder = MathSource(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     if builder.data_path.exists():
         built = (builder.info.metadata or {}).get("source")
-        if built != _source_key(config):
-            raise ValueError(f"dataset {name!r} in {builder.data_path} was built from another "
-                             f"source ({built}); pick another name or delete that directory")
+        current = _source_key(config)
+        if built != current:  # most often the source file was edited after the build
+            differ = [key for key in current if (built or {}).get(key) != current[key]]
+            edited = " (the file was edited since it was built)" if differ == ["sha256"] else ""
+            raise ConfigError(f"dataset {name!r} in {builder.data_path} was built from another source: its "
+                              f"{', '.join(differ)} differ from {', '.join(paths)}{edited}; set another "
+                              "data.data_dir, or delete that directory to rebuild")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
     return builder
