@@ -51,8 +51,8 @@ def test_the_summary_tables_report_mean_std_and_the_step_time_ratio():
             for m, t, low, accs in (("opd", 0.02, None, (0.2, 0.4)), ("topd", 0.03, 0.3, (0.5, 0.7)))
             for s, acc in enumerate(accs)}
     locators = {"candidates": 100.0, "fork_share": 0.5, "ot_precision": 0.8, "ot_recall": 0.6,
-                "ot_low_divergence_share": 0.3, "proxy_precision": 0.7, "proxy_recall": 0.4,
-                "proxy_low_divergence_share": 0.5}
+                "ot_low_divergence_share": 0.3, "window_kl_precision": 0.7, "window_kl_recall": 0.4,
+                "window_kl_low_divergence_share": 0.5}
     text = M.summary({"teacher_accuracy": 1.0, "student_accuracy": 0.2, "eval_problems": 8, "steps": 10,
                       "seeds": [0, 1], "runs": runs, "locators": locators})
     assert "| opd | 30.0% +- 10.0% | - | 20 ms | 1.00x |" in text

@@ -27,17 +27,17 @@ import optax
 from flax import nnx
 
 from topd_jax.data import synthetic
-from topd_jax.losses.candidates import gather_tokens, window_kl_proxy
-from topd_jax.losses.divergence import divergence_threshold
-from topd_jax.losses.topd import TopdConfig
+from topd_jax.losses.locators import LOCATORS
+from topd_jax.losses.topd import TopdConfig, topd_weights
 from topd_jax.models.checkpoint import load_pretrained, save_pretrained
 from topd_jax.models.decoder import CausalLM
 from topd_jax.prompts import left_pad
 from topd_jax.sampling import generate
 from topd_jax.trainer import placement
-from topd_jax.trainer.config import ModelSpec, RandomModelConfig, TrainConfig, load_config
+from topd_jax.trainer.config import ModelSpec, RandomModelConfig, RolloutConfig, TrainConfig, load_config
 from topd_jax.trainer.loop import Trainer, build_model
-from topd_jax.trainer.step import Sampling, init_state, locate, sample, score_teacher
+from topd_jax.trainer.step import (StudentLogprobs, experience, init_state, locate, loss_inputs, sample,
+                                   score_teacher)
 
 VOCAB = len(synthetic.VOCAB)
 TEACHER = RandomModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
@@ -197,7 +197,7 @@ def distil(config: TrainConfig, problems: Sequence[synthetic.Problem], *, eval_e
 def _phases(graphdef, params, teacher_graphdef, teacher_params, prompts, mask, key, *, loss):
     """sample -> score -> locate of the student's rollouts at temperature 1, one program."""
     student, teacher = nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params)
-    options = Sampling(max_new_tokens=MAX_COMPLETION, eos_ids=(synthetic.EOS_ID,))
+    options = RolloutConfig(max_new_tokens=MAX_COMPLETION, eos_ids=(synthetic.EOS_ID,))
     k_sample, k_locate = jax.random.split(key)
     rollout = sample(student, prompts, mask, k_sample, options)
     scores = score_teacher(teacher, rollout, chunk_size=1024, return_cache=True)
@@ -214,22 +214,20 @@ def located_rollouts(student: CausalLM, teacher: CausalLM, loss: TopdConfig, pro
 
 
 def _candidate_decisions(student, teacher, loss: TopdConfig, problems, key) -> dict[str, np.ndarray]:
-    """For one batch: fork labels, OT and proxy decisions at the valid candidates (flat arrays)."""
+    """For one batch: fork labels and every locator's verdict (divergent or not) at the valid,
+    labelled candidates (flat arrays). Each verdict is the training rule itself: `topd_weights`
+    with the run's config and that locator (the OT distances come from the branches of
+    `located_rollouts`, the window_kl proxy from the rollout)."""
     rollout, scores, located = located_rollouts(student, teacher, loss, problems, key)
-    valid = np.asarray(located.valid)
-    tau_ot, _ = divergence_threshold(located.ot, located.valid, mode="reference", reference_ot=located.reference_ot,
-                                     reference_valid=located.reference_valid, quantile=loss.threshold_quantile)
-    d = rollout.logprobs - scores.logprobs
-    proxy = window_kl_proxy(d, rollout.mask, window=loss.window)
-    cand_proxy = gather_tokens(proxy, located.positions)
-    tau_proxy, _ = divergence_threshold(cand_proxy, located.valid, mode="reference",
-                                        reference_ot=gather_tokens(proxy, located.reference_positions),
-                                        reference_valid=located.reference_valid, quantile=loss.threshold_quantile)
+    inputs = loss_inputs(experience(rollout, scores, located), StudentLogprobs(rollout.logprobs))
     tokens, positions = np.asarray(rollout.tokens), np.asarray(located.positions)
     labels = np.stack([synthetic.fork_labels(p, row)[pos] for p, row, pos in zip(problems, tokens, positions)])
-    keep = valid & (labels >= 0)
-    return {"fork": labels[keep] == 1, "ot": np.asarray(located.ot >= tau_ot)[keep],
-            "proxy": np.asarray(cand_proxy >= tau_proxy)[keep]}
+    keep = np.asarray(located.valid) & (labels >= 0)
+    out = {"fork": labels[keep] == 1}
+    for name in LOCATORS:
+        selection = topd_weights(inputs, dataclasses.replace(loss, locator=name))
+        out[name] = np.asarray(selection.divergent)[keep]
+    return out
 
 
 def precision_recall(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -251,15 +249,15 @@ def locator_analysis(student: CausalLM, teacher: CausalLM, *, loss: TopdConfig, 
     Over `batches` batches of student rollouts (temperature 1), every valid candidate (top 20% of
     d_t, at most M per rollout) whose token the fork labels cover is one sample. Reported:
     candidates, fork_share (the share of candidates at true forks), low_divergence_share (the
-    share the OT locator puts below tau) and precision / recall of "divergent" against "fork"
-    for the OT locator (reference threshold) and the window_kl proxy (same threshold rule on its
-    own scores).
+    share the OT locator puts below tau) and, for every locator of `LOCATORS` (ot, window_kl),
+    <locator>_precision / _recall of "divergent" against "fork" and its low-divergence share,
+    all under the threshold rule of `loss` (`divergent_states`).
     """
     parts = [_candidate_decisions(student, teacher, loss, synthetic.problems(seed + 20_000, i, batch_size),
                                   jax.random.PRNGKey(seed * 1000 + i)) for i in range(batches)]
     fork = np.concatenate([p["fork"] for p in parts])
     out = {"candidates": float(fork.size), "fork_share": _share(fork)}
-    for name in ("ot", "proxy"):
+    for name in LOCATORS:
         divergent = np.concatenate([p[name] for p in parts])
         out[f"{name}_precision"], out[f"{name}_recall"] = precision_recall(divergent, fork)
         out[f"{name}_low_divergence_share"] = 1.0 - _share(divergent)
@@ -287,7 +285,7 @@ def reproduce(out_dir: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 60
     results: dict[str, Any] = {"teacher_accuracy": accuracy(teacher, problems),
                                "student_accuracy": accuracy(student, problems), "steps": steps,
                                "seeds": list(seeds), "eval_problems": eval_count, "runs": {}}
-    loss = distil_config(student_dir, teacher_dir, preset="topd", seed=0, steps=1, output_dir=out_dir).topd_config()
+    loss = distil_config(student_dir, teacher_dir, preset="topd", seed=0, steps=1, output_dir=out_dir).loss
     if locator_batches:
         results["locators"] = locator_analysis(student, teacher, loss=loss, batches=locator_batches, batch_size=32)
     for method in methods:
@@ -332,7 +330,7 @@ def summary(results: dict[str, Any]) -> str:
     lines += ["", f"Locators on {int(loc['candidates'])} high-loss candidates of the SFT'd student "
               f"({loc['fork_share']:.1%} at true forks):", "",
               "| locator | precision | recall | low-divergence share |", "| --- | --- | --- | --- |"]
-    for name, label in (("ot", "OT (branch + Sinkhorn)"), ("proxy", "window_kl proxy")):
+    for name, label in (("ot", "OT (branch + Sinkhorn)"), ("window_kl", "window_kl proxy")):
         lines.append(f"| {label} | {loc[f'{name}_precision']:.1%} | {loc[f'{name}_recall']:.1%} | "
                      f"{loc[f'{name}_low_divergence_share']:.1%} |")
     return "\n".join(lines)

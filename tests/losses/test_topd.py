@@ -133,7 +133,8 @@ def test_window_kl_locator_needs_no_branches():
     loss, metrics = topd_loss(inputs, config)
     np.testing.assert_allclose(loss, 0.4, rtol=1e-6)
     np.testing.assert_allclose(metrics["low_divergence_share"], 2 / 3, rtol=1e-6)
-    np.testing.assert_allclose(metrics["ot_candidates_mean"], 0.2, rtol=1e-6)
+    np.testing.assert_allclose(metrics["window_kl_candidates_mean"], 0.2, rtol=1e-6)
+    assert "ot_candidates_mean" not in metrics  # proxy scores are not reported as OT distances
     assert not config.uses_windows and TopdConfig.preset("topd").uses_windows
 
 
@@ -197,7 +198,7 @@ def test_presets_and_config_errors():
         TopdConfig.from_dict({"supress_weight": 0.1})
     with pytest.raises(ConfigError, match="window: expected int, got 'fifty'"):
         TopdConfig.from_dict({"window": "fifty"})
-    with pytest.raises(ConfigError, match=r"TopdConfig.candidate_quantile must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"candidate_quantile must be in \[0, 1\], got 1.5"):
         TopdConfig(candidate_quantile=1.5)
 
 

@@ -41,7 +41,7 @@ def test_tiny_cpu_config_loads_with_matching_vocabularies():
     assert (student.hidden_size, teacher.hidden_size, student.num_layers, teacher.num_layers) == (32, 64, 2, 2)
     assert (config.steps, config.output_dir) == (20, "runs/tiny_cpu")
     assert (config.rollout.prompts_per_step, config.rollout.max_new_tokens, config.data.prompt_length) == (8, 24, 8)
-    loss = config.topd_config()
+    loss = config.loss
     assert (loss.window, loss.max_candidates, loss.num_reference) == (8, 4, 2)
     assert config.optimizer.learning_rate == 1e-3 and config.checkpoint.every == 10 and config.checkpoint.keep == 2
     assert config.distributed.initialize == "off"
@@ -54,7 +54,7 @@ def test_paper_config_loads_with_the_paper_models_and_default_loss():
     assert config.student.path.endswith("Qwen3-4B-Instruct-2507")
     assert config.student.dtype == config.teacher.dtype == "bfloat16"
     assert config.data.source == "jsonl" and config.data.path
-    assert config.topd_config() == TopdConfig()  # window 50, max_candidates 8
+    assert config.loss == TopdConfig()  # window 50, max_candidates 8
     assert (config.optimizer.learning_rate, config.optimizer.schedule) == (1e-6, "cosine")
     assert config.mesh.resolve(8) == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
     assert (config.checkpoint.every, config.checkpoint.keep) == (50, 3)
@@ -79,14 +79,14 @@ def test_no_file_gives_the_defaults_with_a_larger_teacher_of_the_same_vocabulary
 @pytest.mark.parametrize("override, get, expected", [
     ("output_dir=/tmp/x", lambda c: c.output_dir, "/tmp/x"),
     ("steps=2", lambda c: c.steps, 2),
-    ("preset=opd", lambda c: c.topd_config(), TopdConfig.preset("opd", window=8, max_candidates=4, num_reference=2)),
+    ("preset=opd", lambda c: c.loss, TopdConfig.preset("opd", window=8, max_candidates=4, num_reference=2)),
     ("seed=3", lambda c: c.seed, 3),
     ("chunk_size=64", lambda c: c.chunk_size, 64),
     ("rollout.max_new_tokens=16", lambda c: c.rollout.max_new_tokens, 16),
     ("rollout.eos_ids=[1, 2]", lambda c: c.rollout.eos_ids, (1, 2)),
     ("rollout.temperature=0", lambda c: c.rollout.temperature, 0.0),
-    ("loss.window=5", lambda c: c.topd_config().window, 5),
-    ("loss.traj_loss=topk_fkl", lambda c: c.topd_config().traj_loss, "topk_fkl"),
+    ("loss.window=5", lambda c: c.loss.window, 5),
+    ("loss.traj_loss=topk_fkl", lambda c: c.loss.traj_loss, "topk_fkl"),
     ("student.path=/models/s", lambda c: c.student.path, "/models/s"),
     ("student.random.hidden_size=16", lambda c: c.student.random.hidden_size, 16),
     ("teacher.dtype=bfloat16", lambda c: c.teacher.dtype, "bfloat16"),
@@ -164,7 +164,7 @@ def test_unknown_key_in_the_yaml_file(tmp_path):
     ("rollout.eos_ids=[1, x]", "rollout.eos_ids[1]:", "expected int", "'x' (str)"),
     ("student.random.family=gpt2", "student.random.family:", "'qwen3' | 'qwen3_moe'", "'gpt2' (str)"),
     ("rollout=3", "rollout:", "expected a mapping of RolloutConfig keys", "3 (int)"),
-    ("loss=[1]", "loss:", "expected dict[str, Any]", "[1] (list)"),
+    ("loss=[1]", "loss:", "expected a mapping of TopdConfig keys", "[1] (list)"),
 ])
 def test_wrong_type_names_key_expected_type_and_value_given(override, start, expected, given):
     message = error(None, [override])
@@ -396,3 +396,18 @@ def test_on_passes_the_configured_coordinator(fake_initialize):
 def test_process_id_must_fit_num_processes():
     assert error(None, ["distributed.num_processes=2", "distributed.process_id=2"]).startswith(
         "distributed.process_id must be in [0, num_processes)")
+
+
+def test_loss_is_a_typed_section_with_the_preset_applied_on_load():
+    config = load_config(None, ["preset=opd", "loss.window=5"])
+    assert config.loss == TopdConfig.preset("opd", window=5)
+    assert load_config(None, ["preset=opd_suppress"]).loss == TopdConfig.preset("opd_suppress")
+    # The resolved config (every loss field written out) loads back to the same config.
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert hash(TrainConfig.from_dict(config.to_dict())) == hash(config)
+
+
+def test_window_temperature_is_a_rollout_option():
+    assert load_config(None, ["rollout.window_temperature=0.5"]).rollout.window_temperature == 0.5
+    assert error(None, ["rollout.window_temperature=-1"]) == "rollout.window_temperature must be >= 0 or null, got -1.0"
+    assert error(None, ["loss.window_temperature=0.5"]).startswith("unknown config key 'loss.window_temperature'")

@@ -14,7 +14,8 @@ from topd_jax.trainer import placement
 from topd_jax.trainer.config import load_config
 from topd_jax.trainer.flops import PhaseTimer
 from topd_jax.trainer.loop import Trainer, build_model
-from topd_jax.trainer.step import (Sampling, cross_entropy, experience, init_state, locate, sample, score_teacher,
+from topd_jax.trainer.config import RolloutConfig
+from topd_jax.trainer.step import (cross_entropy, experience, init_state, locate, sample, score_teacher,
                                    sft_update, update)
 
 TINY = ["rollout.prompts_per_step=8", "rollout.max_new_tokens=12", "data.prompt_length=6", "loss.window=4",
@@ -57,7 +58,7 @@ def test_sharded_step_equals_the_single_device_step(tmp_path, single_device_step
 # ------------------------------------------------------------------ pure functions, one device
 
 CFG = load_config(None, ["student.random.vocab_size=64", "teacher.random.vocab_size=64"])
-OPTIONS = Sampling(max_new_tokens=10)
+OPTIONS = RolloutConfig(max_new_tokens=10)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@
     rollout (s, b, q, m) -> opd_loss                          section 1
                          -> select_candidates                  section 2
     windows (embeddings) -> ot_distance                        section 4
-    OT distances         -> divergent_mask                     section 4 (threshold)
+    OT distances         -> divergent_mask / divergent_states  section 4 (threshold)
     everything           -> topd_loss(TopdInputs, TopdConfig)  sections 5-6
+                            = topd_weights -> topd_objective, topd_diagnostics
+    LOCATORS: the table of ways to score D (ot, window_kl), see `locators`.
 """
 
 from topd_jax.losses.candidates import (
@@ -13,7 +15,8 @@ from topd_jax.losses.candidates import (
     select_candidates,
     window_kl_proxy,
 )
-from topd_jax.losses.divergence import divergence_threshold, divergent_mask
+from topd_jax.losses.divergence import divergence_threshold, divergent_mask, divergent_states
+from topd_jax.losses.locators import LOCATORS, Locator
 from topd_jax.losses.opd import aggregate, opd_loss, reverse_kl, reverse_kl_on_support
 from topd_jax.losses.ot import cosine_cost, ot_distance, sinkhorn_plan
 from topd_jax.losses.stats import masked_quantile, spearman
@@ -21,17 +24,23 @@ from topd_jax.losses.topd import (
     TopdConfig,
     TopdInputs,
     forward_kl_topk,
+    topd_diagnostics,
     topd_loss,
+    topd_objective,
+    topd_weights,
     trajectory_loss,
 )
 
 __all__ = [
+    "LOCATORS",
+    "Locator",
     "TopdConfig",
     "TopdInputs",
     "aggregate",
     "cosine_cost",
     "divergence_threshold",
     "divergent_mask",
+    "divergent_states",
     "forward_kl_topk",
     "gather_tokens",
     "masked_quantile",
@@ -43,7 +52,10 @@ __all__ = [
     "select_candidates",
     "sinkhorn_plan",
     "spearman",
+    "topd_diagnostics",
     "topd_loss",
+    "topd_objective",
+    "topd_weights",
     "trajectory_loss",
     "window_kl_proxy",
 ]

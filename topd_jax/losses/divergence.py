@@ -16,7 +16,7 @@ Shapes: B rollouts, M candidates, R reference positions.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,12 @@ def divergence_threshold(
     return jnp.where(defined, value, -jnp.inf), defined
 
 
+def above_threshold(scores: Array, valid: Array, tau: Array) -> Array:
+    """R = {(b, m) valid : D_bm >= tau}: [B, M] x2, [] -> bool [B, M]. The one comparison that
+    decides a real divergent state, wherever one is decided."""
+    return (valid > 0) & (scores >= tau)
+
+
 def divergent_mask(
     ot: Array,
     valid: Array,
@@ -84,4 +90,30 @@ def divergent_mask(
         quantile=quantile,
         tau=tau,
     )
-    return (valid > 0) & (ot >= threshold)
+    return above_threshold(ot, valid, threshold)
+
+
+def divergent_states(
+    scores: Array,
+    valid: Array,
+    config: Any,
+    *,
+    reference: Array | None = None,
+    reference_valid: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """The run's rule: `divergent_mask` with the threshold options of `config` (a TopdConfig:
+    threshold_mode, threshold_quantile, tau). Returns (divergent [B, M], tau [], defined []).
+
+    Training (`topd_loss`), the demo's rollout view and the miniature's locator analysis all
+    call this, so a state is labelled divergent in exactly one way for a given config.
+    """
+    tau, defined = divergence_threshold(
+        scores,
+        valid,
+        mode=config.threshold_mode,
+        reference_ot=reference,
+        reference_valid=reference_valid,
+        quantile=config.threshold_quantile,
+        tau=config.tau,
+    )
+    return above_threshold(scores, valid, tau), tau, defined

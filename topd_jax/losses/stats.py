@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec
 Array = jax.Array
 
 
-def replicated(*xs: Array) -> tuple[Array, ...]:
+def unsharded(*xs: Array) -> tuple[Array, ...]:
     """The arrays without explicit sharding. Order statistics over a whole batch (sort, ranks)
     need every element on every device; under an Explicit-axes mesh that must be said."""
 
@@ -26,7 +26,7 @@ def masked_quantile(values: Array, valid: Array, q: float) -> tuple[Array, Array
 
     Returns (quantile, defined); `defined` is False and the quantile 0 when nothing is valid.
     """
-    values, valid = replicated(values, valid)
+    values, valid = unsharded(values, valid)
     if values.size == 0:
         return jnp.zeros((), jnp.float32), jnp.asarray(False)
     x = values.reshape(-1).astype(jnp.float32)
@@ -62,7 +62,7 @@ def spearman(x: Array, y: Array, valid: Array) -> Array:
 
     rho = Pearson(rank(x), rank(y)) with average ranks for ties, as scipy.stats.spearmanr.
     """
-    x, y, valid = replicated(x, y, valid)
+    x, y, valid = unsharded(x, y, valid)
     x = x.reshape(-1)
     y = y.reshape(-1)
     v = valid.reshape(-1)
@@ -78,7 +78,7 @@ def spearman(x: Array, y: Array, valid: Array) -> Array:
 
 def masked_histogram(values: Array, valid: Array, *, bins: int, low: float, high: float) -> Array:
     """Counts of values[valid] in `bins` equal bins over [low, high] (outliers clipped in). -> [bins]."""
-    values, valid = replicated(values, valid)
+    values, valid = unsharded(values, valid)
     x = values.reshape(-1).astype(jnp.float32)
     idx = jnp.clip(jnp.floor((x - low) / (high - low) * bins), 0, bins - 1).astype(jnp.int32)
     return jnp.zeros((bins,), jnp.float32).at[idx].add(valid.reshape(-1).astype(jnp.float32))

@@ -11,21 +11,28 @@ k teacher top-k.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from topd_jax import configuration
-from topd_jax.losses.candidates import gather_tokens, select_candidates, window_kl_proxy
-from topd_jax.losses.divergence import THRESHOLD_MODES, divergence_threshold
+from topd_jax.losses.candidates import gather_tokens, select_candidates
+from topd_jax.losses.divergence import THRESHOLD_MODES, divergent_states
+from topd_jax.losses.locators import LOCATORS, get_locator, require
 from topd_jax.losses.opd import AGGREGATIONS, opd_loss
 from topd_jax.losses.ot import DEFAULT_EPSILON, DEFAULT_NUM_ITERS
 from topd_jax.losses.stats import masked_histogram, spearman
 
 Array = jax.Array
 OT_HISTOGRAM_BINS = 20
-PRESETS = ("opd", "opd_suppress", "topd")
+# Each preset is the fields it sets; everything else keeps the TopdConfig default.
+PRESETS: dict[str, dict[str, Any]] = {
+    "opd": {"suppress_weight": 1.0, "traj_weight": 0.0},
+    "opd_suppress": {"suppress_weight": 0.0, "traj_weight": 0.0},
+    "topd": {},
+}
 _LOG_ZERO = -1e30
 
 
@@ -39,9 +46,9 @@ class TopdConfig:
     rho = 1 - q       candidate_quantile  0.8: candidates are the top 20% of d_t per rollout
     M                 max_candidates      candidates per rollout (compute budget)
     K                 window              look-ahead tokens per branch
-    window temp.      window_temperature  None = the rollout's temperature
     R                 num_reference       reference branches per rollout (reference mode)
-    locator           locator             ot (branch + OT) | window_kl (zero-branch proxy)
+    locator           locator             a name in losses.locators.LOCATORS: ot (branch + OT) |
+                                          window_kl (zero-branch proxy)
     threshold mode    threshold_mode      reference | quantile | absolute
     q                 threshold_quantile  quantile of the reference/candidate distances
     tau               tau                 fixed threshold (absolute mode)
@@ -59,9 +66,8 @@ class TopdConfig:
     candidate_quantile: float = 0.8
     max_candidates: int = 8
     window: int = 50
-    window_temperature: float | None = None
     num_reference: int = 2
-    locator: Literal["ot", "window_kl"] = "ot"
+    locator: str = "ot"
     threshold_mode: Literal["reference", "quantile", "absolute"] = "reference"
     threshold_quantile: float = 0.5
     tau: float | None = None
@@ -74,43 +80,43 @@ class TopdConfig:
     ot_num_iters: int = DEFAULT_NUM_ITERS
 
     def __post_init__(self):
-        # (field, ok, requirement): each failure is one line naming the field and its value.
-        checks = [
-            ("clip_eps", self.clip_eps is None or self.clip_eps > 0, "> 0 or None"),
-            ("agg", self.agg in AGGREGATIONS, f"one of {AGGREGATIONS}"),
-            ("candidate_quantile", 0.0 <= self.candidate_quantile <= 1.0, "in [0, 1]"),
-            ("max_candidates", self.max_candidates >= 0, ">= 0"),
-            ("window", self.window >= 1, ">= 1"),
-            ("window_temperature", self.window_temperature is None or self.window_temperature >= 0, ">= 0 or None"),
-            ("num_reference", self.num_reference >= 0, ">= 0"),
-            ("locator", self.locator in ("ot", "window_kl"), "'ot' or 'window_kl'"),
-            ("threshold_mode", self.threshold_mode in THRESHOLD_MODES, f"one of {THRESHOLD_MODES}"),
-            ("threshold_quantile", 0.0 <= self.threshold_quantile <= 1.0, "in [0, 1]"),
-            ("tau", self.threshold_mode != "absolute" or self.tau is not None, "set when threshold_mode='absolute'"),
-            ("num_reference", self.threshold_mode != "reference" or self.num_reference > 0, "> 0 when threshold_mode='reference'"),
-            ("suppress_weight", 0.0 <= self.suppress_weight <= 1.0, "in [0, 1]"),
-            ("traj_weight", self.traj_weight >= 0.0, ">= 0"),
-            ("traj_gamma", self.traj_gamma > 0.0, "> 0"),
-            ("traj_loss", self.traj_loss in ("sampled", "topk_fkl"), "'sampled' or 'topk_fkl'"),
-            ("traj_top_k", self.traj_top_k >= 1, ">= 1"),
-            ("ot_epsilon", self.ot_epsilon > 0.0, "> 0"),
-            ("ot_num_iters", self.ot_num_iters >= 1, ">= 1"),
-        ]
-        for name, ok, requirement in checks:
-            if not ok:
-                raise configuration.ConfigError(f"TopdConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
+        configuration.check(
+            ("clip_eps", self.clip_eps is None or (math.isfinite(self.clip_eps) and self.clip_eps > 0),
+             "finite and > 0, or None", self.clip_eps),
+            ("agg", self.agg in AGGREGATIONS, f"one of {AGGREGATIONS}", self.agg),
+            ("candidate_quantile", 0.0 <= self.candidate_quantile <= 1.0, "in [0, 1]", self.candidate_quantile),
+            ("max_candidates", self.max_candidates >= 0, ">= 0", self.max_candidates),
+            ("window", self.window >= 1, ">= 1", self.window),
+            ("num_reference", self.num_reference >= 0, ">= 0", self.num_reference),
+            ("locator", self.locator in LOCATORS, f"one of {tuple(LOCATORS)}", self.locator),
+            ("threshold_mode", self.threshold_mode in THRESHOLD_MODES, f"one of {THRESHOLD_MODES}",
+             self.threshold_mode),
+            ("threshold_quantile", 0.0 <= self.threshold_quantile <= 1.0, "in [0, 1]", self.threshold_quantile),
+            ("tau", self.threshold_mode != "absolute" or self.tau is not None, "set when threshold_mode='absolute'",
+             self.tau),
+            ("num_reference", self.threshold_mode != "reference" or self.num_reference > 0,
+             "> 0 when threshold_mode='reference'", self.num_reference),
+            ("suppress_weight", 0.0 <= self.suppress_weight <= 1.0, "in [0, 1]", self.suppress_weight),
+            ("traj_weight", self.traj_weight >= 0.0, ">= 0", self.traj_weight),
+            ("traj_gamma", self.traj_gamma > 0.0, "> 0", self.traj_gamma),
+            ("traj_loss", self.traj_loss in ("sampled", "topk_fkl"), "'sampled' or 'topk_fkl'", self.traj_loss),
+            ("traj_top_k", self.traj_top_k >= 1, ">= 1", self.traj_top_k),
+            ("ot_epsilon", self.ot_epsilon > 0.0, "> 0", self.ot_epsilon),
+            ("ot_num_iters", self.ot_num_iters >= 1, ">= 1", self.ot_num_iters),
+        )
+
+    @staticmethod
+    def preset_values(name: str) -> dict[str, Any]:
+        """The fields a preset sets (every other field keeps its default):
+        opd (section 1 only), opd_suppress (candidates, locator, suppression), topd (everything)."""
+        if name not in PRESETS:
+            raise configuration.ConfigError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
+        return dict(PRESETS[name])
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TopdConfig":
-        """opd (section 1 only), opd_suppress (candidates, OT, suppression), topd (everything)."""
-        presets = {
-            "opd": {"suppress_weight": 1.0, "traj_weight": 0.0},
-            "opd_suppress": {"suppress_weight": 0.0, "traj_weight": 0.0},
-            "topd": {},
-        }
-        if name not in presets:
-            raise configuration.ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")
-        return cls.from_dict({**presets[name], **overrides})
+        """The preset `name` with `overrides` (typed, one-line errors naming the key)."""
+        return cls.from_dict({**cls.preset_values(name), **overrides})
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TopdConfig":
@@ -125,7 +131,7 @@ class TopdConfig:
     @property
     def uses_windows(self) -> bool:
         """Whether both models must branch K-token windows from the candidates."""
-        return self.uses_candidates and (self.locator == "ot" or self.traj_weight != 0.0)
+        return self.uses_candidates and (LOCATORS[self.locator].branches or self.traj_weight != 0.0)
 
 
 @jax.tree_util.register_dataclass
@@ -134,7 +140,8 @@ class TopdInputs:
     """Arrays for `topd_loss`. Only the first four are always needed.
 
     rollout:     student_logprobs, behaviour_logprobs, teacher_logprobs [B, T] float; mask [B, T]
-    candidates:  positions [B, M] int, valid [B, M] bool (selected from d if omitted)
+    candidates:  positions [B, M] int, valid [B, M] bool (selected from d if omitted; a slot at a
+                 masked token or outside [0, T) is not a candidate, see `candidate_slots`)
     divergence:  ot [B, M]; reference_ot [B, R], reference_valid [B, R]; reference_positions
                  [B, R] (the window_kl locator scores references there)
     guidance:    window_logprobs [B, M, K]: student log pi_s(v_k | x, y_<t, v_<k) of the
@@ -189,6 +196,8 @@ def trajectory_loss(
     valid token do not count in |R|.
     """
     k = step_loss.shape[-1]
+    if k == 0:  # K = 0: no window token to guide along, like M = 0
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
     mask = window_mask.astype(jnp.float32)
     # l_r is invariant to rescaling w: divide by the largest valid weight, finite for any gamma.
     log_w = jnp.arange(k, dtype=jnp.float32) * jnp.log(jnp.asarray(gamma, jnp.float32))
@@ -200,12 +209,6 @@ def trajectory_loss(
     count = jnp.sum(counted)
     loss = jnp.sum(jnp.where(counted, per_window, 0.0)) / jnp.maximum(count, 1)
     return loss, count
-
-
-def _require(value: Array | None, name: str, why: str) -> Array:
-    if value is None:
-        raise ValueError(f"TopdInputs.{name} is required {why}")
-    return value
 
 
 # The named axes of every TopdInputs field, in order (shapes as in the module docstring).
@@ -250,29 +253,13 @@ def check_shapes(inputs: TopdInputs) -> dict[str, int]:
     return sizes
 
 
-def _locator_scores(inputs: TopdInputs, config: TopdConfig, divergence: Array, positions: Array):
-    """D at the candidates [B, M], and at the references [B, R] when they are available."""
-    needs_reference = config.threshold_mode == "reference"
-    if config.locator == "window_kl":
-        proxy = window_kl_proxy(divergence, inputs.mask, window=config.window)
-        ref_positions = inputs.reference_positions
-        if needs_reference:
-            ref_positions = _require(ref_positions, "reference_positions", "for locator='window_kl' with threshold_mode='reference'")
-        reference = None if ref_positions is None else gather_tokens(proxy, ref_positions)
-        return gather_tokens(proxy, positions), reference
-    ot = _require(inputs.ot, "ot", "for locator='ot' when candidates are used")
-    if needs_reference:
-        _require(inputs.reference_ot, "reference_ot", "for threshold_mode='reference'")
-    return ot, inputs.reference_ot
-
-
 def _window_step_loss(inputs: TopdInputs, config: TopdConfig, window_mask: Array) -> Array:
     """ell_k [B, M, K]: -log pi_s(v_k | ...) or the top-k forward KL at each window step."""
     if config.traj_loss == "sampled":
-        return -_require(inputs.window_logprobs, "window_logprobs", "when traj_weight > 0")
+        return -require(inputs.window_logprobs, "window_logprobs", "when traj_weight > 0")
     why = "for traj_loss='topk_fkl'"
-    student = _require(inputs.window_student_topk_logprobs, "window_student_topk_logprobs", why)
-    teacher = _require(inputs.window_teacher_topk_logprobs, "window_teacher_topk_logprobs", why)
+    student = require(inputs.window_student_topk_logprobs, "window_student_topk_logprobs", why)
+    teacher = require(inputs.window_teacher_topk_logprobs, "window_teacher_topk_logprobs", why)
     # Steps past a window's end may hold anything (e.g. -inf); keep them out of the arithmetic.
     step_valid = (window_mask > 0)[..., None]
     return forward_kl_topk(jnp.where(step_valid, student, 0.0), jnp.where(step_valid, teacher, 0.0))
@@ -282,99 +269,144 @@ def _mean_where(values: Array, where: Array) -> Array:
     return jnp.sum(jnp.where(where, values, 0.0)) / jnp.maximum(jnp.sum(where), 1)
 
 
-def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, Array]]:
-    """The TOPD loss and its diagnostics; pure and jittable (config is static).
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What `topd_weights` decides: the candidates, their D, the real divergent states and w.
 
-        d_t    = b_t - q_t;  C = select_candidates(d) (or inputs.positions/valid)
-        D      = OT distances (locator 'ot') or window-KL proxy (locator 'window_kl') at C
-        R      = {c in C : D_c >= tau}                                (`divergent_mask`)
-        w_t    = alpha if t in C \\ R else 1
-        L      = L_OPD(w) + lambda * L_traj(R)
-
-    Metrics (TOPD.md section 6): loss, loss_opd, loss_traj, reverse_kl_sampled,
-    importance_ratio, clip_fraction, suppressed_fraction (share of valid tokens whose OPD weight
-    is alpha < 1), rollout_length_mean; when candidates are scored: num_candidates,
-    num_divergent, low_divergence_share (share of the valid candidates, at most M per rollout,
-    with D < tau), loss_ot_spearman (Spearman of d vs D over candidates), divergence_threshold,
-    ot_candidates_mean, ot_hist_candidates, window_length_mean, and with references
-    ot_reference_mean, ot_hist_reference (histograms: counts in 20 bins over [0, 2]; with the
-    window_kl locator the ot_* names hold proxy scores); eos_rate and teacher_agreement when
-    `finished` / `teacher_agrees` are given.
+    positions [B, M] int32 and valid [B, M] bool (candidates C; a slot is valid only at a valid
+    token inside [0, T)); scores [B, M] (D at C); reference / reference_valid [B, R] or None;
+    tau [] and tau_defined []; divergent [B, M] (R); suppressed [B, T] (tokens of C \\ R);
+    weights [B, T] (w_t).
     """
-    check_shapes(inputs)
+
+    positions: Array
+    valid: Array
+    scores: Array
+    reference: Array | None
+    reference_valid: Array | None
+    tau: Array
+    tau_defined: Array
+    divergent: Array
+    suppressed: Array
+    weights: Array
+
+
+def candidate_slots(inputs: TopdInputs, config: TopdConfig, divergence: Array) -> tuple[Array, Array]:
+    """C: positions [B, M] int32 and valid [B, M] bool.
+
+        C = select_candidates(d)                   when inputs.positions is None
+        C = {(b, m) : valid_bm, 0 <= t_bm < T, mask_b,t_bm}   for caller-supplied positions
+
+    A supplied slot at a masked token or outside [0, T) is not a candidate (it is masked, never
+    clamped onto another token); its position is clipped only so that gathers stay in bounds.
+    """
     mask = inputs.mask
-    valid_tokens = mask > 0
+    if inputs.positions is None:
+        return select_candidates(divergence, mask, quantile=config.candidate_quantile,
+                                 max_candidates=config.max_candidates)
+    t = mask.shape[-1]
+    positions = inputs.positions.astype(jnp.int32)
+    in_range = (positions >= 0) & (positions < t)
+    positions = jnp.clip(positions, 0, max(t - 1, 0))
+    at_valid_token = gather_tokens(mask > 0, positions) if t else jnp.zeros(positions.shape, bool)
+    return positions, (inputs.valid > 0) & in_range & at_valid_token
+
+
+def topd_weights(inputs: TopdInputs, config: TopdConfig) -> Selection:
+    """The weights part: candidates, their divergence D, the real divergent set R and w.
+
+        d_t = b_t - q_t;   C = candidate_slots(d)
+        D   = LOCATORS[config.locator].loss_scores(...) at C (and at the references)
+        R   = {c in C : D_c >= tau}                         (`divergent_states`, the run's rule)
+        w_t = alpha if t in C \\ R else 1                     (alpha = suppress_weight)
+    """
+    mask = inputs.mask
     divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
-    metrics: dict[str, Array] = {"suppressed_fraction": jnp.zeros((), jnp.float32)}
-    weights = None
+    positions, valid = candidate_slots(inputs, config, divergence)
+    scores, reference = get_locator(config.locator).loss_scores(inputs, config, divergence, positions)
+    reference_valid = None
+    if reference is not None:
+        reference_valid = jnp.ones(reference.shape, bool) if inputs.reference_valid is None else inputs.reference_valid > 0
+    divergent, tau, tau_defined = divergent_states(scores, valid, config, reference=reference,
+                                                   reference_valid=reference_valid)
+    low = valid & ~divergent
+    # A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B as is.
+    at_position = positions[..., None] == jnp.arange(mask.shape[-1])
+    suppressed = jnp.any(at_position & low[..., None], axis=1) & (mask > 0)
+    weights = jnp.where(suppressed, config.suppress_weight, 1.0)
+    return Selection(positions, valid, scores, reference, reference_valid, tau, tau_defined, divergent, suppressed,
+                     weights)
+
+
+def topd_objective(inputs: TopdInputs, config: TopdConfig,
+                   selection: Selection | None) -> tuple[Array, dict[str, Array]]:
+    """The objective part: L = L_OPD(w) + lambda * L_traj(R).
+
+        L_OPD  = opd_loss(s, b, q, m; w)                               (w = 1 without a selection)
+        L_traj = trajectory_loss(ell, window_mask, R; gamma)           (0 when lambda = 0)
+
+    Returns (L, terms): loss_opd, loss_traj and opd_loss's own metrics.
+    """
     loss_traj = jnp.zeros((), jnp.float32)
-
-    if config.uses_candidates or inputs.ot is not None:
-        if inputs.positions is None:
-            positions, valid = select_candidates(
-                divergence, mask, quantile=config.candidate_quantile, max_candidates=config.max_candidates
-            )
-        else:
-            positions, valid = inputs.positions, inputs.valid > 0
-        scores, reference = _locator_scores(inputs, config, divergence, positions)
-        reference_valid = None
-        if reference is not None:
-            reference_valid = jnp.ones(reference.shape, bool) if inputs.reference_valid is None else inputs.reference_valid > 0
-        tau, tau_defined = divergence_threshold(
-            scores,
-            valid,
-            mode=config.threshold_mode,
-            reference_ot=reference,
-            reference_valid=reference_valid,
-            quantile=config.threshold_quantile,
-            tau=config.tau,
-        )
-        divergent = valid & (scores >= tau)
-        low = valid & ~divergent
-
-        # A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B as is.
-        at_position = positions[..., None] == jnp.arange(mask.shape[-1])
-        suppressed = jnp.any(at_position & low[..., None], axis=1) & valid_tokens
-        weights = jnp.where(suppressed, config.suppress_weight, 1.0)
-        if config.suppress_weight != 1.0:
-            metrics["suppressed_fraction"] = _mean_where(suppressed.astype(jnp.float32), valid_tokens)
-
-        if config.traj_weight != 0.0:
-            window_mask = _require(inputs.window_mask, "window_mask", "when traj_weight > 0")
-            step_loss = _window_step_loss(inputs, config, window_mask)
-            loss_traj, _ = trajectory_loss(step_loss, window_mask, divergent, gamma=config.traj_gamma)
-
-        num_valid = jnp.sum(valid)
-        metrics.update(
-            num_candidates=num_valid.astype(jnp.float32),
-            num_divergent=jnp.sum(divergent).astype(jnp.float32),
-            low_divergence_share=jnp.sum(low) / jnp.maximum(num_valid, 1),
-            loss_ot_spearman=spearman(gather_tokens(divergence, positions), scores, valid),
-            divergence_threshold=jnp.where(tau_defined, tau, 0.0),
-            ot_candidates_mean=_mean_where(scores, valid),
-            ot_hist_candidates=masked_histogram(scores, valid, bins=OT_HISTOGRAM_BINS, low=0.0, high=2.0),
-        )
-        if reference is not None:
-            metrics.update(
-                ot_reference_mean=_mean_where(reference, reference_valid),
-                ot_hist_reference=masked_histogram(reference, reference_valid, bins=OT_HISTOGRAM_BINS, low=0.0, high=2.0),
-            )
-        if inputs.window_mask is not None:
-            lengths = jnp.sum(inputs.window_mask > 0, axis=-1)
-            metrics["window_length_mean"] = _mean_where(lengths.astype(jnp.float32), valid)
-
-    loss_opd, opd_metrics = opd_loss(
+    if selection is not None and config.traj_weight != 0.0:
+        window_mask = require(inputs.window_mask, "window_mask", "when traj_weight > 0")
+        step_loss = _window_step_loss(inputs, config, window_mask)
+        loss_traj, _ = trajectory_loss(step_loss, window_mask, selection.divergent, gamma=config.traj_gamma)
+    loss_opd, terms = opd_loss(
         inputs.student_logprobs,
         inputs.behaviour_logprobs,
         inputs.teacher_logprobs,
-        mask,
-        weights=weights,
+        inputs.mask,
+        weights=None if selection is None else selection.weights,
         clip_eps=config.clip_eps,
         agg=config.agg,
     )
     loss = loss_opd + config.traj_weight * loss_traj
-    metrics.update(opd_metrics)
-    metrics.update(loss=loss, loss_traj=loss_traj)
+    return loss, {**terms, "loss_traj": loss_traj}
+
+
+def topd_diagnostics(inputs: TopdInputs, config: TopdConfig, selection: Selection | None) -> dict[str, Array]:
+    """The diagnostics part (TOPD.md section 6), a pure function of the inputs and the selection.
+
+        suppressed_fraction  |tokens of C \\ R| / |valid tokens|          (0 when alpha = 1)
+        low_divergence_share |C \\ R| / |C|  over valid candidates
+        loss_ot_spearman     Spearman(d, D) over valid candidates
+        <prefix>_candidates_mean / _hist_candidates, <prefix>_reference_mean / _hist_reference:
+                             D of the locator (prefix `LOCATORS[...].metric_prefix`: ot, window_kl),
+                             histograms as counts in 20 bins over [0, 2]
+        num_candidates, num_divergent, divergence_threshold (tau, 0 if undefined),
+        window_length_mean   mean valid window length over valid candidates (windows given)
+        rollout_length_mean, eos_rate, teacher_agreement   over rollouts / tokens
+    """
+    mask = inputs.mask
+    valid_tokens = mask > 0
+    metrics: dict[str, Array] = {"suppressed_fraction": jnp.zeros((), jnp.float32)}
+    if selection is not None:
+        s = selection
+        if config.suppress_weight != 1.0:
+            metrics["suppressed_fraction"] = _mean_where(s.suppressed.astype(jnp.float32), valid_tokens)
+        divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
+        low = s.valid & ~s.divergent
+        num_valid = jnp.sum(s.valid)
+        prefix = get_locator(config.locator).metric_prefix
+        metrics.update({
+            "num_candidates": num_valid.astype(jnp.float32),
+            "num_divergent": jnp.sum(s.divergent).astype(jnp.float32),
+            "low_divergence_share": jnp.sum(low) / jnp.maximum(num_valid, 1),
+            "loss_ot_spearman": spearman(gather_tokens(divergence, s.positions), s.scores, s.valid),
+            "divergence_threshold": jnp.where(s.tau_defined, s.tau, 0.0),
+            f"{prefix}_candidates_mean": _mean_where(s.scores, s.valid),
+            f"{prefix}_hist_candidates": masked_histogram(s.scores, s.valid, bins=OT_HISTOGRAM_BINS, low=0.0,
+                                                          high=2.0),
+        })
+        if s.reference is not None:
+            metrics[f"{prefix}_reference_mean"] = _mean_where(s.reference, s.reference_valid)
+            metrics[f"{prefix}_hist_reference"] = masked_histogram(s.reference, s.reference_valid,
+                                                                   bins=OT_HISTOGRAM_BINS, low=0.0, high=2.0)
+        if inputs.window_mask is not None:
+            lengths = jnp.sum(inputs.window_mask > 0, axis=-1)
+            metrics["window_length_mean"] = _mean_where(lengths.astype(jnp.float32), s.valid)
     # Per-rollout diagnostics count only rollouts with tokens, so padded rows change nothing.
     lengths = jnp.sum(valid_tokens, axis=-1)
     has_tokens = lengths > 0
@@ -383,4 +415,26 @@ def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, 
         metrics["eos_rate"] = _mean_where((inputs.finished > 0).astype(jnp.float32), has_tokens)
     if inputs.teacher_agrees is not None:
         metrics["teacher_agreement"] = _mean_where((inputs.teacher_agrees > 0).astype(jnp.float32), valid_tokens)
+    return metrics
+
+
+def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, Array]]:
+    """The TOPD loss and its diagnostics; pure and jittable (config is static).
+
+        selection = topd_weights(inputs, config)       C, D, R, w     (when candidates are used
+                                                                       or D is given)
+        L, terms  = topd_objective(inputs, config, selection)         L_OPD(w) + lambda L_traj
+        metrics   = topd_diagnostics(inputs, config, selection)       TOPD.md section 6
+
+    Metrics: loss, loss_opd, loss_traj, reverse_kl_sampled, importance_ratio, clip_fraction and
+    everything `topd_diagnostics` lists.
+    """
+    check_shapes(inputs)
+    selection = None
+    if config.uses_candidates or inputs.ot is not None:
+        selection = topd_weights(inputs, config)
+    loss, terms = topd_objective(inputs, config, selection)
+    metrics = topd_diagnostics(inputs, config, selection)
+    metrics.update(terms)
+    metrics["loss"] = loss
     return loss, metrics

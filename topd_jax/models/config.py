@@ -16,10 +16,14 @@ import dataclasses
 import json
 from typing import Any, Literal, Mapping
 
+import jax.numpy as jnp
+
 from topd_jax.configuration import ConfigError
 
 Family = Literal["qwen3", "qwen3_moe", "qwen2", "llama"]
-FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama")
+FAMILY_NAMES = ("qwen3", "qwen3_moe", "qwen2", "llama")
+# The one table of parameter / compute dtypes a config names (training, export, eval).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RopeType = Literal["default", "linear", "llama3"]
 ROPE_TYPES = ("default", "linear", "llama3")
 # Keys that only describe RoPE: dropped from the carried-over config and rewritten on save.
@@ -79,8 +83,8 @@ class ModelConfig:
     hf_rope_layout: Literal["v5", "v4"] = dataclasses.field(default="v5", compare=False, repr=False)
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.family not in FAMILY_NAMES:
+            raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILY_NAMES)}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim"):
             value = getattr(self, name)

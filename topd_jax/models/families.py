@@ -12,9 +12,9 @@ from topd_jax.configuration import ConfigError
 from topd_jax.models import llama, qwen2, qwen3, qwen3_moe
 from topd_jax.models.config import ROPE_KEYS, ModelConfig, extra_from_hf, rope_to_hf
 
-FAMILIES: dict[str, ModuleType] = {m.ARCHITECTURE: m for m in (qwen3, qwen3_moe, qwen2, llama)}
-SUPPORTED_ARCHITECTURES = tuple(sorted(FAMILIES))
-_BY_FAMILY = {m.MODEL_TYPE: m for m in FAMILIES.values()}
+BY_ARCHITECTURE: dict[str, ModuleType] = {m.ARCHITECTURE: m for m in (qwen3, qwen3_moe, qwen2, llama)}
+SUPPORTED_ARCHITECTURES = tuple(sorted(BY_ARCHITECTURE))
+_BY_FAMILY = {m.MODEL_TYPE: m for m in BY_ARCHITECTURE.values()}
 
 
 def family_module(raw: Mapping[str, Any]) -> ModuleType:
@@ -22,10 +22,10 @@ def family_module(raw: Mapping[str, Any]) -> ModuleType:
     archs = raw.get("architectures") or []
     if not archs and raw.get("model_type") in _BY_FAMILY:
         return _BY_FAMILY[raw["model_type"]]
-    if len(archs) != 1 or archs[0] not in FAMILIES:
+    if len(archs) != 1 or archs[0] not in BY_ARCHITECTURE:
         raise ConfigError(f"unsupported architectures {archs!r} (model_type {raw.get('model_type')!r}); "
                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return FAMILIES[archs[0]]
+    return BY_ARCHITECTURE[archs[0]]
 
 
 def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:

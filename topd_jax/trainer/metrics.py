@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from topd_jax import fileio
+
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.log"
 TENSORBOARD_DIR = "tensorboard"
-# `ot_hist_*` metrics are counts in 20 equal bins over [0, 2] (losses.topd.OT_HISTOGRAM_BINS).
-HISTOGRAM_PREFIX = "ot_hist_"
+# `<locator>_hist_*` metrics (ot_hist_candidates, window_kl_hist_reference, ...) are counts in 20
+# equal bins over [0, 2] (losses.topd.OT_HISTOGRAM_BINS).
+HISTOGRAM_MARK = "_hist_"
 HISTOGRAM_RANGE = (0.0, 2.0)
 
 
@@ -54,27 +56,6 @@ def _read_kept_lines(path: str, last_step: int) -> tuple[list[str], int]:
             if step <= last_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     return kept, dropped
-
-
-def _write_atomically(path: str, lines: Sequence[str]) -> None:
-    """Replace `path` by `lines` all at once: a crash leaves either the old or the new file."""
-    folder = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _format(value: Any) -> str:
@@ -116,7 +97,7 @@ class MetricsLogger:
         dropped = 0
         if start_step > 0 and os.path.exists(self.metrics_path):
             kept, dropped = _read_kept_lines(self.metrics_path, start_step)
-            _write_atomically(self.metrics_path, kept)
+            fileio.replace_file(self.metrics_path, "".join(kept))
         self._file = open(self.metrics_path, "a" if start_step > 0 else "w", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -140,7 +121,7 @@ class MetricsLogger:
         """Record the metrics of `step`: numbers or arrays (0-d or 1-d; jax arrays are fetched).
 
         JSON: one line `{"step": step, **metrics}`, arrays as lists, NaN/inf as null.
-        TensorBoard: every scalar; `ot_hist_*` arrays as histograms of counts over 20 equal
+        TensorBoard: every scalar; `<locator>_hist_*` arrays as histograms of counts over 20 equal
         bins on [0, 2]; other 1-d arrays only in the JSON.
         """
         if not self.enabled:
@@ -162,7 +143,7 @@ class MetricsLogger:
                     continue
                 if value.ndim == 0:
                     self._writer.add_scalar(key, float(value), int(step))
-                elif key.startswith(HISTOGRAM_PREFIX):
+                elif HISTOGRAM_MARK in key:
                     self._add_histogram(key, value, int(step))
         if self._bar is not None:
             shown = {k: _format(values[k]) for k in self.progress_keys if k in values and np.ndim(values[k]) == 0}

@@ -21,10 +21,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from topd_jax.losses.topd import TopdConfig
-from topd_jax.models.sharding import DEFAULT_RULES, batch_sharding, logical_sharding, make_mesh
+from topd_jax.models.sharding import DEFAULT_RULES, Rules, batch_sharding, logical_sharding, make_mesh
 from topd_jax.trainer.step import Experience, TrainState, sft_update, update
 
-Rules = Any
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -36,7 +35,7 @@ def data_mesh(devices) -> Mesh:
     return make_mesh(data=len(devices), devices=devices)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = None) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     """A NamedSharding per leaf: nnx Variables (params and the optimizer moments that mirror them
     keep the param's metadata) by their logical axes, anything else replicated."""
 
@@ -50,13 +49,13 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = None) -> Any:
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def state_shardings(state: TrainState, mesh: Mesh, rules: Rules = None) -> TrainState:
+def state_shardings(state: TrainState, mesh: Mesh, rules: Rules | None = None) -> TrainState:
     """Shardings of a (possibly abstract) TrainState."""
     return TrainState(step=replicated(mesh), params=tree_shardings(state.params, mesh, rules),
                       opt_state=tree_shardings(state.opt_state, mesh, rules), key=replicated(mesh))
 
 
-def batch_size_divides(batch: int, mesh: Mesh, rules: Rules = None) -> None:
+def batch_size_divides(batch: int, mesh: Mesh, rules: Rules | None = None) -> None:
     """One-line error unless the B rollouts split evenly over the mesh axes of the batch rule."""
     table = {**dict(DEFAULT_RULES), **(dict(rules) if rules else {})}
     axes = table["batch"]
@@ -67,8 +66,8 @@ def batch_size_divides(batch: int, mesh: Mesh, rules: Rules = None) -> None:
                          f"{ways} batch shards of mesh {dict(mesh.shape)}; use a multiple of {ways}")
 
 
-def experience_shardings(batch: Experience, mesh: Mesh, rules: Rules = None) -> Experience:
-    """Every field split along B."""
+def experience_shardings(batch: Experience, mesh: Mesh, rules: Rules | None = None) -> Experience:
+    """Every leaf of the nested experience (rollout, scores, located) split along its B axis."""
     return jax.tree.map(lambda x: batch_sharding(mesh, x.shape, rules), batch)
 
 
@@ -78,12 +77,12 @@ def put_global(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def put_batch(arrays: tuple[np.ndarray, ...], mesh: Mesh, rules: Rules = None) -> tuple[jax.Array, ...]:
+def put_batch(arrays: tuple[np.ndarray, ...], mesh: Mesh, rules: Rules | None = None) -> tuple[jax.Array, ...]:
     """Host [B, ...] arrays onto the mesh, split along B."""
     return tuple(put_global(a, batch_sharding(mesh, np.shape(a), rules)) for a in arrays)
 
 
-def put_local_batch(arrays: tuple[np.ndarray, ...], mesh: Mesh, rules: Rules = None) -> tuple[jax.Array, ...]:
+def put_local_batch(arrays: tuple[np.ndarray, ...], mesh: Mesh, rules: Rules | None = None) -> tuple[jax.Array, ...]:
     """This process's rows [B / processes, ...] of each array onto the mesh, split along B (the
     processes' rows concatenated in process order form the global batch)."""
     out = []
@@ -99,7 +98,7 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def jit_update(state: TrainState, batch: Experience, mesh: Mesh, *, graphdef: nnx.GraphDef,
-               optimizer: optax.GradientTransformation, loss: TopdConfig, chunk_size: int, rules: Rules = None):
+               optimizer: optax.GradientTransformation, loss: TopdConfig, chunk_size: int, rules: Rules | None = None):
     """`step.update` as pjit: explicit in/out shardings from `state` and `batch` (abstract is
     fine), the state donated; metrics come back replicated."""
     fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, loss=loss, chunk_size=chunk_size)
@@ -109,7 +108,7 @@ def jit_update(state: TrainState, batch: Experience, mesh: Mesh, *, graphdef: nn
 
 
 def jit_sft_update(state: TrainState, batch_shape: tuple[int, int], mesh: Mesh, *, graphdef: nnx.GraphDef,
-                   optimizer: optax.GradientTransformation, chunk_size: int = 512, rules: Rules = None):
+                   optimizer: optax.GradientTransformation, chunk_size: int = 512, rules: Rules | None = None):
     """`step.sft_update` as pjit: (state, tokens, mask, loss_mask), each of `batch_shape` [B, L]."""
     fn = functools.partial(sft_update, graphdef=graphdef, optimizer=optimizer, chunk_size=chunk_size)
     shardings = state_shardings(state, mesh, rules)

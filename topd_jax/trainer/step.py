@@ -1,17 +1,21 @@
 """One training step as pure functions, one per arrow of the data flow (TOPD.md sections 1-5).
 
-    rollout  = sample(student, prompts, prompt_mask, key, ...)        # y ~ pi_s(.|x), b_t
-    scores   = score_teacher(teacher, rollout, ...)                    # q_t, agreement, cache
-    located  = locate(student, teacher, rollout, scores, key, loss)   # C, references, windows, D
-    batch    = experience(rollout, scores, located)                    # arrays only, [B, ...]
+    rollout  = sample(student, prompts, prompt_mask, key, rollout_config)  # y ~ pi_s(.|x), b_t
+    scores   = score_teacher(teacher, rollout, ...)                       # q_t, top-1, cache
+    located  = locate(student, teacher, rollout, scores, key, loss, rollout_config)
+                                                                          # C, references, windows, D
+    batch    = experience(rollout, scores, located)                       # the three, caches dropped
     state, m = update(state, batch, graphdef=..., optimizer=..., loss=...)  # packed forward,
-                                                                        # topd_loss, optax
+                                                                          # topd_loss, optax
 
+Each arrow's structure travels to the next as it is: `Experience` nests the Rollout, Scores and
+Located the phases made (a field keeps its name from where it is made to where it is used), and
+`loss_inputs` is the one place that lays them out flat as the loss's public `TopdInputs`.
 `sample`, `score_teacher` and `locate` never differentiate; only `update` does, and only with
 respect to the student's parameters: the teacher appears in no argument of `update`, so it has
 no gradient and no optimizer state. `sft_update` is the supervised (cross-entropy) step on given
-sequences. Each function is jittable or calls jitted library functions; the trainer (`loop.py`)
-times them one by one, places them on the mesh and composes them.
+sequences. The trainer (`loop.py`) jits the phases (`phases.py`), places them on the mesh and
+composes them.
 
 Shapes: B rollouts (prompts x samples), P prompt tokens, N completion tokens, M candidates,
 R reference positions, K window tokens, k the teacher's top-k (topk_fkl guidance).
@@ -28,11 +32,12 @@ import optax
 from flax import nnx
 
 from topd_jax.losses.candidates import reference_positions, select_candidates
-from topd_jax.losses.ot import ot_distance
+from topd_jax.losses.locators import LOCATORS
 from topd_jax.losses.topd import TopdConfig, TopdInputs, topd_loss
 from topd_jax.models.decoder import CausalLM
 from topd_jax.sampling import Rollout, Windows, branch, generate, window_embeddings
 from topd_jax.scoring import Scores, packed_logprobs, score, score_rollout
+from topd_jax.trainer.config import RolloutConfig
 
 Array = jax.Array
 
@@ -55,11 +60,12 @@ class TrainState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Located:
-    """Candidates C, reference positions and, when the config branches, windows and OT distances.
+    """Candidates C, reference positions and, when the config branches, windows and D.
 
     positions/valid [B, M]; reference_positions/reference_valid [B, R] or None; ot [B, M] and
-    reference_ot [B, R] (locator 'ot'); teacher_windows [B, M, K] (guidance; with top-k for
-    topk_fkl) or None.
+    reference_ot [B, R]: D of a branching locator (`LOCATORS[...].window_scores`), or None;
+    teacher_windows: the teacher's Windows [B, M, K] at C (guidance; with top-k for topk_fkl) or
+    None.
     """
 
     positions: Array
@@ -74,47 +80,33 @@ class Located:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Experience:
-    """Everything `update` reads: arrays with a leading B axis (the mesh splits them along it).
+    """Everything `update` reads: the three no-gradient phases' structures, nested as they were
+    made, without their KV caches (the largest buffers of a step). Every leaf has a leading B
+    axis, so the mesh splits them along it.
 
-    prompt_tokens/prompt_mask [B, P]; tokens/mask [B, N]; behaviour_logprobs b_t and
-    teacher_logprobs q_t [B, N]; teacher_agrees [B, N]; finished [B]; and from `Located`:
-    positions/valid [B, M], ot [B, M], reference_* [B, R], window_tokens/window_mask [B, M, K],
-    window_teacher_topk_logprobs/window_topk_ids [B, M, K, k]. Unused fields are None.
+    rollout: Rollout [B, ...] (cache None); scores: the teacher's Scores [B, N] with its top-1
+    (cache None); located: Located, or None when the loss needs no candidates.
     """
 
-    prompt_tokens: Array
-    prompt_mask: Array
-    tokens: Array
-    mask: Array
-    behaviour_logprobs: Array
-    teacher_logprobs: Array
-    teacher_agrees: Array
-    finished: Array
-    positions: Array | None = None
-    valid: Array | None = None
-    ot: Array | None = None
-    reference_ot: Array | None = None
-    reference_valid: Array | None = None
-    reference_positions: Array | None = None
-    window_tokens: Array | None = None
-    window_mask: Array | None = None
-    window_teacher_topk_logprobs: Array | None = None
-    window_topk_ids: Array | None = None
+    rollout: Rollout
+    scores: Scores
+    located: Located | None = None
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Decoding options shared by rollouts and windows (see `sampling` for their meaning)."""
+class StudentLogprobs:
+    """The student's training forward: rollout [B, N] (s_t); windows [B, M, K]
+    (log pi_s(v_k | x, y_<t, v_<k) of the teacher's window tokens) and window_topk [B, M, K, k]
+    (its log-probs at the teacher's top-k ids, topk_fkl), None when not computed."""
 
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    eos_ids: tuple[int, ...] = ()
-    num_samples: int = 1
+    rollout: Array
+    windows: Array | None = None
+    window_topk: Array | None = None
 
 
-def sample(student: CausalLM, prompt_tokens: Array, prompt_mask: Array, key: Array, options: Sampling) -> Rollout:
+def sample(student: CausalLM, prompt_tokens: Array, prompt_mask: Array, key: Array,
+           options: RolloutConfig) -> Rollout:
     """y ~ pi_s(. | x): num_samples completions per left-padded prompt [b, P] -> Rollout [B, ...]."""
     return generate(student, prompt_tokens, prompt_mask, key=key, max_new_tokens=options.max_new_tokens,
                     temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
@@ -128,103 +120,123 @@ def score_teacher(teacher: CausalLM, rollout: Rollout, *, chunk_size: int, retur
                          chunk_size=chunk_size, top_k=1, return_cache=return_cache)
 
 
-def locate(student: CausalLM, teacher: CausalLM, rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig,
-           options: Sampling) -> Located | None:
-    """Candidates, reference positions, both models' windows and their OT distances.
+def candidates(rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig) -> Located:
+    """C and the reference positions, before any branching.
 
         d_t = b_t - q_t;   C = select_candidates(d)                         [B, M]
         references: R uniform valid positions per rollout                   [B, R]
-        windows: student and teacher each decode K tokens from (x, y_<t) at C (and the references)
-        D = ot_distance(E_s[student window], E_s[teacher window])          [B, M + R]
 
-    E_s is the student's input embedding table (TOPD.md section 4). Only what the config uses is
-    computed: nothing for `opd`; no branches for the window_kl locator without guidance; the
-    teacher's windows at C (with its top-k per step for topk_fkl) whenever guidance is on.
-    Returns None when the loss needs no candidates.
+    References are drawn when the threshold needs them (reference mode) or the locator branches
+    (their D is reported as a diagnostic in every mode).
     """
-    if not loss.uses_candidates:
-        return None
-    k_ref, k_student, k_teacher = jax.random.split(key, 3)
     divergence = rollout.logprobs - scores.logprobs
     positions, valid = select_candidates(divergence, rollout.mask, quantile=loss.candidate_quantile,
                                          max_candidates=loss.max_candidates)
     ref_positions = ref_valid = None
-    if loss.num_reference > 0 and (loss.threshold_mode == "reference" or loss.locator == "ot"):
-        ref_positions, ref_valid = reference_positions(k_ref, rollout.mask, loss.num_reference)
-    if not loss.uses_windows:
-        return Located(positions, valid, ref_positions, ref_valid)
+    if loss.num_reference > 0 and (loss.threshold_mode == "reference" or LOCATORS[loss.locator].branches):
+        ref_positions, ref_valid = reference_positions(key, rollout.mask, loss.num_reference)
+    return Located(positions, valid, ref_positions, ref_valid)
 
-    m = positions.shape[1]
-    ot_branches = loss.locator == "ot"
-    points = positions
-    if ot_branches and ref_positions is not None:
-        points = jnp.concatenate([positions, ref_positions], axis=1)
+
+def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, scores: Scores, located: Located,
+                   keys: tuple[Array, Array], loss: TopdConfig, options: RolloutConfig) -> Located:
+    """Both models' K-token windows from (x, y_<t) and the locator's D, added to `located`.
+
+        branching locator: student and teacher decode at C and the references (P = M + R points);
+                           D = locator.window_scores(E_s[student window], E_s[teacher window])
+        guidance:          the teacher's windows at C (with its top-k per step for topk_fkl)
+
+    E_s is the student's input embedding table (TOPD.md section 4). The teacher branches from
+    its scoring cache, the student from its rollout cache; neither prefix is recomputed.
+    """
+    locator = LOCATORS[loss.locator]
+    k_student, k_teacher = keys
+    m = located.positions.shape[1]
+    points = located.positions
+    if locator.branches and located.reference_positions is not None:
+        points = jnp.concatenate([located.positions, located.reference_positions], axis=1)
     window_options = dict(window=loss.window, top_p=options.top_p, top_k=options.top_k, eos_ids=options.eos_ids,
-                          temperature=options.temperature if loss.window_temperature is None else loss.window_temperature)
+                          temperature=options.temperature if options.window_temperature is None
+                          else options.window_temperature)
     guided = loss.traj_weight != 0.0
-    teacher_points = points if ot_branches else positions
+    teacher_points = points if locator.branches else located.positions
     teacher_windows = branch(teacher, scores.cache, teacher_points, key=k_teacher, prompt_len=rollout.prompt_tokens.shape[1],
                              tokens=jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1),
                              top_k_logprobs=loss.traj_top_k if guided and loss.traj_loss == "topk_fkl" else 0,
                              **window_options)
     ot = reference_ot = None
-    if ot_branches:
+    if locator.branches:
         student_windows = branch(student, rollout, points, key=k_student, **window_options)
-        distance = ot_distance(window_embeddings(student, student_windows.tokens),
-                               window_embeddings(student, teacher_windows.tokens),
-                               student_windows.mask, teacher_windows.mask,
-                               epsilon=loss.ot_epsilon, num_iters=loss.ot_num_iters)
-        ot, reference_ot = distance[:, :m], (distance[:, m:] if ref_positions is not None else None)
+        distance = locator.window_scores(window_embeddings(student, student_windows.tokens),
+                                         window_embeddings(student, teacher_windows.tokens),
+                                         student_windows.mask, teacher_windows.mask, loss)
+        ot, reference_ot = distance[:, :m], (distance[:, m:] if located.reference_positions is not None else None)
     at_candidates = jax.tree.map(lambda x: x[:, :m], teacher_windows) if guided else None
-    return Located(positions, valid, ref_positions, ref_valid, ot, reference_ot, at_candidates)
+    return dataclasses.replace(located, ot=ot, reference_ot=reference_ot, teacher_windows=at_candidates)
+
+
+def locate(student: CausalLM, teacher: CausalLM, rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig,
+           options: RolloutConfig) -> Located | None:
+    """`candidates`, then `branch_windows` when the config branches (a branching locator, or
+    guidance). Only what the config uses is computed: nothing for `opd` (returns None); no
+    branches for a non-branching locator without guidance."""
+    if not loss.uses_candidates:
+        return None
+    k_ref, k_student, k_teacher = jax.random.split(key, 3)
+    located = candidates(rollout, scores, k_ref, loss)
+    if not loss.uses_windows:
+        return located
+    return branch_windows(student, teacher, rollout, scores, located, (k_student, k_teacher), loss, options)
 
 
 def experience(rollout: Rollout, scores: Scores, located: Located | None) -> Experience:
-    """The arrays `update` needs, gathered from the three no-gradient phases."""
-    agrees = (scores.topk_ids[..., 0] == rollout.tokens) & rollout.mask
-    fields = dict(prompt_tokens=rollout.prompt_tokens, prompt_mask=rollout.prompt_mask, tokens=rollout.tokens,
-                  mask=rollout.mask, behaviour_logprobs=rollout.logprobs, teacher_logprobs=scores.logprobs,
-                  teacher_agrees=agrees, finished=rollout.finished)
+    """The three no-gradient phases' structures for `update`, their KV caches dropped."""
+    return Experience(dataclasses.replace(rollout, cache=None), dataclasses.replace(scores, cache=None), located)
+
+
+def student_forward(student: CausalLM, batch: Experience, *, chunk_size: int) -> StudentLogprobs:
+    """s_t, and with guidance the window log-probs, differentiable in the student's params.
+
+    With teacher windows: one packed forward of each rollout with its windows
+    (`packed_logprobs`); otherwise the rollout alone (`score_rollout`).
+    """
+    r = batch.rollout
+    windows = None if batch.located is None else batch.located.teacher_windows
+    if windows is None:
+        return StudentLogprobs(score_rollout(student, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask,
+                                             chunk_size=chunk_size).logprobs)
+    out = packed_logprobs(student, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask, batch.located.positions,
+                          windows.tokens, windows.mask, chunk_size=chunk_size, topk_ids=windows.topk_ids)
+    return StudentLogprobs(*out)
+
+
+def loss_inputs(batch: Experience, student: StudentLogprobs) -> TopdInputs:
+    """The one place the nested experience is laid out as the loss's flat `TopdInputs`.
+
+    teacher_agrees = (teacher argmax == y_t) & mask.
+    """
+    r, located = batch.rollout, batch.located
+    agrees = (batch.scores.topk_ids[..., 0] == r.tokens) & r.mask
+    fields = {}
     if located is not None:
-        fields.update(positions=located.positions, valid=located.valid, ot=located.ot,
+        fields = dict(positions=located.positions, valid=located.valid, ot=located.ot,
                       reference_ot=located.reference_ot, reference_valid=located.reference_valid,
                       reference_positions=located.reference_positions)
         windows = located.teacher_windows
         if windows is not None:
-            fields.update(window_tokens=windows.tokens, window_mask=windows.mask,
-                          window_teacher_topk_logprobs=windows.topk_logprobs, window_topk_ids=windows.topk_ids)
-    return Experience(**fields)
+            fields.update(window_logprobs=student.windows, window_mask=windows.mask,
+                          window_student_topk_logprobs=student.window_topk,
+                          window_teacher_topk_logprobs=windows.topk_logprobs)
+    return TopdInputs(student_logprobs=student.rollout, behaviour_logprobs=r.logprobs,
+                      teacher_logprobs=batch.scores.logprobs, mask=r.mask, teacher_agrees=agrees,
+                      finished=r.finished, **fields)
 
 
-def topd_objective(params: Any, graphdef: nnx.GraphDef, batch: Experience, loss: TopdConfig, *,
-                   chunk_size: int) -> tuple[Array, dict[str, Array]]:
-    """topd_loss of the student with `params` on `batch`: (L, metrics), differentiable in params.
-
-    s_t (and the window log-probs log pi_s(v_k | x, y_<t, v_<k) when guidance is on) come from one
-    packed forward of each rollout with its teacher windows (`packed_logprobs`); without guidance
-    the rollout alone is scored.
-    """
+def student_loss(params: Any, graphdef: nnx.GraphDef, batch: Experience, loss: TopdConfig, *,
+                 chunk_size: int) -> tuple[Array, dict[str, Array]]:
+    """topd_loss of the student with `params` on `batch`: (L, metrics), differentiable in params."""
     student = nnx.merge(graphdef, params)
-    window_logprobs = student_topk = None
-    if batch.window_tokens is not None:
-        out = packed_logprobs(student, batch.prompt_tokens, batch.prompt_mask, batch.tokens, batch.mask,
-                              batch.positions, batch.window_tokens, batch.window_mask, chunk_size=chunk_size,
-                              topk_ids=batch.window_topk_ids)
-        student_logprobs, window_logprobs = out[0], out[1]
-        if batch.window_topk_ids is not None:
-            student_topk = out[2]
-    else:
-        student_logprobs = score_rollout(student, batch.prompt_tokens, batch.prompt_mask, batch.tokens, batch.mask,
-                                         chunk_size=chunk_size).logprobs
-    inputs = TopdInputs(
-        student_logprobs=student_logprobs, behaviour_logprobs=batch.behaviour_logprobs,
-        teacher_logprobs=batch.teacher_logprobs, mask=batch.mask, positions=batch.positions, valid=batch.valid,
-        ot=batch.ot, reference_ot=batch.reference_ot, reference_valid=batch.reference_valid,
-        reference_positions=batch.reference_positions, window_logprobs=window_logprobs,
-        window_mask=batch.window_mask, window_student_topk_logprobs=student_topk,
-        window_teacher_topk_logprobs=batch.window_teacher_topk_logprobs, teacher_agrees=batch.teacher_agrees,
-        finished=batch.finished)
-    return topd_loss(inputs, loss)
+    return topd_loss(loss_inputs(batch, student_forward(student, batch, chunk_size=chunk_size)), loss)
 
 
 def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation,
@@ -249,9 +261,9 @@ def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTran
 
 def update(state: TrainState, batch: Experience, *, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
            loss: TopdConfig, chunk_size: int) -> tuple[TrainState, dict[str, Array]]:
-    """grad of `topd_objective` in the student's params, then `apply_gradients`. Jit it with the
+    """grad of `student_loss` in the student's params, then `apply_gradients`. Jit it with the
     state's shardings in and out and the state donated (the trainer does)."""
-    (value, metrics), grads = jax.value_and_grad(topd_objective, has_aux=True)(
+    (value, metrics), grads = jax.value_and_grad(student_loss, has_aux=True)(
         state.params, graphdef, batch, loss, chunk_size=chunk_size)
     state, extra = apply_gradients(state, grads, optimizer, value)
     return state, {**metrics, **extra}
@@ -290,5 +302,6 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, key: Array)
                       key=jnp.asarray(key, jnp.uint32))
 
 
-__all__ = ["Experience", "Located", "Sampling", "TrainState", "apply_gradients", "cross_entropy", "experience",
-           "init_state", "locate", "sample", "score_teacher", "sft_update", "topd_objective", "update"]
+__all__ = ["Experience", "Located", "StudentLogprobs", "TrainState", "apply_gradients", "branch_windows", "candidates",
+           "cross_entropy", "experience", "init_state", "locate", "loss_inputs", "sample", "score_teacher",
+           "sft_update", "student_forward", "student_loss", "update"]
