@@ -135,31 +135,3 @@ def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool
         if retired_dir is not None:
             shutil.rmtree(retired_dir, ignore_errors=True)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def replace_file(path: str | os.PathLike, text: str) -> None:
-    """Replace file `path` by `text` all at once: a crash leaves the old file or the new one,
-    never a half-written one (a temp file in the same directory, fsynced, renamed over `path`,
-    the directory fsynced). The file gets the permissions a plain `open(path, "w")` would give
-    (0666 less the umask), not mkstemp's private 0600."""
-    path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(temp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    _fsync_dir(folder)

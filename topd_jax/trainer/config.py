@@ -11,28 +11,22 @@ and `configs/paper_qwen3_30b_a3b_to_4b.yaml` document the keys in context.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import tempfile
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax.numpy as jnp
 import optax
 import yaml
 
-from topd_jax import configuration
+from topd_jax import configuration, fileio
 from topd_jax.configuration import ConfigError
 from topd_jax.losses.topd import TopdConfig
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.sharding import MESH_AXES
 
 
-def _check(*checks: tuple[str, bool, str, Any]) -> None:
-    """(field, ok, requirement, value) -> ConfigError "field must be requirement, got value"."""
-    for name, ok, requirement, value in checks:
-        if not ok:
-            raise ConfigError(f"{name} must be {requirement}, got {value!r}")
+_check = configuration.check  # the one validation style of trainer, loss and model configs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +125,8 @@ class RolloutConfig:
     top_k             keep the k most likely tokens (>= 0; 0 = off)
     eos_ids           tokens that end a rollout; empty = the tokenizer's EOS when there is a
                       tokenizer, else none (random models run to max_new_tokens)
+    window_temperature  sampling temperature of the look-ahead windows both models branch
+                      (>= 0); null = temperature
     """
 
     prompts_per_step: int = 8
@@ -140,6 +136,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     eos_ids: tuple[int, ...] = ()
+    window_temperature: float | None = None
 
     def __post_init__(self):
         _check(("prompts_per_step", self.prompts_per_step >= 1, ">= 1", self.prompts_per_step),
@@ -148,7 +145,9 @@ class RolloutConfig:
                ("temperature", self.temperature >= 0, ">= 0", self.temperature),
                ("top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p),
                ("top_k", self.top_k >= 0, ">= 0", self.top_k),
-               ("eos_ids", all(i >= 0 for i in self.eos_ids), "token ids >= 0", self.eos_ids))
+               ("eos_ids", all(i >= 0 for i in self.eos_ids), "token ids >= 0", self.eos_ids),
+               ("window_temperature", self.window_temperature is None or self.window_temperature >= 0, ">= 0 or null",
+                self.window_temperature))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +368,8 @@ class TrainConfig:
     preset       opd | opd_suppress | topd: the TopdConfig preset (see TopdConfig.preset)
     seed         seed of data, sampling and anything random outside the model initialisation
     chunk_size   rows per chunk of the vocabulary log-softmax (>= 1); bounds the logits' memory
-    loss         TopdConfig fields overriding the preset, e.g. {window: 8}; checked at load
+    loss         the TopdConfig; in YAML a mapping of its fields that override the preset, e.g.
+                 {window: 8} (omitted: the preset as it is)
     student      ModelSpec of the student (trained)
     teacher      ModelSpec of the teacher (frozen); its vocabulary must match the student's
     rollout, data, optimizer, mesh, distributed, checkpoint, logging: the sections above
@@ -380,7 +380,7 @@ class TrainConfig:
     preset: Literal["opd", "opd_suppress", "topd"] = "topd"
     seed: int = 0
     chunk_size: int = 512
-    loss: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loss: TopdConfig = None  # type: ignore[assignment]  (None: the preset, set in __post_init__)
     student: ModelSpec = ModelSpec()
     teacher: ModelSpec = dataclasses.field(default_factory=_default_teacher)
     rollout: RolloutConfig = RolloutConfig()
@@ -394,20 +394,10 @@ class TrainConfig:
     def __post_init__(self):
         _check(("steps", self.steps >= 1, ">= 1", self.steps),
                ("chunk_size", self.chunk_size >= 1, ">= 1", self.chunk_size))
-        # A bad loss key or value fails at load, not at the first step.
-        self.topd_config()
-
-    def __hash__(self):
-        # `loss` is a dict; hash the plain-data form so the config can still be a static jit argument.
-        return hash(json.dumps(self.to_dict(), sort_keys=True, default=repr))
-
-    def topd_config(self) -> TopdConfig:
-        """TopdConfig.preset(preset, **loss)."""
-        overrides = configuration.coerce_fields(TopdConfig, self.loss, prefix="loss.")
-        try:
-            return TopdConfig.preset(self.preset, **overrides)
-        except ConfigError as err:  # name the key as the YAML spells it
-            raise ConfigError(str(err).replace("TopdConfig.", "loss.", 1)) from None
+        if self.loss is None:
+            object.__setattr__(self, "loss", TopdConfig.preset(self.preset))
+        elif not isinstance(self.loss, TopdConfig):
+            raise ConfigError(f"loss must be a TopdConfig, got {type(self.loss).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (YAML-able); load_config of its YAML gives an equal config."""
@@ -418,7 +408,17 @@ class TrainConfig:
         """Typed construction from nested mappings (one-line errors naming the dotted key)."""
         if not isinstance(values, Mapping):
             raise ConfigError(f"a training config must be a mapping of keys, got {type(values).__name__}")
-        return configuration.from_dict(cls, values)
+        values = dict(values)
+        loss = values.pop("loss", None)
+        config = configuration.from_dict(cls, values)  # its loss: the preset
+        if loss is None or isinstance(loss, TopdConfig):
+            return config if loss is None else dataclasses.replace(config, loss=loss)
+        if not isinstance(loss, Mapping):
+            raise ConfigError(f"loss: expected a mapping of TopdConfig keys, got {loss!r} ({type(loss).__name__})")
+        # The preset first, then the file's loss keys (which name their fields with `loss.`).
+        configuration.check_keys(TopdConfig, loss, prefix="loss.")
+        merged = {**TopdConfig.preset_values(config.preset), **loss}
+        return dataclasses.replace(config, loss=configuration.from_dict(TopdConfig, merged, prefix="loss."))
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -474,20 +474,7 @@ def resume_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML atomically (a temp file in the same directory, then rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    """Write the resolved config as YAML, crash-safe (`fileio.write_file`)."""
     text = "# Resolved topd_jax training config (load with topd_jax.trainer.config.load_config).\n"
     text += yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not expose an empty file after a crash
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    fileio.write_file(path, text)

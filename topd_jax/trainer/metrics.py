@@ -97,7 +97,7 @@ class MetricsLogger:
         dropped = 0
         if start_step > 0 and os.path.exists(self.metrics_path):
             kept, dropped = _read_kept_lines(self.metrics_path, start_step)
-            fileio.replace_file(self.metrics_path, "".join(kept))
+            fileio.write_file(self.metrics_path, "".join(kept))
         self._file = open(self.metrics_path, "a" if start_step > 0 else "w", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
