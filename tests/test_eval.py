@@ -205,3 +205,35 @@ def test_cli_exports_and_evaluates_a_training_run(tmp_path, capsys):
     assert ev.main(["--checkpoint", str(run), "--datasets", "aime25", "--data-dir", str(tmp_path / "data"),
                     "--out", str(out)]) == 2
     assert "no tokenizer for" in capsys.readouterr().err
+
+
+def test_every_dataset_is_checked_before_any_generation(hf_dir, tmp_path, monkeypatch, capsys):
+    write_set(tmp_path / "data", ["2"])
+    (tmp_path / "data" / "amc23.jsonl").write_text("not json\n")
+    fake, calls = fake_generation([["\\boxed{2}"]])
+    monkeypatch.setattr(ev, "generate_completions", fake)
+    assert ev.main(["--checkpoint", str(hf_dir), "--datasets", "aime25,amc23", "--data-dir", str(tmp_path / "data"),
+                    "--out", str(tmp_path / "out")]) == 2
+    assert "has no usable amc23 records" in capsys.readouterr().err
+    assert not calls  # aime25 was not generated for nothing
+
+
+def test_results_are_written_after_each_dataset(hf_dir, tmp_path, monkeypatch):
+    write_set(tmp_path / "data", ["2"])
+    (tmp_path / "data" / "amc23.jsonl").write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
+    fake, _ = fake_generation([["\\boxed{2}"]])
+    done = []
+
+    def generate_then_stop(*args, **kwargs):
+        if done:
+            raise KeyboardInterrupt  # the user stops the second dataset
+        done.append(1)
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_completions", generate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(["--checkpoint", str(hf_dir), "--datasets", "aime25,amc23", "--data-dir", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["datasets"]) == ["aime25"] and results["complete"] is False
+    assert "| aime25 | 1 |" in (tmp_path / "out" / "results.md").read_text()

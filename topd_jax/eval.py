@@ -17,6 +17,11 @@ with math-verify (topd_jax.grading). Reported per dataset: accuracy (the first s
 problem; greedy at temperature 0, as the paper reports), avg@k, pass@k, counts, the skipped-record
 summary. Writes OUT/results.json, OUT/results.md (the printed Markdown table) and
 OUT/<dataset>.samples.jsonl (each problem's completions, extracted answers and grades).
+
+Every requested dataset is read and checked before any generation, and results.json is rewritten
+after each dataset (`"complete": false` until the last), so a bad file fails at once and an
+interrupted evaluation keeps the datasets that finished. Errors are one line, exit 2 (--debug:
+the traceback); see docs/faults.md.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from topd_jax import grading
+from topd_jax.configuration import ConfigError
 from topd_jax.data import math_sets
+from topd_jax.errors import run_cli
+from topd_jax.fileio import write_file
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_DATASETS = "aime24,aime25,math500,amc23"
@@ -147,6 +155,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: student.dtype of the config")
     parser.add_argument("--out", help="results directory (default: eval/<checkpoint name>)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted training-config overrides")
     return parser.parse_args(argv)
 
@@ -155,7 +164,7 @@ def _dataset_files(names: str, data_dir: str | None) -> dict[str, str]:
     files = {}
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name not in math_sets.LAYOUTS:
-            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(math_sets.LAYOUTS)}")
+            raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(math_sets.LAYOUTS)}")
         path = math_sets.default_path(name, data_dir)
         if path is None:
             where = data_dir or ", ".join(map(str, math_sets.data_dirs()))
@@ -163,7 +172,7 @@ def _dataset_files(names: str, data_dir: str | None) -> dict[str, str]:
                                     f"(pass --data-dir or set ${math_sets.ENV_DATA_DIR})")
         files[name] = path
     if not files:
-        raise ValueError("--datasets names no dataset")
+        raise ConfigError("--datasets names no dataset")
     return files
 
 
@@ -192,17 +201,40 @@ def _load(args: argparse.Namespace, config, workdir: str):
     return load_pretrained(path, dtype=dtype), load_tokenizer(tokenizer_dir)
 
 
+def _read_all(files: dict[str, str], limit: int | None) -> dict[str, tuple[list, dict, str]]:
+    """{name: (records, skipped counts, path)}: every requested dataset read and checked before
+    anything is generated, so a bad later file fails in a second, not after the earlier ones ran."""
+    sets = {}
+    for name, path in files.items():
+        records, skipped = math_sets.read_records(path, name)
+        records = records[:limit]
+        if not records:
+            raise ConfigError(f"{path} has no usable {name} records (skipped: {dict(skipped)})")
+        sets[name] = (records, dict(skipped), path)
+    return sets
+
+
+def _write_results(out: str, summary: dict[str, Any]) -> None:
+    """results.json and results.md as they stand (atomically: a reader never sees half a file)."""
+    write_file(os.path.join(out, "results.json"), json.dumps(summary, indent=2) + "\n")
+    write_file(os.path.join(out, "results.md"), markdown_table(summary["datasets"]))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate every dataset of `args` and write OUT/results.json, results.md and the samples files."""
+    """Evaluate every dataset of `args` and write OUT/results.json, results.md and the samples files.
+
+    All datasets are read and checked first; results.json is rewritten after each dataset with
+    `complete: false` until the last one is done, so an interrupted evaluation keeps what finished.
+    """
     from topd_jax.trainer.config import load_config
 
     run_config = os.path.join(args.checkpoint, "config.yaml")
     config = load_config(args.config or (run_config if os.path.isfile(run_config) else None), args.overrides)
-    files = _dataset_files(args.datasets, args.data_dir)
     for flag in ("limit", "samples", "batch_size", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    sets = _read_all(_dataset_files(args.datasets, args.data_dir), args.limit)
     out = args.out or os.path.join("eval", os.path.basename(os.path.normpath(args.checkpoint)))
     settings = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                     max_new_tokens=args.max_new_tokens or config.rollout.max_new_tokens, batch_size=args.batch_size,
@@ -211,38 +243,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model, tokenizer = _load(args, config, os.path.join(workdir, "hf"))
         eos = sorted({*config.rollout.eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
                                                  else [])})
-        results = {}
         os.makedirs(out, exist_ok=True)
-        for name, path in files.items():
-            records, skipped = math_sets.read_records(path, name)
-            records = records[:args.limit]
-            if not records:
-                raise ValueError(f"{path} has no usable {name} records (skipped: {dict(skipped)})")
+        summary: dict[str, Any] = {"checkpoint": args.checkpoint,
+                                   "settings": {**settings, "eos_ids": eos, "limit": args.limit},
+                                   "datasets": {}, "complete": False}
+        for name, (records, skipped, path) in sets.items():
             metrics = evaluate(model, tokenizer, records, eos_ids=eos, **settings)
-            with open(os.path.join(out, f"{name}.samples.jsonl"), "w", encoding="utf-8") as f:
-                for problem in metrics.pop("problems"):
-                    f.write(json.dumps(problem, ensure_ascii=False) + "\n")
-            results[name] = {**metrics, "skipped": dict(skipped), "file": path}
-    summary = {"checkpoint": args.checkpoint, "settings": {**settings, "eos_ids": eos, "limit": args.limit},
-               "datasets": results}
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(markdown_table(results))
+            samples = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in metrics.pop("problems"))
+            write_file(os.path.join(out, f"{name}.samples.jsonl"), samples)
+            summary["datasets"][name] = {**metrics, "skipped": skipped, "file": path}
+            summary["complete"] = len(summary["datasets"]) == len(sets)
+            _write_results(out, summary)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from topd_jax.configuration import ConfigError
 
-    try:
+    def body() -> int:
         summary = run(args)
-    except (ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(markdown_table(summary["datasets"]), end="")
-    return 0
+        print(markdown_table(summary["datasets"]), end="")
+        return 0
+
+    return run_cli(body, debug=args.debug)
 
 
 if __name__ == "__main__":
