@@ -40,8 +40,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.topology != "local":  # compile-only TPU devices: never open an accelerator here
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.topology != "local":  # compile-only TPU devices: never open an accelerator here, and
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # cache nothing that cannot be loaded back
+        os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
     from topd_jax.configuration import ConfigError
     from topd_jax.trainer.config import load_config
 

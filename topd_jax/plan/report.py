@@ -48,7 +48,7 @@ def failures(plan: StepPlan, chip: Chip | None, headroom: float) -> list[str]:
     lines = []
     for p in plan.phases:
         if p.error is not None:
-            used = "" if math.isnan(p.peak) else f", needs {p.peak / GIB:.1f} GiB per device"
+            used = "" if math.isnan(p.peak) else f"; needs at least {p.peak / GIB:.1f} GiB per device"
             said = p.error if p.error.startswith(("did not lower", "not compiled")) else f"did not compile: {p.error}"
             lines.append(f"{p.phase}: {said}{used}")
         elif chip is not None and p.peak > headroom * chip.hbm_bytes:
@@ -90,8 +90,8 @@ def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: flo
         share = "-" if chip is None or math.isnan(p.peak) else f"{100 * p.peak / chip.hbm_bytes:.0f}%"
         roof = roofline_seconds(p, chip)
         if p.error is not None:
-            rows.append([p.phase, "-", "-", "-", _gib(p.held), _gib(p.peak), share, "-", "-", "-", "-",
-                         f"{p.compile_s:.1f}"])
+            rows.append([p.phase, "-", "-", "-", _gib(p.held), ">= " + _gib(p.peak) if p.oom_used else "-",
+                         share if p.oom_used else "-", "-", "-", "-", "-", f"{p.compile_s:.1f}"])
             continue
         coll = " / ".join(_num(p.collectives[k] / 1e9) for k in KINDS)
         rows.append([p.phase, _gib(p.args), _gib(p.out), _gib(p.temp), _gib(p.held), _gib(p.peak), share,
