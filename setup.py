@@ -2,7 +2,8 @@
 
 The accelerator backend is chosen by extras and never hard-pinned:
   pip install -e .            # CPU (jaxlib wheels from PyPI)
-  pip install -e ".[tpu]"     # Cloud TPU VMs   (jax[tpu])
+  pip install -e ".[tpu]"     # Cloud TPU VMs (jax[tpu]); on any host also `python -m topd_jax.plan
+                              # --topology v5p:4x4x2`, which compiles for a slice through libtpu
   pip install -e ".[cuda]"    # NVIDIA GPUs     (jax[cuda12])
   pip install -e ".[test]"    # test suite, parity references and notebooks
 """
@@ -10,6 +11,7 @@ The accelerator backend is chosen by extras and never hard-pinned:
 from setuptools import find_packages, setup
 
 JAX = "jax>=0.7.1,<0.13"
+JAX_TPU = "jax[tpu]>=0.7.1,<0.13"  # brings the libtpu matching jax; installs on CPU hosts too
 
 setup(
     name="topd_jax",
@@ -45,10 +47,12 @@ setup(
         "transformers>=4.51,<6",
     ],
     extras_require={
-        "tpu": ["jax[tpu]>=0.7.1,<0.13"],
+        "tpu": [JAX_TPU],
         "cuda": ["jax[cuda12]>=0.7.1,<0.13"],
         "test": [
             "pytest>=8",
+            # libtpu: tests/test_plan.py compiles for a TPU topology (no TPU needed; tests run on CPU).
+            JAX_TPU,
             # Two workers: the suite is mostly single-threaded compiles and tiny steps.
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
