@@ -116,3 +116,12 @@ def test_presets_differ_from_the_yaml_defaults_only_where_documented():
     assert TopdConfig.preset("topd") == TopdConfig()
     assert TopdConfig.preset("opd") == dataclasses.replace(TopdConfig(), suppress_weight=1.0, traj_weight=0.0)
     assert TopdConfig.preset("opd_suppress") == dataclasses.replace(TopdConfig(), traj_weight=0.0)
+
+
+def test_yaml_is_generated_from_the_dataclass_docstring():
+    # configs/topd_loss.yaml is not a hand-kept copy: it is exactly what defaults_yaml writes
+    # from TopdConfig's docstring and defaults (regenerate it as its header says).
+    from topd_jax.losses.topd import defaults_yaml, key_docs
+
+    assert YAML_PATH.read_text(encoding="utf-8") == defaults_yaml()
+    assert [key for key, _ in key_docs() if key != "--"] == FIELDS

@@ -11,6 +11,9 @@
    per method), ot_histograms.png (OT distances of high-loss candidates vs reference positions),
    rollout.html (one student rollout with its high-loss tokens, real divergent states and
    suppressed tokens highlighted) and results.json.
+
+SIGTERM (or a preemption) stops the current distillation after a saved checkpoint; the demo then
+skips the remaining methods and marks the table and results.json ("partial": true) as partial.
 """
 
 from __future__ import annotations
@@ -79,16 +82,18 @@ def rollout_html(student, teacher, loss, path: str, *, seed: int = 0) -> dict[st
     import jax
 
     from topd_jax.data import synthetic
-    from topd_jax.losses.divergence import divergence_threshold
+    from topd_jax.losses.topd import topd_weights
     from topd_jax.miniature import located_rollouts
+    from topd_jax.trainer.step import StudentLogprobs, experience, loss_inputs
 
     tok = synthetic.SyntheticTokenizer()
     problems = synthetic.problems(seed + 30_000, 0, 16)
     rollout, scores, located = located_rollouts(student, teacher, loss, problems, jax.random.PRNGKey(seed))
-    tau, _ = divergence_threshold(located.ot, located.valid, mode="reference", reference_ot=located.reference_ot,
-                                  reference_valid=located.reference_valid, quantile=loss.threshold_quantile)
-    valid, positions, ot = (np.asarray(x) for x in (located.valid, located.positions, located.ot))
-    divergent = valid & (ot >= float(tau))
+    # The training rule itself (the run's locator and threshold mode), not a copy of it.
+    selection = topd_weights(loss_inputs(experience(rollout, scores, located), StudentLogprobs(rollout.logprobs)), loss)
+    tau = selection.tau
+    valid, positions, ot, divergent = (np.asarray(x) for x in (selection.valid, selection.positions, selection.scores,
+                                                               selection.divergent))
     # The rollout with both kinds of candidates shows the method best.
     order = np.argsort(-(np.minimum(divergent.sum(1), 1) + np.minimum((valid & ~divergent).sum(1), 1)), kind="stable")
     b = int(order[0])
@@ -158,7 +163,7 @@ def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = F
     problems = miniature.eval_problems(eval_count)
     teacher, student = miniature.load(teacher_dir), miniature.load(student_dir)
     results: dict[str, Any] = {"teacher_accuracy": miniature.accuracy(teacher, problems), "methods": {},
-                               "eval_problems": eval_count, "steps": steps}
+                               "eval_problems": eval_count, "steps": steps, "partial": False}
     rows_by_method = {}
     for method in methods:
         bar.set_description(f"distil {method}")
@@ -169,13 +174,20 @@ def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = F
         low = [r["low_divergence_share"] for r in run_["metrics"] if "low_divergence_share" in r]
         results["methods"][method] = {"accuracy": run_["accuracy"], "step_time": run_["step_time"],
                                       "low_divergence_share": float(np.mean(low)) if low else None}
+        # The trainer returns early on SIGTERM (after saving): this method's numbers are then
+        # from fewer steps than asked, which the table and results.json must say.
+        stopped_at = run_["accuracy"][0][0] + len(run_["metrics"])
+        if stopped_at < steps:
+            results["methods"][method].update(partial=True, stopped_at=stopped_at)
+            results["partial"] = True
+            break  # the user asked the demo to stop
     bar.set_description("plots")
     plot_accuracy({m: r["accuracy"] for m, r in results["methods"].items()}, results["teacher_accuracy"],
                   os.path.join(out, "accuracy.png"))
     topd_rows = rows_by_method.get("topd", [])
     plot_ot_histograms(topd_rows, os.path.join(out, "ot_histograms.png"))
     loss = miniature.distil_config(student_dir, teacher_dir, preset="topd", seed=0, steps=1,
-                                   output_dir=out).topd_config()
+                                   output_dir=out).loss
     results["rollout"] = rollout_html(student, teacher, loss, os.path.join(out, "rollout.html"))
     bar.close()
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -184,6 +196,8 @@ def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = F
 
 
 def table(results: dict[str, Any]) -> str:
+    """The comparison as Markdown; a method cut short (SIGTERM) is marked with the step it reached
+    and the step its accuracy was measured at, and methods not run are listed as such."""
     base = next(iter(results["methods"].values()))["accuracy"][0][1]
     opd = results["methods"].get("opd", {}).get("step_time")
     lines = [f"teacher {results['teacher_accuracy']:.1%}; student before distillation {base:.1%} "
@@ -194,7 +208,13 @@ def table(results: dict[str, Any]) -> str:
         accs = [a for _, a in r["accuracy"]]
         low = "-" if r["low_divergence_share"] is None else f"{r['low_divergence_share']:.1%}"
         ratio = f" ({r['step_time'] / opd:.2f}x OPD)" if opd and method != "opd" else ""
-        lines.append(f"| {method} | {accs[-1]:.1%} | {max(accs):.1%} | {low} | {1e3 * r['step_time']:.0f} ms{ratio} |")
+        name = method
+        if r.get("partial"):
+            name += (f" (PARTIAL: stopped at step {r['stopped_at']} of {results['steps']}, accuracy at step "
+                     f"{r['accuracy'][-1][0]})")
+        lines.append(f"| {name} | {accs[-1]:.1%} | {max(accs):.1%} | {low} | {1e3 * r['step_time']:.0f} ms{ratio} |")
+    if results.get("partial"):
+        lines += ["", f"PARTIAL RUN: stopped before {results['steps']} steps; not a result."]
     return "\n".join(lines)
 
 

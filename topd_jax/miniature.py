@@ -70,18 +70,13 @@ STUDENT_SFT = SftConfig(STUDENT, synthetic.STUDENT_STYLE, steps=120, learning_ra
 
 
 def sft_batch(seed: int, index: int, batch_size: int, style: synthetic.Style):
-    """Batch `index`: tokens [G, L] = left-padded prompt | solution | EOS | right padding, mask,
-    loss_mask (the solution and EOS only)."""
-    rng = np.random.default_rng([seed, index])
-    tok = synthetic.SyntheticTokenizer()
+    """`synthetic.sft_examples` batch `index` as arrays: tokens [G, L] = left-padded prompt |
+    solution | EOS | right padding, mask, loss_mask (the solution and EOS only)."""
     width = synthetic.PROMPT_LENGTH + MAX_COMPLETION
     tokens = np.zeros((batch_size, width), np.int32)
     mask = np.zeros((batch_size, width), bool)
     loss_mask = np.zeros((batch_size, width), bool)
-    for g in range(batch_size):
-        problem = synthetic.sample_problem(rng)
-        prompt = tok.encode(problem.prompt())
-        answer = tok.encode(synthetic.solution(problem, rng, style)) + [synthetic.EOS_ID]
+    for g, (prompt, answer) in enumerate(synthetic.sft_examples(seed, index, batch_size, style)):
         start = synthetic.PROMPT_LENGTH - len(prompt)
         end = synthetic.PROMPT_LENGTH + len(answer)
         tokens[g, start:end] = prompt + answer

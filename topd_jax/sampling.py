@@ -217,6 +217,22 @@ def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array,
                      num_samples=samples)
 
 
+def _branch_points(cache: KVCache, tokens: Array, positions: Array, prompt_len: int) -> tuple[Array, Array, Array]:
+    """Where each branch starts: the last real slot `last` [B, M] of the prefix (x, y_<t), its
+    position pos(last) and its token id (fed again as step 0: it yields the logits of v_1, so the
+    shared cache is read below `last` only). t is clipped to [0, N]."""
+    n = tokens.shape[1] - prompt_len
+    slots = jnp.arange(cache.max_len)
+    t = jnp.clip(positions.astype(jnp.int32), 0, n)
+    # The prefix (x, y_<t) is every valid slot < P + t.
+    visible = cache.valid[:, None, :] & (slots[None, None, :] < (prompt_len + t)[:, :, None])  # [B, M, S]
+    last = jnp.max(jnp.where(visible, slots, 0), axis=-1)  # [B, M]
+    count = jnp.cumsum(cache.valid.astype(jnp.int32), axis=1)  # real tokens in slots <= s
+    start_pos = jnp.maximum(jnp.take_along_axis(count, last, axis=1) - 1, 0)  # pos(last)
+    first_tok = jnp.take_along_axis(tokens.astype(jnp.int32), last, axis=1)
+    return last, start_pos, first_tok
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "window", "temperature", "top_p", "top_k",
                                              "eos", "top_k_logprobs"))
 def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, window, temperature, top_p, top_k, eos,
@@ -224,16 +240,7 @@ def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, windo
     model = nnx.merge(graphdef, state)
     b, m = positions.shape
     k = window
-    n = tokens.shape[1] - prompt_len
-    slots = jnp.arange(cache.max_len)
-    t = jnp.clip(positions.astype(jnp.int32), 0, n)
-    # The prefix (x, y_<t) is every valid slot < P + t. Its last real slot `last` is fed again as
-    # step 0 (it yields the logits of v_1), so the shared cache is read below `last` only.
-    visible = cache.valid[:, None, :] & (slots[None, None, :] < (prompt_len + t)[:, :, None])  # [B, M, S]
-    last = jnp.max(jnp.where(visible, slots, 0), axis=-1)  # [B, M]
-    count = jnp.cumsum(cache.valid.astype(jnp.int32), axis=1)  # real tokens in slots <= s
-    start_pos = jnp.maximum(jnp.take_along_axis(count, last, axis=1) - 1, 0)  # pos(last)
-    first_tok = jnp.take_along_axis(tokens.astype(jnp.int32), last, axis=1)
+    last, start_pos, first_tok = _branch_points(cache, tokens, positions, prompt_len)
     branch_kv = init_branch_cache(model.config, b, m, k, cache.keys[0].dtype)
     kk = top_k_logprobs
     init = (jnp.zeros((), jnp.int32), *constrain_batch((first_tok, branch_kv, jnp.zeros((b, m, k), jnp.int32),
@@ -291,17 +298,7 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     top_k_logprobs = k > 0 also returns each step's k most likely tokens and their log-probs.
     Returns Windows [B, M, K].
     """
-    if isinstance(source, Rollout):
-        cache, p = source.cache, source.prompt_tokens.shape[1]
-        ids = jnp.concatenate([source.prompt_tokens, source.tokens], axis=1)
-        if tokens is not None or prompt_len not in (None, p):
-            raise ValueError("prompt_len and tokens are taken from a Rollout source; pass them only with a KVCache")
-    elif isinstance(source, KVCache):
-        if prompt_len is None or tokens is None:
-            raise ValueError("a KVCache source needs prompt_len (P) and tokens [B, P + N]")
-        cache, p, ids = source, prompt_len, jnp.asarray(tokens)
-    else:
-        raise TypeError(f"source must be a Rollout or a KVCache, got {type(source).__name__}")
+    cache, p, ids = _branch_source(source, prompt_len, tokens)
     positions = jnp.asarray(positions)
     batch = cache.valid.shape[0]
     if positions.ndim != 2 or positions.shape[0] != batch:
@@ -314,6 +311,22 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     return _branch(graphdef, state, cache, ids, positions, key, prompt_len=int(p),
                    window=_check_count("window", window), temperature=float(temperature), top_p=float(top_p),
                    top_k=int(top_k), eos=eos, top_k_logprobs=_check_topk(top_k_logprobs, model.config.vocab_size))
+
+
+def _branch_source(source: Rollout | KVCache, prompt_len: int | None,
+                   tokens: Array | None) -> tuple[KVCache, int, Array]:
+    """(cache, P, token ids [B, P + N]) of a branch source: a Rollout carries all three; a
+    KVCache needs prompt_len and tokens."""
+    if isinstance(source, Rollout):
+        p = source.prompt_tokens.shape[1]
+        if tokens is not None or prompt_len not in (None, p):
+            raise ValueError("prompt_len and tokens are taken from a Rollout source; pass them only with a KVCache")
+        return source.cache, p, jnp.concatenate([source.prompt_tokens, source.tokens], axis=1)
+    if isinstance(source, KVCache):
+        if prompt_len is None or tokens is None:
+            raise ValueError("a KVCache source needs prompt_len (P) and tokens [B, P + N]")
+        return source, prompt_len, jnp.asarray(tokens)
+    raise TypeError(f"source must be a Rollout or a KVCache, got {type(source).__name__}")
 
 
 def _check_topk(value, vocab: int) -> int:

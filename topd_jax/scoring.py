@@ -232,54 +232,22 @@ def packed_logprobs(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, t
       [B, M, K, k] = the student's full-vocabulary log-probs at topk_ids when topk_ids is given
       (0 where window_mask is 0).
     """
-    _check_pair(prompt_tokens, prompt_mask, "prompt")
-    _check_pair(tokens, mask, "completion")
-    check_left_padded(prompt_mask)
+    _check_packed(model, prompt_tokens, prompt_mask, tokens, mask, positions, window_tokens, window_mask, chunk_size,
+                  topk_ids)
     b, p = prompt_tokens.shape
     n = tokens.shape[1]
-    if tokens.shape[0] != b:
-        raise ValueError(f"prompt batch {b} does not match completion batch {tokens.shape[0]}")
-    if p < 1:
-        raise ValueError("packed_logprobs needs at least one prompt token to predict the first window token")
-    if positions.ndim != 2 or positions.shape[0] != b:
-        raise ValueError(f"positions must be [B={b}, M], got shape {positions.shape}")
-    m = positions.shape[1]
-    if window_tokens.ndim != 3 or window_tokens.shape[:2] != (b, m):
-        raise ValueError(f"window_tokens must be [B, M, K] = [{b}, {m}, K], got shape {window_tokens.shape}")
-    if window_mask.shape != window_tokens.shape:
-        raise ValueError(f"window_mask of shape {window_mask.shape} does not match window_tokens {window_tokens.shape}")
-    k = window_tokens.shape[2]
-    if topk_ids is not None and (topk_ids.ndim != 4 or topk_ids.shape[:3] != (b, m, k)):
-        raise ValueError(f"topk_ids must be [B, M, K, k] = [{b}, {m}, {k}, k], got shape {topk_ids.shape}")
-    _check_static(chunk_size, 0, model.config.vocab_size)
-
+    m, k = window_tokens.shape[1:]
     length = p + n
-    seq = jnp.concatenate([prompt_tokens, tokens], axis=1).astype(jnp.int32)
     seq_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
     wmask = window_mask.astype(bool)
     branch = p + jnp.clip(positions.astype(jnp.int32), 0, n)  # [B, M] sequence index of v_1
 
-    # Window positions continue from the number of real prefix tokens (also when the branch
-    # point is padding past EOS), as `tree_attention_mask` computes them.
-    tree, packed_pos = tree_attention_mask(branch, k, length, padding_mask=seq_mask)
-    # Window keys that are padding (past a window's EOS) are not read either, as in a padded
-    # forward of prompt + y_<t + window; a window's tokens never read later ones anyway.
-    key_ok = jnp.concatenate([jnp.ones((b, length), bool), wmask.reshape(b, m * k)], axis=1)
-    tree = tree & key_ok[:, None, :]
-    packed = jnp.concatenate([seq, window_tokens.reshape(b, m * k).astype(jnp.int32)], axis=1)
-
+    packed, tree, packed_pos = _pack(prompt_tokens, tokens, seq_mask, window_tokens, wmask, branch)
     hidden = model(packed, attention_mask=tree, positions=packed_pos, return_hidden=True)  # [B, L+MK, D]
-    d = hidden.shape[-1]
     rollout_rows = hidden[:, p - 1:length - 1]  # [B, N, D], row t predicts y_t
-    # v_1 is predicted by the last real token before the branch: index P + t - 1 for a branch inside
-    # the completion; earlier when the branch lies in padding past EOS (then the window continues
-    # the real prefix, consistently with its positions above).
-    last_real = jax.lax.cummax(jnp.where(seq_mask, jnp.arange(length), -1), axis=1)  # [B, L]
-    predictor = jnp.take_along_axis(last_real, branch - 1, axis=1)  # [B, M], -1: no real prefix
-    prefix_last = jnp.take_along_axis(hidden, jnp.maximum(predictor, 0)[:, :, None], axis=1)  # [B, M, D]
-    window_hidden = hidden[:, length:].reshape(b, m, k, d)
-    window_rows = jnp.concatenate([prefix_last[:, :, None], window_hidden[:, :, :-1]], axis=2)  # [B, M, K, D]
+    window_rows, predictor = _window_rows(hidden, seq_mask, branch, m, k)  # [B, M, K, D], [B, M]
 
+    d = hidden.shape[-1]
     extra = 0 if topk_ids is None else topk_ids.shape[-1]
     rollout_ids = jnp.pad(tokens.reshape(b * n, 1).astype(jnp.int32), [(0, 0), (0, extra)])
     window_ids = window_tokens.reshape(b * m * k, 1).astype(jnp.int32)
@@ -297,6 +265,68 @@ def packed_logprobs(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, t
     if topk_ids is None:
         return rollout_logprobs, window_logprobs
     return rollout_logprobs, window_logprobs, jnp.where(window_valid[..., None], window_gathered[..., 1:], 0.0)
+
+
+def _check_packed(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, tokens: Array, mask: Array,
+                  positions: Array, window_tokens: Array, window_mask: Array, chunk_size: int,
+                  topk_ids: Array | None) -> None:
+    """One-line errors for `packed_logprobs` inputs whose shapes do not fit together."""
+    _check_pair(prompt_tokens, prompt_mask, "prompt")
+    _check_pair(tokens, mask, "completion")
+    check_left_padded(prompt_mask)
+    b, p = prompt_tokens.shape
+    if tokens.shape[0] != b:
+        raise ValueError(f"prompt batch {b} does not match completion batch {tokens.shape[0]}")
+    if p < 1:
+        raise ValueError("packed_logprobs needs at least one prompt token to predict the first window token")
+    if positions.ndim != 2 or positions.shape[0] != b:
+        raise ValueError(f"positions must be [B={b}, M], got shape {positions.shape}")
+    m = positions.shape[1]
+    if window_tokens.ndim != 3 or window_tokens.shape[:2] != (b, m):
+        raise ValueError(f"window_tokens must be [B, M, K] = [{b}, {m}, K], got shape {window_tokens.shape}")
+    if window_mask.shape != window_tokens.shape:
+        raise ValueError(f"window_mask of shape {window_mask.shape} does not match window_tokens {window_tokens.shape}")
+    k = window_tokens.shape[2]
+    if topk_ids is not None and (topk_ids.ndim != 4 or topk_ids.shape[:3] != (b, m, k)):
+        raise ValueError(f"topk_ids must be [B, M, K, k] = [{b}, {m}, {k}, k], got shape {topk_ids.shape}")
+    _check_static(chunk_size, 0, model.config.vocab_size)
+
+
+def _pack(prompt_tokens: Array, tokens: Array, seq_mask: Array, window_tokens: Array, window_mask: Array,
+          branch: Array) -> tuple[Array, Array, Array]:
+    """[S | window 0 | ... | window M-1] token ids [B, L + MK], its tree mask [B, L + MK, L + MK]
+    and positions [B, L + MK]; branch [B, M] is each window's sequence index of v_1.
+
+    Window positions continue from the number of real prefix tokens (also when the branch point
+    is padding past EOS), as `tree_attention_mask` computes them. Window keys that are padding
+    (past a window's EOS) are not read either, as in a padded forward of prompt + y_<t + window;
+    a window's tokens never read later ones anyway.
+    """
+    b, length = seq_mask.shape
+    m, k = window_tokens.shape[1:]
+    seq = jnp.concatenate([prompt_tokens, tokens], axis=1).astype(jnp.int32)
+    tree, packed_pos = tree_attention_mask(branch, k, length, padding_mask=seq_mask)
+    key_ok = jnp.concatenate([jnp.ones((b, length), bool), window_mask.reshape(b, m * k)], axis=1)
+    tree = tree & key_ok[:, None, :]
+    packed = jnp.concatenate([seq, window_tokens.reshape(b, m * k).astype(jnp.int32)], axis=1)
+    return packed, tree, packed_pos
+
+
+def _window_rows(hidden: Array, seq_mask: Array, branch: Array, m: int, k: int) -> tuple[Array, Array]:
+    """The hidden rows that predict each window token: [B, M, K, D], and `predictor` [B, M], the
+    sequence index of the last real token before each branch (-1: no real prefix).
+
+    v_1 is predicted by the last real token before the branch: index P + t - 1 for a branch inside
+    the completion; earlier when the branch lies in padding past EOS (then the window continues
+    the real prefix, consistently with its positions); v_{k+1} by window token k.
+    """
+    b, length = seq_mask.shape
+    d = hidden.shape[-1]
+    last_real = jax.lax.cummax(jnp.where(seq_mask, jnp.arange(length), -1), axis=1)  # [B, L]
+    predictor = jnp.take_along_axis(last_real, branch - 1, axis=1)  # [B, M]
+    prefix_last = jnp.take_along_axis(hidden, jnp.maximum(predictor, 0)[:, :, None], axis=1)  # [B, M, D]
+    window_hidden = hidden[:, length:].reshape(b, m, k, d)
+    return jnp.concatenate([prefix_last[:, :, None], window_hidden[:, :, :-1]], axis=2), predictor
 
 
 __all__ = ["Scores", "packed_logprobs", "score", "score_rollout"]

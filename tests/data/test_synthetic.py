@@ -72,7 +72,7 @@ def test_fork_labels_of_token_ids_stop_at_padding():
 def test_the_problem_stream_is_a_pure_function_of_seed_and_index():
     assert S.problems(3, 5, 8) == S.problems(3, 5, 8)
     assert S.problems(3, 5, 8) != S.problems(3, 6, 8) != S.problems(4, 5, 8)
-    a, b = S.sft_examples(0, 4), S.sft_examples(0, 4)
+    a, b = S.sft_examples(0, 0, 4), S.sft_examples(0, 0, 4)
     assert a == b and all(c[-1] == S.EOS_ID for _, c in a)
 
 

@@ -251,13 +251,16 @@ def problems(seed: int, index: int, count: int, **kwargs) -> list[Problem]:
     return [sample_problem(rng, **kwargs) for _ in range(count)]
 
 
-def sft_examples(seed: int, count: int, style: Style = TEACHER_STYLE, **kwargs) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, solution ids + EOS) pairs for supervised training."""
-    rng = np.random.default_rng([seed, 1 << 20])
+def sft_examples(seed: int, index: int, count: int, style: Style = TEACHER_STYLE,
+                 **kwargs) -> list[tuple[list[int], list[int]]]:
+    """Batch `index` of the supervised stream `seed`: `count` (prompt ids, solution ids + EOS)
+    pairs written in `style`; a pure function of (seed, index), like `problems`."""
+    rng = np.random.default_rng([seed, index])
     tok = SyntheticTokenizer()
     out = []
-    for p in (sample_problem(rng, **kwargs) for _ in range(count)):
-        out.append((tok.encode(p.prompt()), tok.encode(solution(p, rng, style)) + [EOS_ID]))
+    for _ in range(count):
+        problem = sample_problem(rng, **kwargs)
+        out.append((tok.encode(problem.prompt()), tok.encode(solution(problem, rng, style)) + [EOS_ID]))
     return out
 
 

@@ -38,27 +38,57 @@ _LOG_ZERO = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class TopdConfig:
-    """Every knob of the method; `configs/topd_loss.yaml` documents the same keys and defaults.
+    """Every knob of the method, documented once: this list is the reference of each key, and
+    `configs/topd_loss.yaml` is generated from it with the defaults (`defaults_yaml`). Symbols
+    refer to TOPD.md; [reconstruction] marks our design where the paper's choice is unknown.
 
-    symbol (TOPD.md)  key
-    PPO clip e        clip_eps            None = no clipping
-    agg               agg                 token_mean | sequence_mean
-    rho = 1 - q       candidate_quantile  0.8: candidates are the top 20% of d_t per rollout
-    M                 max_candidates      candidates per rollout (compute budget)
-    K                 window              look-ahead tokens per branch
-    R                 num_reference       reference branches per rollout (reference mode)
-    locator           locator             a name in losses.locators.LOCATORS: ot (branch + OT) |
-                                          window_kl (zero-branch proxy)
-    threshold mode    threshold_mode      reference | quantile | absolute
-    q                 threshold_quantile  quantile of the reference/candidate distances
-    tau               tau                 fixed threshold (absolute mode)
-    alpha             suppress_weight     OPD weight of non-divergent candidates; 1 = none
-    lambda            traj_weight         weight of L_traj; 0 = no guidance
-    gamma             traj_gamma          w_k = gamma^(k-1) along a window
-    L_traj form       traj_loss           sampled (teacher tokens) | topk_fkl
-    k                 traj_top_k          teacher support of topk_fkl
-    Sinkhorn eps      ot_epsilon
-    Sinkhorn iters    ot_num_iters
+    -- 1. OPD (the baseline)
+    clip_eps            e: PPO-style clip range of rho_t = exp(s_t - b_t), l_t = -w_t min(A_t rho_t,
+                        A_t clip(rho_t, 1 - e, 1 + e)). Allowed: a float > 0, or null = no clipping.
+    agg                 How per-token OPD losses are averaged. Allowed: token_mean (over all valid
+                        tokens of the batch) | sequence_mean (mean of each rollout's token mean).
+    -- 2. Candidates (high-loss tokens)
+    candidate_quantile  q_C: candidates are the top (1 - q_C) share of a rollout's valid tokens by
+                        d_t = b_t - q_t, ceil((1 - q_C) n_b) positions (rho = 0.2: "top 20%").
+                        Allowed: a float in [0, 1].
+    max_candidates      M: at most this many candidates per rollout, highest d_t first (the
+                        branches are [B, M, K]). Allowed: an int >= 0.
+    -- 3. Look-ahead windows
+    window              K: tokens each model decodes from a candidate's prefix y_<t; also the span
+                        of the window_kl proxy. Allowed: an int >= 1.
+    -- 4. Divergence score and threshold
+    num_reference       R: reference branches per rollout at uniform valid positions; their scores
+                        set tau in threshold_mode reference. [reconstruction] Allowed: an int >= 0
+                        (> 0 in threshold_mode reference).
+    locator             How D is scored, a name of `losses.locators.LOCATORS`: ot = both models
+                        branch, D = OT distance of the two windows (the paper's) | window_kl =
+                        no branches, mean of d over the rollout's own next K tokens (TOPD.md's
+                        addition; its agreement with ot is measured, not assumed).
+    threshold_mode      How tau is set [reconstruction]: reference = quantile q of the batch's
+                        reference scores | quantile = quantile q of its candidate scores |
+                        absolute = `tau`. Divergent states are the valid candidates with D >= tau;
+                        an undefined quantile gives tau = -inf (nothing is suppressed).
+    threshold_quantile  q: the quantile (NumPy linear interpolation) of the reference and quantile
+                        modes. [reconstruction] Allowed: a float in [0, 1].
+    tau                 Fixed threshold of threshold_mode absolute (cosine-cost OT distances lie
+                        in [0, 2]). [reconstruction] Allowed: a float, or null.
+    -- 5. TOPD loss
+    suppress_weight     alpha: OPD weight w_t of non-divergent candidates (C minus R); every other
+                        token keeps 1. 0.0 = suppress (the paper's), 1.0 = no suppression.
+                        Allowed: a float in [0, 1].
+    traj_weight         lambda: weight of the guidance in L = L_OPD(w) + lambda L_traj; 0.0 = no
+                        guidance. Allowed: a float >= 0.
+    traj_gamma          gamma: per-step weight w_k = gamma^(k-1) along a window (1.0 = uniform).
+                        [reconstruction] Allowed: a float > 0.
+    traj_loss           Per-step loss ell_k of L_traj [reconstruction]: sampled = -log pi_s(v_k |
+                        x, y_<t, v_<k) of the teacher's token | topk_fkl = forward KL from the
+                        teacher's renormalised top-k distribution to the student.
+    traj_top_k          k: the teacher's top-k support of topk_fkl (gathered when branching).
+                        [reconstruction] Allowed: an int >= 1.
+    -- OT solver (section 4)
+    ot_epsilon          Final entropic regularisation of the log-domain Sinkhorn solver (annealed
+                        from 1.0 over the first half of the iterations). Allowed: a float > 0.
+    ot_num_iters        Sinkhorn iterations (one f and one g update each). Allowed: an int >= 1.
     """
 
     clip_eps: float | None = None
@@ -132,6 +162,61 @@ class TopdConfig:
     def uses_windows(self) -> bool:
         """Whether both models must branch K-token windows from the candidates."""
         return self.uses_candidates and (LOCATORS[self.locator].branches or self.traj_weight != 0.0)
+
+
+YAML_HEADER = """\
+# TOPD loss: every key of `topd_jax.losses.TopdConfig` with its default (the `topd` preset).
+#
+# GENERATED from TopdConfig's docstring by `topd_jax.losses.topd.defaults_yaml`; do not edit by
+# hand (tests/test_configs.py checks it). Regenerate with
+#   python -c "from topd_jax.losses.topd import defaults_yaml; print(defaults_yaml(), end='')" > configs/topd_loss.yaml
+# Load with `TopdConfig.from_dict(yaml.safe_load(open("configs/topd_loss.yaml")))`. The presets:
+# opd sets suppress_weight: 1.0, traj_weight: 0.0; opd_suppress sets traj_weight: 0.0.
+"""
+
+
+def key_docs() -> list[tuple[str, str]]:
+    """The key list of TopdConfig's docstring as ("-- section" or key, text) pairs, in order."""
+    entries: list[tuple[str, str]] = []
+    fields = {f.name for f in dataclasses.fields(TopdConfig)}
+    body = (TopdConfig.__doc__ or "").split("\n\n", 1)[1]
+    for line in body.splitlines():
+        text = line.strip()
+        if not text:
+            continue
+        head = text.split(maxsplit=1)
+        if text.startswith("-- "):
+            entries.append(("--", text[3:]))
+        elif head[0] in fields and line.startswith("    " + head[0]):
+            entries.append((head[0], head[1] if len(head) > 1 else ""))
+        elif entries:
+            entries[-1] = (entries[-1][0], f"{entries[-1][1]} {text}")
+    return entries
+
+
+def _yaml_value(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def defaults_yaml(width: int = 100) -> str:
+    """configs/topd_loss.yaml: YAML_HEADER, then per docstring entry its text as a comment and
+    `key: default`. Every field must be documented (a missing one is an error here)."""
+    import textwrap
+
+    entries = key_docs()
+    documented = [key for key, _ in entries if key != "--"]
+    fields = [f.name for f in dataclasses.fields(TopdConfig)]
+    if documented != fields:
+        raise ValueError(f"TopdConfig's docstring documents {documented}, but its fields are {fields}")
+    defaults = TopdConfig()
+    out = [YAML_HEADER, "\n"]
+    for key, text in entries:
+        if key == "--":
+            out.append(f"# {'-' * 64} {text}\n\n")
+            continue
+        out.append(textwrap.fill(text, width, initial_indent="# ", subsequent_indent="# ") + "\n")
+        out.append(f"{key}: {_yaml_value(getattr(defaults, key))}\n\n")
+    return "".join(out).rstrip("\n") + "\n"
 
 
 @jax.tree_util.register_dataclass
