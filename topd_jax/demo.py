@@ -65,13 +65,16 @@ def plot_ot_histograms(rows: list[dict[str, Any]], path: str) -> None:
 
     edges = np.linspace(0.0, 2.0, 21)
     fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
     for key, label in (("ot_hist_candidates", "high-loss candidates"), ("ot_hist_reference", "reference positions")):
         counts = np.sum([r[key] for r in rows if key in r], axis=0)
         if np.sum(counts):
             ax.stairs(counts / np.sum(counts), edges, label=label, fill=False, linewidth=2)
+            drawn = True
     ax.set(xlabel="OT distance of the student's and the teacher's look-ahead windows", ylabel="share",
            title="Where futures diverge")
-    ax.legend()
+    if drawn:  # no TOPD rows (a run stopped before TOPD): an empty plot, not a warning
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
