@@ -273,3 +273,14 @@ def test_export_refuses_weights_that_are_not_finite(trained, tmp_path, capsys):
     assert f"checkpoint step 3 in {out / 'checkpoints'}: params/" in line and "holds NaN or inf" in line
     assert not (tmp_path / "hf" / "model.safetensors").exists()
     assert export.main(["--checkpoint", str(out), "--out", str(tmp_path / "hf"), "--step", "2"]) == 0
+
+
+def test_miniature_help_describes_every_option_with_its_default(capsys):
+    from topd_jax import miniature
+
+    with pytest.raises(SystemExit):
+        miniature.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("distillation steps per run (default: 600)", "distillation seeds per method",
+                 "(default: results/miniature)", "comma list of presets to compare"):
+        assert text in out

@@ -334,12 +334,14 @@ def summary(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m topd_jax.miniature", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="results/miniature")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--cache", default=None, help="where the SFT'd models are kept (default: OUT/models)")
+    parser = argparse.ArgumentParser(prog="python -m topd_jax.miniature", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="results/miniature",
+                        help="output directory (results.md, the runs)")
+    parser.add_argument("--seeds", type=int, default=3, help="distillation seeds per method (seeds 0..n-1)")
+    parser.add_argument("--steps", type=int, default=600, help="distillation steps per run")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of presets to compare")
+    parser.add_argument("--cache", default=None, help="where the SFT'd models are kept; None: OUT/models")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
