@@ -90,7 +90,7 @@ def test_released_qwen3_moe_key_spelling_is_read():
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"config.json: missing key 'low_freq_factor'"),
     ({"use_sliding_window": True}, r"use_sliding_window=true is not supported"),
     ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
-    ({"num_key_value_heads": 3}, r"num_attention_heads \(8\) must be a multiple of num_key_value_heads \(3\)"),
+    ({"num_key_value_heads": 3}, r"num_heads must be a multiple of num_kv_heads=3 \(config.json: num_attention_heads and num_key_value_heads\), got 8"),
     ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor 0.5 is not supported"),
 ])
 def test_bad_configs_fail_with_one_line_naming_the_key(change, message):

@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping
 
 import jax.numpy as jnp
 
-from topd_jax.configuration import ConfigError
+from topd_jax.configuration import ConfigError, check
 
 Family = Literal["qwen3", "qwen3_moe", "qwen2", "llama"]
 FAMILY_NAMES = ("qwen3", "qwen3_moe", "qwen2", "llama")
@@ -28,6 +28,10 @@ RopeType = Literal["default", "linear", "llama3"]
 ROPE_TYPES = ("default", "linear", "llama3")
 # Keys that only describe RoPE: dropped from the carried-over config and rewritten on save.
 ROPE_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +46,11 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192  # llama3
 
     def __post_init__(self):
-        if self.type not in ROPE_TYPES:
-            raise ConfigError(f"rope_type {self.type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-        if self.theta <= 0 or self.factor <= 0:
-            raise ConfigError(f"rope_theta and rope factor must be positive, got {self.theta} and {self.factor}")
-        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+        check(("rope_type", self.type in ROPE_TYPES, f"one of {', '.join(ROPE_TYPES)}", self.type),
+              ("rope_theta", self.theta > 0, "> 0", self.theta),
+              ("rope factor", self.factor > 0, "> 0", self.factor),
+              ("high_freq_factor", self.type != "llama3" or self.high_freq_factor > self.low_freq_factor,
+               f"> low_freq_factor={self.low_freq_factor} for llama3 rope scaling", self.high_freq_factor))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,29 +86,22 @@ class ModelConfig:
     hf_rope_layout: Literal["v5", "v4"] = dataclasses.field(default="v5", compare=False, repr=False)
 
     def __post_init__(self):
-        if self.family not in FAMILY_NAMES:
-            raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILY_NAMES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
-                              f"num_key_value_heads ({self.num_kv_heads})")
-        if self.rms_norm_eps <= 0:
-            raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim")
+        check(("family", self.family in FAMILY_NAMES, f"one of {', '.join(FAMILY_NAMES)}", self.family),
+              *[(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an int >= 1", getattr(self, name))
+                for name in sizes],
+              ("num_heads", self.num_heads % self.num_kv_heads == 0,
+               f"a multiple of num_kv_heads={self.num_kv_heads} (config.json: num_attention_heads and "
+               "num_key_value_heads)", self.num_heads),
+              ("rms_norm_eps", self.rms_norm_eps > 0, "> 0", self.rms_norm_eps))
         if self.num_experts:
-            if not 0 < self.num_experts_per_tok <= self.num_experts:
-                raise ConfigError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
-                                  f"got {self.num_experts_per_tok}")
-            if self.moe_intermediate_size <= 0:
-                raise ConfigError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
-            if self.decoder_sparse_step <= 0:
-                raise ConfigError(f"decoder_sparse_step must be positive, got {self.decoder_sparse_step}")
-        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
-        if bad:
-            raise ConfigError(f"mlp_only_layers {bad} out of range [0, {self.num_layers})")
+            check(("num_experts_per_tok", 0 < self.num_experts_per_tok <= self.num_experts,
+                   f"in [1, num_experts={self.num_experts}]", self.num_experts_per_tok),
+                  ("moe_intermediate_size", self.moe_intermediate_size > 0, "> 0", self.moe_intermediate_size),
+                  ("decoder_sparse_step", self.decoder_sparse_step > 0, "> 0", self.decoder_sparse_step))
+        check(("mlp_only_layers", all(0 <= i < self.num_layers for i in self.mlp_only_layers),
+               f"layer indices in [0, {self.num_layers})", self.mlp_only_layers))
 
     def is_moe_layer(self, layer: int) -> bool:
         """Transformers' rule: sparse unless listed in mlp_only_layers or off the sparse step."""

@@ -24,13 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from topd_jax.models.config import ModelConfig
+from topd_jax.models.config import DTYPES, ModelConfig
 from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import read_config
 from topd_jax.trainer.config import ModelSpec
 from topd_jax.trainer.step import locate, sample, score_teacher
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
