@@ -21,7 +21,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from topd_jax.models.config import DTYPES, ModelConfig
@@ -29,7 +28,6 @@ from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import read_config
 from topd_jax.trainer.config import ModelSpec
 from topd_jax.trainer.step import locate, sample, score_teacher
-
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
