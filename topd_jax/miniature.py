@@ -208,20 +208,26 @@ def located_rollouts(student: CausalLM, teacher: CausalLM, loss: TopdConfig, pro
     return _phases(graphdef, params, teacher_graphdef, teacher_params, prompts, mask, key, loss=loss)
 
 
-def _candidate_decisions(student, teacher, loss: TopdConfig, problems, key) -> dict[str, np.ndarray]:
-    """For one batch: fork labels and every locator's verdict (divergent or not) at the valid,
-    labelled candidates (flat arrays). Each verdict is the training rule itself: `topd_weights`
-    with the run's config and that locator (the OT distances come from the branches of
-    `located_rollouts`, the window_kl proxy from the rollout)."""
+def candidate_table(student, teacher, loss: TopdConfig, problems, key) -> dict[str, np.ndarray]:
+    """Every valid candidate of one batch of student rollouts, as flat arrays: `d` (its token
+    loss), `label` (its fork label: 1 fork, 0 surface form, -1 unlabelled) and, for every
+    locator of `LOCATORS`, its score (`<locator>`, e.g. `ot`, `window_kl`) and verdict
+    (`<locator>_divergent`) under the training rule itself (`topd_weights` with the run's config
+    and that locator); plus the batch's valid OT reference scores (`reference_ot`) and each
+    locator's threshold (`<locator>_tau`, one value)."""
     rollout, scores, located = located_rollouts(student, teacher, loss, problems, key)
     inputs = loss_inputs(experience(rollout, scores, located), StudentLogprobs(rollout.logprobs))
-    tokens, positions = np.asarray(rollout.tokens), np.asarray(located.positions)
+    tokens, positions, valid = (np.asarray(x) for x in (rollout.tokens, located.positions, located.valid))
     labels = np.stack([synthetic.fork_labels(p, row)[pos] for p, row, pos in zip(problems, tokens, positions)])
-    keep = np.asarray(located.valid) & (labels >= 0)
-    out = {"fork": labels[keep] == 1}
+    d = np.take_along_axis(np.asarray(rollout.logprobs - scores.logprobs), positions, axis=1)
+    out = {"d": d[valid], "label": labels[valid]}
     for name in LOCATORS:
         selection = topd_weights(inputs, dataclasses.replace(loss, locator=name))
-        out[name] = np.asarray(selection.divergent)[keep]
+        out[name] = np.asarray(selection.scores)[valid]
+        out[f"{name}_divergent"] = np.asarray(selection.divergent)[valid]
+        out[f"{name}_tau"] = np.asarray(selection.tau)
+    if located.reference_ot is not None:
+        out["reference_ot"] = np.asarray(located.reference_ot)[np.asarray(located.reference_valid)]
     return out
 
 
@@ -248,12 +254,14 @@ def locator_analysis(student: CausalLM, teacher: CausalLM, *, loss: TopdConfig, 
     <locator>_precision / _recall of "divergent" against "fork" and its low-divergence share,
     all under the threshold rule of `loss` (`divergent_states`).
     """
-    parts = [_candidate_decisions(student, teacher, loss, synthetic.problems(seed + 20_000, i, batch_size),
-                                  jax.random.PRNGKey(seed * 1000 + i)) for i in range(batches)]
-    fork = np.concatenate([p["fork"] for p in parts])
+    parts = [candidate_table(student, teacher, loss, synthetic.problems(seed + 20_000, i, batch_size),
+                             jax.random.PRNGKey(seed * 1000 + i)) for i in range(batches)]
+    labels = np.concatenate([p["label"] for p in parts])
+    labelled = labels >= 0
+    fork = labels[labelled] == 1
     out = {"candidates": float(fork.size), "fork_share": _share(fork)}
     for name in LOCATORS:
-        divergent = np.concatenate([p[name] for p in parts])
+        divergent = np.concatenate([p[f"{name}_divergent"] for p in parts])[labelled]
         out[f"{name}_precision"], out[f"{name}_recall"] = precision_recall(divergent, fork)
         out[f"{name}_low_divergence_share"] = 1.0 - _share(divergent)
     return out
@@ -362,4 +370,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["DISTIL", "METHODS", "located_rollouts", "reproduce", "summary", "STUDENT", "SftConfig", "TEACHER", "accuracy", "cached_sft", "completions", "distil",
-           "distil_config", "eval_problems", "load", "locator_analysis", "precision_recall", "sft", "sft_batch"]
+           "candidate_table", "distil_config", "eval_problems", "load", "locator_analysis", "precision_recall", "sft", "sft_batch"]
