@@ -1,6 +1,7 @@
 """eval: sampling, grading and aggregation of math benchmarks; the `python -m topd_jax.eval` command line."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def fake_generation(texts_by_problem):
 
 def test_score_gives_exact_accuracy_avg_and_pass_at_k():
     right, wrong, unboxed = "so \\boxed{2}", "so \\boxed{3}", "it is 2"
-    metrics = ev.score(records(3), [[right, right, right], [wrong, right, wrong], [wrong, wrong, unboxed]],
+    metrics = ev.grade(records(3), [[right, right, right], [wrong, right, wrong], [wrong, wrong, unboxed]],
                        [[True, True, False], [True, True, True], [True, True, True]])
     assert (metrics["n"], metrics["k"], metrics["num_correct"]) == (3, 3, 1)
     assert metrics["accuracy"] == pytest.approx(1 / 3)   # first samples: right, wrong, wrong
@@ -82,9 +83,9 @@ def test_score_gives_exact_accuracy_avg_and_pass_at_k():
 
 def test_score_refuses_ragged_or_missing_completions():
     with pytest.raises(ValueError, match="one row of completions per record"):
-        ev.score(records(2), [["a"]])
+        ev.grade(records(2), [["a"]])
     with pytest.raises(ValueError, match="same number"):
-        ev.score(records(2), [["a"], ["a", "b"]])
+        ev.grade(records(2), [["a"], ["a", "b"]])
 
 
 def test_evaluate_passes_the_protocol_to_generation(monkeypatch):
@@ -237,3 +238,30 @@ def test_results_are_written_after_each_dataset(hf_dir, tmp_path, monkeypatch):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(results["datasets"]) == ["aime25"] and results["complete"] is False
     assert "| aime25 | 1 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_the_readme_chain_train_export_eval_runs_on_the_tiny_config(tmp_path, capsys):
+    """README: train the tiny config on the synthetic task, export it (with the task's tokenizer),
+    evaluate the export: no --tokenizer needed."""
+    from topd_jax import export, train
+
+    run, hf = tmp_path / "run", tmp_path / "exported"
+    assert train.main(["--config", "configs/tiny_cpu.yaml", f"output_dir={run}", "steps=1", "data.source=synthetic",
+                       "data.prompt_length=14", "rollout.max_new_tokens=4", "logging.progress=false",
+                       "logging.tensorboard=false"]) == 0
+    assert export.main(["--checkpoint", str(run), "--out", str(hf)]) == 0
+    assert (hf / "tokenizer.json").is_file() and os.stat(hf).st_mode & 0o777 == 0o777 & ~_umask()
+    write_set(tmp_path / "data", ["2", "3"])
+    assert ev.main(["--checkpoint", str(hf), "--datasets", "aime25", "--data-dir", str(tmp_path / "data"),
+                    "--max-new-tokens", "4", "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["complete"] is True
+    # the run directory itself works too: it is exported on the fly, tokenizer included
+    assert ev.main(["--checkpoint", str(run), "--datasets", "aime25", "--data-dir", str(tmp_path / "data"),
+                    "--max-new-tokens", "4", "--out", str(tmp_path / "eval2")]) == 0
+    assert "evaluating step 1 of" in capsys.readouterr().err
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

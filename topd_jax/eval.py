@@ -5,8 +5,10 @@
         [--data-dir DIR] [--out DIR] [key=value ...]
 
 --checkpoint is a Hugging Face directory (config.json + safetensors, tokenizer files) or a training
-run's output_dir (with checkpoints/), whose newest checkpoint is exported to a temporary Hugging
-Face directory first; its tokenizer comes from the run config's student.path (or --tokenizer).
+run's output_dir (with checkpoints/), whose newest readable checkpoint is exported to a temporary
+Hugging Face directory first. The tokenizer is --tokenizer, else the directory's own tokenizer
+files (export writes the student.path's, or the synthetic task's for a data.source=synthetic
+run), else the config's student.path; a random-model run on random prompts has none.
 The config (--config, else the run's config.yaml, else defaults, then key=value overrides) gives
 the dtype (student.dtype), the system prompt (data.system_prompt), extra EOS ids
 (rollout.eos_ids) and the default --max-new-tokens (rollout.max_new_tokens).
@@ -83,7 +85,7 @@ def generate_completions(model, tokenizer, problems: Sequence[str], *, samples: 
     return completions, finished
 
 
-def score(records: Sequence[math_sets.MathRecord], completions: Sequence[Sequence[str]],
+def grade(records: Sequence[math_sets.MathRecord], completions: Sequence[Sequence[str]],
           finished: Sequence[Sequence[bool]] | None = None) -> dict[str, Any]:
     """Grade completions [P][k] against the records' answers; the metrics of `evaluate`."""
     if len(completions) != len(records) or not records:
@@ -127,7 +129,7 @@ def evaluate(model, tokenizer, records: Sequence[math_sets.MathRecord], *, sampl
         model, tokenizer, [r.problem for r in records], samples=samples, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, system=system, instruction=instruction,
         eos_ids=eos_ids)
-    return score(records, completions, finished)
+    return grade(records, completions, finished)
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
@@ -140,6 +142,8 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from topd_jax.models.config import DTYPES
+
     parser = argparse.ArgumentParser(prog="python -m topd_jax.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Hugging Face directory or training run output_dir")
     parser.add_argument("--config", help="training YAML config (default: the run's config.yaml, else defaults)")
@@ -153,7 +157,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="problems per generate call")
     parser.add_argument("--limit", type=int, help="evaluate only the first n problems of each dataset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: student.dtype of the config")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: student.dtype of the config")
     parser.add_argument("--out", help="results directory (default: eval/<checkpoint name>)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted training-config overrides")
@@ -178,9 +182,8 @@ def _dataset_files(names: str, data_dir: str | None) -> dict[str, str]:
 
 def _load(args: argparse.Namespace, config, workdir: str):
     """(model, tokenizer) of --checkpoint: an HF directory, or a run directory exported into workdir."""
-    import jax.numpy as jnp
-
     from topd_jax.models.checkpoint import load_pretrained
+    from topd_jax.models.config import DTYPES
     from topd_jax.models.tokenizer import load_tokenizer
 
     path = args.checkpoint
@@ -188,16 +191,19 @@ def _load(args: argparse.Namespace, config, workdir: str):
     if is_run and not os.path.isdir(os.path.join(path, "checkpoints")):
         raise FileNotFoundError(f"{path} is neither a Hugging Face directory (config.json) nor a training "
                                 f"run (checkpoints/)")
-    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer_dir = args.tokenizer or (path if has_tokenizer and not is_run else config.student.path)
-    if tokenizer_dir is None:
-        raise FileNotFoundError(f"no tokenizer for {path}: pass --tokenizer DIR or student.path=DIR")
-    if is_run:
+    if is_run:  # export writes the run's tokenizer beside the weights when the run has one
         from topd_jax.export import export
 
-        export(path, workdir)
-        path = workdir
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype or config.student.dtype]
+        step = export(path, workdir, report=lambda message: print(f"warning: {message}", file=sys.stderr))
+        print(f"evaluating step {step} of {path}", file=sys.stderr)
+    where = workdir if is_run else path
+    has_tokenizer = any(os.path.isfile(os.path.join(where, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer_dir = args.tokenizer or (where if has_tokenizer else config.student.path)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(f"no tokenizer for {path}: it has no tokenizer files (a run of random models on "
+                                "random prompts has none); pass --tokenizer DIR or student.path=DIR")
+    path = where
+    dtype = DTYPES[args.dtype or config.student.dtype]
     return load_pretrained(path, dtype=dtype), load_tokenizer(tokenizer_dir)
 
 

@@ -6,7 +6,9 @@
 reads back is used unless --step names one (an unreadable newer step is reported, one line, and
 left in place). Weights that are not all finite (a diverged run) are refused. Only the
 student's parameters are read (not the optimizer state). The output holds config.json and safetensors that transformers loads, plus the
-student's tokenizer files when the run loaded the student from a directory that has them. The
+run's tokenizer when it has one: the files of the student's directory (student.path), or the
+synthetic task's word-level tokenizer for a data.source=synthetic run (a random-prompt run of
+random models has none; eval then needs --tokenizer). The
 output directory is replaced whole, so a failed export leaves an earlier one intact.
 """
 
@@ -39,10 +41,11 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
     from flax import nnx
 
     from topd_jax.models.checkpoint import save_pretrained
+    from topd_jax.models.config import DTYPES
     from topd_jax.models.decoder import CausalLM
     from topd_jax.models.families import config_from_hf
-    from topd_jax.trainer.checkpointing import Checkpointer, CheckpointError, UnreadableCheckpoint, leaf_name
-    from topd_jax.trainer.loop import CHECKPOINT_DIR
+    from topd_jax.trainer.checkpointing import (CHECKPOINT_DIR, Checkpointer, CheckpointError, UnreadableCheckpoint,
+                                                leaf_name)
 
     directory = os.fspath(checkpoint)
     if os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
@@ -54,7 +57,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
         hf_config = checkpointer.restore_json(step, "model_config")
         run_config = checkpointer.restore_json(step, "config")
         cfg = config_from_hf(hf_config)
-        param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[run_config["student"]["dtype"]]
+        param_dtype = DTYPES[run_config["student"]["dtype"]]
         abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=param_dtype, rngs=nnx.Rngs(0)))
         graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -89,17 +92,22 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(source, name)):
                 shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
-    save_pretrained(model, out, dtype=None if dtype is None else {"float32": jnp.float32,
-                                                                    "bfloat16": jnp.bfloat16}[dtype])
+    elif run_config.get("data", {}).get("source") == "synthetic":  # the run's tokenizer: the task's own
+        from topd_jax.data.synthetic import SyntheticTokenizer
+
+        SyntheticTokenizer().save_pretrained(out)
+    save_pretrained(model, out, dtype=None if dtype is None else DTYPES[dtype])
     return step
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from topd_jax.models.config import DTYPES
+
     parser = argparse.ArgumentParser(prog="python -m topd_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run output_dir or its checkpoints/ directory")
     parser.add_argument("--out", required=True, help="Hugging Face checkpoint directory to write")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast the weights (default: as trained)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast the weights (default: as trained)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
     args = parser.parse_args(argv)
 

@@ -34,6 +34,9 @@ from etils import epath
 
 from topd_jax.errors import CheckpointError  # re-exported: the one class, also raised for HF checkpoints
 
+# A run's checkpoints live in <output_dir>/checkpoints (the trainer writes them, export reads them).
+CHECKPOINT_DIR = "checkpoints"
+
 PyTree = Any
 
 

@@ -38,7 +38,7 @@ from topd_jax.models.sharding import param_shardings
 from topd_jax.models.tokenizer import load_tokenizer
 from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts, TfdsPrompts
 from topd_jax.trainer import placement
-from topd_jax.trainer.checkpointing import Checkpointer
+from topd_jax.trainer.checkpointing import CHECKPOINT_DIR, Checkpointer
 from topd_jax.trainer.config import ModelSpec, TrainConfig, resume_changes, save_config
 from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
 from topd_jax.trainer.metrics import MetricsLogger
@@ -48,7 +48,6 @@ from topd_jax.trainer.phases import sample_phase as _sample
 from topd_jax.trainer.phases import score_phase as _score_teacher
 from topd_jax.trainer.step import TrainState, experience, init_state
 
-CHECKPOINT_DIR = "checkpoints"
 
 
 def host_value(x: jax.Array) -> np.ndarray:
