@@ -36,7 +36,6 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
     (a diverged run), so no NaN model is ever written.
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
