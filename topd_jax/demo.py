@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from topd_jax import fileio
+
 QUICK_SFT_STEPS = (40, 10)  # teacher, student: a smoke run, not a result
 
 
@@ -129,8 +131,7 @@ diverge: its OPD weight is set to &alpha;. Hover a token for its loss d<sub>t</s
 q<sub>t</sub>, its fork label and, at candidates, D and the teacher's continuation.</p>
 <p>{' '.join(spans)}</p>
 """
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    fileio.write_file(path, page)
     return {"candidates": int(valid[b].sum()), "divergent": int(divergent[b].sum())}
 
 
@@ -193,8 +194,7 @@ def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = F
                                    output_dir=out).loss
     results["rollout"] = rollout_html(student, teacher, loss, os.path.join(out, "rollout.html"))
     bar.close()
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    fileio.write_file(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     return results
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from topd_jax import fileio
 from topd_jax.data import synthetic
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.losses.topd import TopdConfig, topd_weights
@@ -303,8 +304,7 @@ def reproduce(out_dir: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 60
                 "step_time": run["step_time"], "low_divergence_share": float(np.mean(low)) if low else None}
             if progress is not None:
                 progress(method, seed)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    fileio.write_file(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     return results
 
 
@@ -359,8 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = reproduce(args.out, seeds=range(args.seeds), steps=args.steps, methods=methods, cache_dir=args.cache,
                         progress=lambda m, s: print(f"done: {m} seed {s}", flush=True))
     table = summary(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table + "\n")
+    fileio.write_file(os.path.join(args.out, "results.md"), table + "\n")
     print(table)
     return 0
 
