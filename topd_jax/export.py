@@ -5,11 +5,12 @@
 --checkpoint is a run's output_dir or its checkpoints/ directory; the newest checkpoint that
 reads back is used unless --step names one (an unreadable newer step is reported, one line, and
 left in place). Weights that are not all finite (a diverged run) are refused. Only the
-student's parameters are read (not the optimizer state). The output holds config.json and safetensors that transformers loads, plus the
-run's tokenizer when it has one: the files of the student's directory (student.path), or the
-synthetic task's word-level tokenizer for a data.source=synthetic run (a random-prompt run of
-random models has none; eval then needs --tokenizer). The
-output directory is replaced whole, so a failed export leaves an earlier one intact.
+student's parameters are read (not the optimizer state). The output holds config.json and
+safetensors that transformers loads, plus the run's tokenizer when it has one: the files of the
+student's directory (student.path), or the synthetic task's word-level tokenizer for a
+data.source=synthetic run (a random-prompt run of random models has none; eval then needs
+--tokenizer). The output directory is replaced whole, so a failed export leaves an earlier one
+intact (and keeps its permissions).
 """
 
 from __future__ import annotations

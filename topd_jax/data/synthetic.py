@@ -30,6 +30,7 @@ beside the real forks where a weak student miscalculates.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +45,7 @@ VOCAB = (*SPECIAL, *[str(d) for d in range(10)], *OPS, *EQUALS, *CONNECTIVES, "a
          "?", "find", "mod")
 PAD_ID, EOS_ID = 0, 1
 MODULUS = 10
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
 PROMPT_LENGTH = 14  # the longest prompt (4 steps) in tokens
 
 
@@ -74,6 +76,22 @@ class SyntheticTokenizer:
         if unknown:
             raise ValueError(f"tokens {unknown[:5]} are not in the synthetic vocabulary")
         return [self._ids[t] for t in tokens]
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write this vocabulary as Hugging Face tokenizer files (what `export` puts beside a
+        synthetic-task run's student, so `eval` and transformers can load it).
+
+        Same ids; whitespace words with digits split, as `tokenize`; a word outside the task's
+        vocabulary (any real benchmark text) becomes <pad>; the chat template is the plain
+        concatenation of the messages' contents, as the task's prompts have no roles."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token=VOCAB[PAD_ID]))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Digits(individual_digits=True)])
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=VOCAB[PAD_ID], pad_token=VOCAB[PAD_ID],
+                                eos_token=VOCAB[EOS_ID], chat_template=CHAT_TEMPLATE).save_pretrained(directory)
 
     def decode(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str:
         words = []
