@@ -284,3 +284,33 @@ def test_miniature_help_describes_every_option_with_its_default(capsys):
     for text in ("distillation steps per run (default: 600)", "distillation seeds per method",
                  "(default: results/miniature)", "comma list of presets to compare"):
         assert text in out
+
+
+def test_run_files_and_export_folders_follow_the_umask(trained, tmp_path):
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("config.yaml", "metrics.jsonl", "events.log"):
+        if (trained / name).exists():
+            assert stat.S_IMODE(os.stat(trained / name).st_mode) == 0o666 & ~mask, name
+    existing = tmp_path / "hf"
+    existing.mkdir()
+    os.chmod(existing, 0o755)
+    assert export.main(["--checkpoint", str(trained), "--out", str(existing)]) == 0
+    assert stat.S_IMODE(os.stat(existing).st_mode) == 0o755  # not changed to 0700
+    assert stat.S_IMODE(os.stat(existing / "model.safetensors").st_mode) == 0o666 & ~mask
+
+
+def test_eval_of_a_run_without_a_readable_checkpoint_is_one_line(trained, tmp_path, capsys):
+    from topd_jax import eval as ev
+
+    out = copy_run(trained, tmp_path)
+    for step in ("1", "2"):
+        truncate_a_params_file(out / "checkpoints" / step)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "aime25.jsonl").write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
+    line = one_line_error(capsys, ["--checkpoint", str(out), "--datasets", "aime25", "--data-dir", str(data),
+                                   "--tokenizer", str(out), "--out", str(tmp_path / "eval")], ev.main)
+    assert line.startswith(f"error: no readable checkpoint in {out / 'checkpoints'}")
