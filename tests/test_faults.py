@@ -314,3 +314,11 @@ def test_eval_of_a_run_without_a_readable_checkpoint_is_one_line(trained, tmp_pa
     line = one_line_error(capsys, ["--checkpoint", str(out), "--datasets", "aime25", "--data-dir", str(data),
                                    "--tokenizer", str(out), "--out", str(tmp_path / "eval")], ev.main)
     assert line.startswith(f"error: no readable checkpoint in {out / 'checkpoints'}")
+
+
+def test_a_jsonl_source_without_a_tokenizer_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"problem": "What is 1+1?"}) + "\n")
+    line = one_line_error(capsys, [*TINY, f"output_dir={tmp_path / 'run'}", "data.source=jsonl",
+                                   f"data.path={prompts}"])
+    assert "data.source 'jsonl' needs a tokenizer" in line and not (tmp_path / "run" / "config.yaml").exists()

@@ -190,8 +190,8 @@ class Trainer:
         if d.source == "synthetic":
             return SyntheticPrompts(prompt_length=d.prompt_length, batch_size=r.prompts_per_step, seed=self.config.seed)
         if self.tokenizer is None:
-            raise ValueError(f"data.source {d.source!r} needs a tokenizer: set student.path to a checkpoint "
-                             "directory with tokenizer files")
+            raise ConfigError(f"data.source {d.source!r} needs a tokenizer: set student.path to a checkpoint "
+                              "directory with tokenizer files")
         if d.source == "tfds":
             return TfdsPrompts(d.path, self.tokenizer, layout=d.layout, field=d.field,
                                data_dir=d.data_dir or os.path.join(self.config.output_dir, "data"),
