@@ -48,11 +48,13 @@ def copy_run(trained, tmp_path):
 
 
 def truncate_a_params_file(step_dir):
+    """Cut every data file of the step's params in half (which file holds an array varies)."""
     files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
              if os.path.isfile(f)]
-    biggest = max(files, key=os.path.getsize)
-    with open(biggest, "r+b") as f:
-        f.truncate(os.path.getsize(biggest) // 2)
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
 
 
 DAMAGE = {
@@ -322,3 +324,14 @@ def test_a_jsonl_source_without_a_tokenizer_is_one_line(tmp_path, capsys):
     line = one_line_error(capsys, [*TINY, f"output_dir={tmp_path / 'run'}", "data.source=jsonl",
                                    f"data.path={prompts}"])
     assert "data.source 'jsonl' needs a tokenizer" in line and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_eval_with_a_directory_that_is_no_tokenizer_is_one_line(trained, tmp_path, capsys):
+    from topd_jax import eval as ev
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "aime25.jsonl").write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
+    line = one_line_error(capsys, ["--checkpoint", str(trained), "--datasets", "aime25", "--data-dir", str(data),
+                                   "--tokenizer", str(tmp_path), "--out", str(tmp_path / "eval")], ev.main)
+    assert line.startswith(f"error: tokenizer {tmp_path}: not a loadable tokenizer directory")

@@ -204,7 +204,12 @@ def _load(args: argparse.Namespace, config, workdir: str):
                                 "random prompts has none); pass --tokenizer DIR or student.path=DIR")
     path = where
     dtype = DTYPES[args.dtype or config.student.dtype]
-    return load_pretrained(path, dtype=dtype), load_tokenizer(tokenizer_dir)
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except (OSError, ValueError) as err:  # transformers: "Couldn't instantiate the backend tokenizer ..."
+        raise ConfigError(f"tokenizer {tokenizer_dir}: not a loadable tokenizer directory "
+                          f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from err
+    return load_pretrained(path, dtype=dtype), tokenizer
 
 
 def _read_all(files: dict[str, str], limit: int | None) -> dict[str, tuple[list, dict, str]]:

@@ -227,22 +227,29 @@ class Checkpointer:
         """(step, items) of the newest checkpoint that restores, as `restore` does.
 
         A step that does not restore (a truncated or deleted file: `UnreadableCheckpoint`) is
-        reported in one line through `report` and passed over for the next older one; a
-        writable Checkpointer also moves it aside to `<step>.corrupt-<UTC time>` (never deleted,
-        so nothing is lost and the next save of that step is not refused). A checkpoint that is
-        readable but does not fit (a shape mismatch) is a CheckpointError, as from `restore`:
-        falling back would silently train something else.
+        passed over for the next older one. Once an older step has restored, each passed-over
+        step is reported in one line through `report` and, by a writable Checkpointer, moved
+        aside to `<step>.corrupt-<UTC time>` (never deleted: nothing is lost, and the next save
+        of that step is not refused). When no step restores, nothing is moved: a failure that
+        hits every step is more likely this run's target than damage to all of its files. A
+        checkpoint that is readable but does not fit (a shape mismatch) is a CheckpointError, as
+        from `restore`: falling back would silently train something else.
         """
-        passed: list[str] = []
+        passed: list[tuple[int, UnreadableCheckpoint]] = []
         for step in reversed(self.all_steps()):
             try:
-                return step, self.restore(step, abstract_trees, json_names)
+                restored = self.restore(step, abstract_trees, json_names)
             except UnreadableCheckpoint as err:
-                moved = "" if self.read_only else f"; moved it to {os.path.basename(self.move_aside(step))}"
-                passed.append(str(step))
-                report(f"{err}{moved}; trying the next older step")
-        raise CheckpointError(f"no readable checkpoint in {self.directory}"
-                              + (f" (unreadable: steps {', '.join(passed)})" if passed else ""))
+                passed.append((step, err))
+                continue
+            for bad, err in passed:
+                moved = "" if self.read_only else f"; moved it to {os.path.basename(self.move_aside(bad))}"
+                report(f"{err}{moved}; resuming from step {step}")
+            return step, restored
+        if not passed:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        raise CheckpointError(f"no readable checkpoint in {self.directory} (steps "
+                              f"{', '.join(str(s) for s, _ in passed)} unreadable; newest: {passed[0][1]})")
 
     def move_aside(self, step: int) -> str:
         """Rename step directory `step` to `<step>.corrupt-<UTC time>` (process 0; every process
