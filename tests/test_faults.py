@@ -102,7 +102,8 @@ def test_no_readable_step_at_all_is_one_line(trained, tmp_path, capsys):
     for step in ("1", "2"):
         os.remove(out / "checkpoints" / step / "meta" / "metadata")
     line = one_line_error(capsys, [*TINY, f"output_dir={out}", "steps=2"])
-    assert "no readable checkpoint" in line and "steps 2, 1" in line
+    assert "no readable checkpoint" in line and "steps 2, 1 unreadable" in line
+    assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]  # nothing moved when nothing restores
 
 
 def test_resuming_with_another_model_shape_names_both_shapes(trained, capsys):

@@ -5,7 +5,11 @@ of JSON {name: {"dtype", "shape", "data_offsets": [begin, end)}, "__metadata__":
 the raw little-endian tensor bytes. `safetensors.safe_open(framework="numpy")` cannot return
 bfloat16 (numpy has no such dtype) and the released Qwen3/Llama checkpoints are bfloat16, so this
 module reads the documented layout itself: a block of rows is read with one positioned read into
-a fresh buffer (ml_dtypes supplies bfloat16), never the whole file, never through pickle.
+a fresh buffer (ml_dtypes supplies bfloat16), never the whole file, never through pickle. (The
+library's slicing reader, `get_slice`, has the same numpy limit, and its torch path would add a
+torch copy of every block.) Since the reads trust the header, `check_header` first validates it
+as the library does: known dtypes, byte lengths equal to dtype size times shape, and offsets in
+order, without gaps or overlaps, ending exactly at the end of the file.
 """
 
 from __future__ import annotations
