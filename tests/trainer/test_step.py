@@ -1,5 +1,6 @@
 """The composed step: sharded equals single-device, presets compute what they need, SFT, skips."""
 
+import dataclasses
 import functools
 
 import jax
@@ -139,7 +140,8 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_leaves_the_state_untouc
     loss = TopdConfig.preset("topd", window=3, max_candidates=2)
     rollout, scores, located = phases(*models, loss)
     batch = experience(rollout, scores, located)
-    batch = type(batch)(**{**batch.__dict__, "teacher_logprobs": batch.teacher_logprobs.at[0, 0].set(jnp.nan)})
+    scores = dataclasses.replace(batch.scores, logprobs=batch.scores.logprobs.at[0, 0].set(jnp.nan))
+    batch = dataclasses.replace(batch, scores=scores)
     graphdef, params = nnx.split(models[0], nnx.Param)
     optimizer = optax.adamw(1e-2)
     state = init_state(params, optimizer, jax.random.PRNGKey(0))
