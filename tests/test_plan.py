@@ -55,6 +55,12 @@ def test_plan_tiny_config_on_a_tpu_topology(tmp_path, capsys):
     assert [(d["model"], d["steps"]) for d in branch["decode_steps"]] == [("teacher", 8), ("student", 8)]
     # The loops' full step counts are added to the once-counted body.
     assert sample["with_loops"]["tflop"] > sample["tflop"]
+    # The update alone (the other phases only lowered) compiles to the same program.
+    only = tmp_path / "train.json"
+    assert main(["--config", TINY, "--topology", TOPOLOGY, "--phases", "train", "--json", str(only)]) == 0
+    (alone,) = json.loads(only.read_text())["phases"]
+    keys = ("phase", "args_gib", "out_gib", "alias_gib", "temp_gib", "tflop")
+    assert {k: alone[k] for k in keys} == {k: plan["phases"][3][k] for k in keys}
 
 
 def test_plan_tiny_config_on_local_devices(capsys):

@@ -32,6 +32,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--teacher-layers", type=int, metavar="N", help="the same for the teacher")
     parser.add_argument("--no-decode-steps", action="store_true",
                         help="skip compiling one decode step of each loop alone")
+    parser.add_argument("--phases", metavar="LIST",
+                        help="compile only these of sample,score,branch,train (the others are lowered for shapes)")
     parser.add_argument("--buffers", type=int, default=0, metavar="N",
                         help="also list each phase's N largest arrays of the compiled program")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices, chip = chips.topology_devices(args.topology)
         plan = measure.plan_step(config, devices, student_layers=args.student_layers,
                                  teacher_layers=args.teacher_layers, decode_steps=not args.no_decode_steps,
-                                 buffers=args.buffers,
+                                 buffers=args.buffers, only=tuple(args.phases.split(",")) if args.phases else None,
                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ConfigError, ValueError, OSError) as err:
         print(f"error: {chips.first_line(err)}", file=sys.stderr)

@@ -237,14 +237,19 @@ def _abstract_params(cfg, dtype: str, mesh):
 
 def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None,
               teacher_layers: int | None = None, decode_steps: bool = True, buffers: int = 0,
-              progress: Callable[[str], None] = lambda line: None) -> StepPlan:
+              only: tuple[str, ...] | None = None, progress: Callable[[str], None] = lambda line: None) -> StepPlan:
     """Compile the four phases of `config`'s train step for `devices` (module docstring).
 
     student_layers / teacher_layers cut the models to their first layers (compile time grows with
     depth); decode_steps=False skips the separately compiled loop steps; buffers > 0 lists each
-    phase's largest materialised arrays (`hlo.largest_arrays`). `progress` gets one line per
+    phase's largest materialised arrays (`hlo.largest_arrays`). `only` compiles just these phases:
+    the others are lowered for their outputs' shapes, which take the batch-split shardings the decode
+    loops pin (the update's input shardings are its own either way). `progress` gets one line per
     compiled program.
     """
+    bad = sorted(set(only or ()) - set(PHASES))
+    if bad:
+        raise ValueError(f"unknown phase {', '.join(bad)}; phases: {', '.join(PHASES)}")
     mesh = mesh_from_config(config.mesh, devices)
     r = config.rollout
     placement.batch_size_divides(r.prompts_per_step * r.num_samples, mesh)
@@ -273,42 +278,58 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
             "branch": per_device_bytes(state.opt_state), "train": per_device_bytes(t_params)}
 
     results: list[PhaseFigures] = []
+    wanted = set(PHASES if only is None else only)
+    failed: set[str] = set()
 
     def run(phase, lower, context=True):
+        if phase not in wanted:  # lowered for its outputs' shapes only
+            progress(f"lowering {phase} (not compiled) ...")
+            try:
+                with jax.set_mesh(mesh) if context else _null():
+                    lowered = lower()
+            except Exception as err:
+                results.append(PhaseFigures(phase, held=held[phase], error=f"did not lower: {first_line(err)}"))
+                failed.add(phase)
+                return None
+            return with_shardings(lowered.out_info, _batch_split(lowered.out_info, mesh))
         progress(f"compiling {phase} ...")
         figures, out = _compile(phase, lower, held[phase], mesh, context, buffers)
         progress(f"  {phase}: {figures.compile_s:.1f} s" + (f" ({figures.error})" if figures.error else ""))
         results.append(figures)
+        if figures.error is not None and out is None:
+            failed.add(phase)
         return out
 
     def missing(phase, needs):
         results.append(PhaseFigures(phase, held=held[phase], error=f"not compiled: needs the outputs of {needs}"))
+        failed.add(phase)
 
     rollout = run("sample", lambda: phases.sample_phase.lower(graphdef, state.params, prompt_tokens, prompt_mask,
                                                               k_sample, options=sampling))
     scores = located = None
-    if rollout is None:
+    if "sample" in failed:
         missing("score", "sample")
     else:
         scores = run("score", lambda: phases.score_phase.lower(t_graphdef, t_params, rollout,
                                                                chunk_size=config.chunk_size,
                                                                return_cache=loss.uses_windows))
-    if scores is None:
-        missing("branch", "score" if rollout is not None else "sample")
+    if failed & {"sample", "score"}:
+        missing("branch", "score" if "score" in failed else "sample")
     else:
         located = run("branch", lambda: phases.locate_phase.lower(graphdef, state.params, t_graphdef, t_params,
                                                                   rollout, scores, k_locate, loss=loss,
                                                                   options=sampling))
-    if rollout is None or scores is None or (located is None and results[-1].error is not None):
-        missing("train", "sample, score and branch")
+    if failed:
+        missing("train", ", ".join(sorted(failed)))
     else:
         batch = jax.eval_shape(experience, rollout, scores, located)
         batch = with_shardings(batch, placement.experience_shardings(batch, mesh))
         jitted = placement.jit_update(state, batch, mesh, graphdef=graphdef, optimizer=optimizer, loss=loss,
                                       chunk_size=config.chunk_size)
         run("train", lambda: jitted.lower(state, batch), context=False)
+    results = [r for r in results if r.phase in wanted or r.error is not None]
 
-    if decode_steps and rollout is not None:
+    if decode_steps and rollout is not None and wanted & {"sample", "branch"}:
         results = _with_decode_steps(results, rollout, scores, located, graphdef, state.params, t_graphdef, t_params,
                                      s_cfg, t_cfg, config, loss, mesh, progress)
     return StepPlan(tuple(results), dict(mesh.shape), len(devices), (s_cfg.num_layers, s_full.num_layers),
