@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 GIB = 2**30
 
@@ -131,9 +131,5 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0].strip()
 
 
-def device_summary(devices: Sequence[Any]) -> str:
-    return f"{len(devices)} x {getattr(devices[0], 'device_kind', devices[0].platform)}"
-
-
-__all__ = ["CHIPS", "GIB", "KNOWN", "Chip", "chip_of_device", "compile_only_env", "device_summary", "first_line", "parse_topology",
+__all__ = ["CHIPS", "GIB", "KNOWN", "Chip", "chip_of_device", "compile_only_env", "first_line", "parse_topology",
            "topology_devices"]

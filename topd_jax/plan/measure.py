@@ -31,6 +31,7 @@ number of steps the phase runs at most; `DecodeStep.loop_*` are steps x step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from topd_jax.models.decoder import init_branch_cache
 from topd_jax.models.sharding import batch_sharding
 from topd_jax.plan.chips import first_line
 from topd_jax.plan.hlo import KINDS, collective_bytes, largest_arrays
@@ -50,7 +52,6 @@ from topd_jax.trainer import placement, phases
 from topd_jax.trainer.config import TrainConfig
 from topd_jax.trainer.runtime import mesh_from_config
 from topd_jax.trainer.step import experience, init_state
-from topd_jax.models.decoder import init_branch_cache
 
 PHASES = ("sample", "score", "branch", "train")  # the trainer's time keys, in step order
 
@@ -175,7 +176,7 @@ def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: b
     """Lower and compile one phase: (figures, its abstract outputs with their shardings or None)."""
     begin = time.perf_counter()
     try:
-        with jax.set_mesh(mesh) if context else _null():
+        with jax.set_mesh(mesh) if context else contextlib.nullcontext():
             lowered = lower()
     except Exception as err:  # a trace error of this config: nothing downstream can be lowered
         return PhaseFigures(phase, held=held, error=f"did not lower: {first_line(err)}"), None
@@ -194,14 +195,6 @@ def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: b
         return figures, with_shardings(lowered.out_info, _batch_split(lowered.out_info, mesh))
     out = with_shardings(lowered.out_info, compiled.output_shardings)
     return _figures(phase, compiled, held, time.perf_counter() - begin, buffers), out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # One loop step alone, for its FLOPs and bytes (the cache donated: updated in place, as in the loop).
@@ -285,7 +278,7 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
         if phase not in wanted:  # lowered for its outputs' shapes only
             progress(f"lowering {phase} (not compiled) ...")
             try:
-                with jax.set_mesh(mesh) if context else _null():
+                with jax.set_mesh(mesh) if context else contextlib.nullcontext():
                     lowered = lower()
             except Exception as err:
                 results.append(PhaseFigures(phase, held=held[phase], error=f"did not lower: {first_line(err)}"))
