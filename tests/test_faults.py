@@ -336,3 +336,22 @@ def test_eval_with_a_directory_that_is_no_tokenizer_is_one_line(trained, tmp_pat
     line = one_line_error(capsys, ["--checkpoint", str(trained), "--datasets", "aime25", "--data-dir", str(data),
                                    "--tokenizer", str(tmp_path), "--out", str(tmp_path / "eval")], ev.main)
     assert line.startswith(f"error: tokenizer {tmp_path}: not a loadable tokenizer directory")
+
+
+def test_library_tracebacks_are_held_back_while_a_cli_reports_one_line(capsys, caplog):
+    import logging
+
+    from topd_jax.errors import run_cli
+
+    def body():
+        try:
+            raise ValueError("RESOURCE_EXHAUSTED: ... No space left on device")
+        except ValueError:  # what Orbax's background save thread logs, stack and all
+            logging.getLogger("absl").exception("Failed to run Handler Commit operations")
+        logging.getLogger("absl").warning("a warning stays")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(body) == 2
+    assert [r.getMessage() for r in caplog.records] == ["a warning stays"]
+    assert capsys.readouterr().err == "error: No space left on device (the disk is full)\n"

@@ -13,8 +13,10 @@ traceback. docs/faults.md lists what each failure looks like and how to recover.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
+import threading
 from typing import Callable
 
 from topd_jax.configuration import ConfigError
@@ -35,8 +37,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, Tr
 
 def one_line(err: BaseException) -> str:
     """The error as one line: OSErrors as `<what failed>: <path>`, others their first line."""
-    if isinstance(err, OSError) and err.strerror and err.filename is not None:
-        text = f"{err.strerror}: {err.filename}"
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror if err.filename is None else f"{err.strerror}: {err.filename}"
         if err.errno == errno.ENOSPC:
             text += " (the disk is full)"
     else:
@@ -64,16 +66,48 @@ def debug_requested(flag: bool = False) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false")
 
 
+_LIBRARY_LOGGERS = ("absl", "asyncio")
+
+
+class _NoLibraryTracebacks(logging.Filter):
+    """Drops ERROR records that carry a traceback: Orbax logs every failed background save with
+    its whole stack (twice) before the failure reaches the trainer, which reports it as the one
+    error line. --debug keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.levelno >= logging.ERROR)
+
+
 def run_cli(body: Callable[[], int], *, debug: bool = False) -> int:
     """body() -> its exit code; a user error -> `error: <one line>` on stderr and exit 2."""
+    quiet = None if debug_requested(debug) else _NoLibraryTracebacks()
+    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+    for logger in loggers if quiet is not None else ():
+        logger.addFilter(quiet)
     try:
         return body()
     except USER_ERRORS as err:
-        if debug_requested(debug):
+        if quiet is None:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        for logger in loggers if quiet is not None else ():
+            logger.removeFilter(quiet)
+
+
+def exit_quietly(code: int) -> None:
+    """sys.exit(code) for a `__main__` block. After a reported error (code 2), the libraries'
+    own clean-up at exit (TensorBoard's writer flushing onto the same full disk, Orbax's pending
+    futures) must not bury the error line under their tracebacks; --debug keeps them (it
+    re-raises, so no code 2)."""
+    if code == 2:
+        sys.unraisablehook = lambda unraisable: None
+        threading.excepthook = lambda args: None
+        for name in _LIBRARY_LOGGERS:
+            logging.getLogger(name).addFilter(_NoLibraryTracebacks())
+    sys.exit(code)
 
 
 __all__ = ["CheckpointError", "ConfigError", "DEBUG_ENV", "TrainingError", "USER_ERRORS", "debug_requested",
-           "is_disk_full", "one_line", "run_cli"]
+           "exit_quietly", "is_disk_full", "one_line", "run_cli"]

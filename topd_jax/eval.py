@@ -40,7 +40,7 @@ import numpy as np
 from topd_jax import grading
 from topd_jax.configuration import ConfigError
 from topd_jax.data import math_sets
-from topd_jax.errors import run_cli
+from topd_jax.errors import exit_quietly, run_cli
 from topd_jax.fileio import write_file
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -280,4 +280,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

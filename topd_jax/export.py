@@ -21,7 +21,7 @@ import shutil
 import sys
 from typing import Callable, Sequence
 
-from topd_jax.errors import run_cli
+from topd_jax.errors import exit_quietly, run_cli
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -121,4 +121,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

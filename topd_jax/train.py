@@ -19,7 +19,7 @@ import contextlib
 import sys
 from typing import Sequence
 
-from topd_jax.errors import run_cli
+from topd_jax.errors import exit_quietly, run_cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -66,4 +66,4 @@ def _train(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())
