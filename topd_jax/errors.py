@@ -13,6 +13,7 @@ traceback. docs/faults.md lists what each failure looks like and how to recover.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import sys
@@ -82,8 +83,11 @@ def run_cli(body: Callable[[], int], *, debug: bool = False) -> int:
     """body() -> its exit code; a user error -> `error: <one line>` on stderr and exit 2."""
     quiet = None if debug_requested(debug) else _NoLibraryTracebacks()
     loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
-    for logger in loggers if quiet is not None else ():
-        logger.addFilter(quiet)
+    previous_hook = sys.unraisablehook
+    if quiet is not None:
+        for logger in loggers:
+            logger.addFilter(quiet)
+        sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, previous_hook)
     try:
         return body()
     except USER_ERRORS as err:
@@ -92,8 +96,20 @@ def run_cli(body: Callable[[], int], *, debug: bool = False) -> int:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     finally:
-        for logger in loggers if quiet is not None else ():
-            logger.removeFilter(quiet)
+        if quiet is not None:
+            for logger in loggers:
+                logger.removeFilter(quiet)
+            sys.unraisablehook = previous_hook
+
+
+def _drop_closed_loop_callbacks(previous: Callable, unraisable) -> None:
+    """An unraisable-exception hook without TensorStore's callbacks into the event loop of an
+    Orbax read that already failed ("Event loop is closed", one traceback per pending array):
+    the failed read is reported once, as the step that is unreadable. Others go on to `previous`."""
+    err = unraisable.exc_value
+    if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+        return
+    previous(unraisable)
 
 
 def exit_quietly(code: int) -> None:
