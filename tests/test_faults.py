@@ -85,6 +85,19 @@ def test_a_corrupt_newest_step_is_moved_aside_and_the_run_resumes_from_the_older
     assert "step 2" in (out / "events.log").read_text() and "unreadable" in (out / "events.log").read_text()
 
 
+def test_a_run_resumed_past_a_corrupt_step_trains_and_saves_that_step_again(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    truncate_a_params_file(out / "checkpoints" / "2")
+    trainer = Trainer(tiny_config(out, "steps=2"))
+    try:
+        trainer.run()
+        assert trainer.step == 2 and trainer.checkpointer.all_steps() == [1, 2]
+    finally:
+        trainer.close()
+    assert len(glob.glob(str(out / "checkpoints" / "2.corrupt-*"))) == 1
+    assert export.main(["--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0  # the new step 2 reads
+
+
 def test_export_of_a_corrupt_run_says_which_step_it_used_and_moves_nothing(trained, tmp_path, capsys):
     out = copy_run(trained, tmp_path)
     truncate_a_params_file(out / "checkpoints" / "2")

@@ -80,7 +80,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
             step = candidate
             break
         else:
-            raise CheckpointError(f"no readable checkpoint in {directory} (steps {steps} are all unreadable)")
+            raise CheckpointError(f"no readable checkpoint in {directory} (steps "
+                                  f"{', '.join(str(s) for s in reversed(steps))} unreadable)")
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not np.all(np.isfinite(np.asarray(leaf, np.float32))):
             raise CheckpointError(f"checkpoint step {step} in {directory}: params/{leaf_name(path)} holds NaN or inf (the "
