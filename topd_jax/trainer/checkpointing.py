@@ -287,7 +287,7 @@ class Checkpointer:
             where = f"checkpoint step {step} in {self.directory}: {name}/{path}"
             if path not in stored:
                 raise CheckpointError(f"{where} is built by the config but not in the checkpoint (have "
-                                      f"{len(stored)} arrays); the model's structure changed")
+                                      f"{len(stored)} arrays): another model or optimizer structure")
             if stored[path] != shape:
                 raise CheckpointError(f"{where} has shape {stored[path]} but the config builds {shape}")
 
