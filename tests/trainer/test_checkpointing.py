@@ -206,3 +206,43 @@ def test_a_read_only_checkpointer_restores_but_never_saves_or_cleans_up(tmp_path
         with pytest.raises(CheckpointError, match="read-only"):
             reader.save(3, {"x": {"a": jnp.arange(4)}}, {}, force=True)
     assert stale.is_dir()
+
+
+def _two_steps(directory):
+    with Checkpointer(directory, every=1, keep=3, async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"params": {"w": jnp.full(4, float(step))}}, {"meta": {"step": step}})
+
+
+def test_a_shape_or_structure_mismatch_is_one_line_naming_the_array_and_both_shapes(tmp_path):
+    _two_steps(tmp_path)
+    with Checkpointer(tmp_path, every=1, keep=3) as ckpt:
+        with pytest.raises(CheckpointError) as info:
+            ckpt.restore(2, {"params": {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}})
+        assert str(info.value) == f"checkpoint step 2 in {tmp_path}: params/w has shape (4,) but the config builds (5,)"
+        with pytest.raises(CheckpointError, match=r"params/b is built by the config but not in the checkpoint"):
+            ckpt.restore(2, {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32),
+                                        "b": jax.ShapeDtypeStruct((4,), jnp.float32)}})
+        with pytest.raises(CheckpointError, match="has shape"):  # a mismatch is never fallen back from
+            ckpt.restore_latest({"params": {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}})
+        assert ckpt.all_steps() == [1, 2]
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_restore_latest_passes_over_an_unreadable_step(tmp_path, read_only):
+    from topd_jax.trainer.checkpointing import UnreadableCheckpoint
+
+    _two_steps(tmp_path)
+    os.remove(tmp_path / "2" / "meta" / "metadata")
+    target = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}}
+    with Checkpointer(tmp_path, every=1, keep=3, read_only=read_only) as ckpt:
+        with pytest.raises(UnreadableCheckpoint, match=f"^checkpoint step 2 in {tmp_path} is unreadable: "):
+            ckpt.restore(2, target, ["meta"])
+        reports = []
+        step, items = ckpt.restore_latest(target, ["meta"], report=reports.append)
+        assert step == 1 and items["meta"] == {"step": 1} and np.all(np.asarray(items["params"]["w"]) == 1)
+        [report] = reports
+        assert report.startswith(f"checkpoint step 2 in {tmp_path} is unreadable") and "resuming from step 1" in report
+        moved = glob.glob(str(tmp_path / "2.corrupt-*"))
+        assert len(moved) == (0 if read_only else 1) and ("moved it to" in report) != read_only
+        assert ckpt.all_steps() == ([1, 2] if read_only else [1])
