@@ -368,3 +368,15 @@ def test_library_tracebacks_are_held_back_while_a_cli_reports_one_line(capsys, c
         assert run_cli(body) == 2
     assert [r.getMessage() for r in caplog.records] == ["a warning stays"]
     assert capsys.readouterr().err == "error: No space left on device (the disk is full)\n"
+
+
+def test_yaml_merge_keys_may_still_override_what_they_merge():
+    from topd_jax.configuration import parse_yaml
+
+    assert parse_yaml("base: &b {top_k: 1}\nrollout:\n  <<: *b\n  top_k: 5\n", "c.yaml")["rollout"] == {"top_k": 5}
+
+
+def test_topd_debug_in_the_environment_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPD_DEBUG", "1")
+    with pytest.raises(Exception, match="must be finite"):
+        train.main([*TINY, f"output_dir={tmp_path}", "optimizer.learning_rate=.inf"])
