@@ -445,9 +445,10 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return TrainConfig.from_dict(values)
 
 
-# Keys a resume may change freely: where and how long the run goes, how it is laid out on the
-# devices, checkpointed and logged. Any other change alters what is trained (checked on resume).
-RESUME_MAY_CHANGE = ("output_dir", "steps", "chunk_size", "mesh", "distributed", "checkpoint", "logging")
+# Keys a resume may change freely: where and how long the run goes, how it computes (chunking,
+# attention backend, remat) and is laid out on the devices, checkpointed and logged. Any other
+# change alters what is trained (checked on resume).
+RESUME_MAY_CHANGE = ("output_dir", "steps", "chunk_size", "model", "mesh", "distributed", "checkpoint", "logging")
 
 
 def resume_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
