@@ -148,9 +148,9 @@ def test_resume_changed_records_the_change_and_keeps_the_earlier_config(trained,
     assert "learning_rate: 0.002" in (out / "config.yaml").read_text()
 
 
-def test_changing_only_steps_or_logging_resumes_without_a_flag(trained, tmp_path):
+def test_changing_only_steps_compute_or_logging_resumes_without_a_flag(trained, tmp_path):
     out = copy_run(trained, tmp_path)
-    trainer = Trainer(tiny_config(out, "steps=5", "logging.progress=true", "checkpoint.keep=2"))
+    trainer = Trainer(tiny_config(out, "steps=5", "logging.progress=true", "checkpoint.keep=2", "model.remat=full"))
     trainer.close()
     assert trainer.step == 2 and not trainer.resume_changes
 
