@@ -155,7 +155,7 @@ def test_changing_only_steps_compute_or_logging_resumes_without_a_flag(trained, 
     assert trainer.step == 2 and not trainer.resume_changes
 
 
-# --------------------------------------------------------------------------- bad input: one line, exit 2, nothing written
+# --------------------------------------------------------------------------- bad input: one line, nothing written
 
 
 @pytest.mark.parametrize("overrides, message", [

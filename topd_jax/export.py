@@ -84,8 +84,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
                                   f"{', '.join(str(s) for s in reversed(steps))} unreadable)")
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not np.all(np.isfinite(np.asarray(leaf, np.float32))):
-            raise CheckpointError(f"checkpoint step {step} in {directory}: params/{leaf_name(path)} holds NaN or inf (the "
-                                  "run diverged); export an earlier step with --step")
+            raise CheckpointError(f"checkpoint step {step} in {directory}: params/{leaf_name(path)} holds NaN or "
+                                  "inf (the run diverged); export an earlier step with --step")
     model = nnx.merge(graphdef, params)
     source = run_config["student"].get("path")
     os.makedirs(out, exist_ok=True)

@@ -48,7 +48,8 @@ def check_header(tensors: dict, data_size: int, where: str) -> None:
             raise CheckpointError(f"{where}: tensor {name!r} needs dtype, shape and data_offsets in the header")
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if code not in DTYPES:
-            raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {code!r} (known: {', '.join(DTYPES)})")
+            raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {code!r} "
+                                  f"(known: {', '.join(DTYPES)})")
         if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
             raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
