@@ -1,16 +1,22 @@
 """TOPD doing its job, on the synthetic task, on a CPU: the README's first command.
 
-    python -m topd_jax.demo [--out topd_demo] [--cache DIR] [--steps 400] [--quick]
+    python -m topd_jax.demo [--out topd_demo] [--cache DIR] [--steps 200] [--methods ...] [--quick]
 
-1. Supervised-trains a teacher (larger, uniform surface style) and a weaker student (smaller,
-   fewer steps, its own style) on the synthetic arithmetic task, or loads them from the cache
-   (default ~/.cache/topd_jax/miniature, or $TOPD_CACHE).
-2. Distils the student with OPD and with TOPD on the same budget, evaluating greedy accuracy on
-   held-out problems along the way.
-3. Prints a table with a row per method and writes into --out: accuracy.png (accuracy over steps
-   per method), ot_histograms.png (OT distances of high-loss candidates vs reference positions),
-   rollout.html (one student rollout with its high-loss tokens, real divergent states and
-   suppressed tokens highlighted) and results.json.
+1. Supervised-trains a teacher (larger, its own surface style, repairs slips) and a weaker
+   student (smaller, fewer steps, another style) on the synthetic arithmetic task (version 2),
+   or loads them from the cache (default ~/.cache/topd_jax/miniature, or $TOPD_CACHE).
+2. Distils the student with OPD, OPD with suppression, TOPD and TOPD with the oracle locator
+   (the fork labels: the bound of what suppression and guidance can do) on the same budget and
+   learning rate, seed 0, evaluating greedy accuracy on held-out problems along the way.
+3. Prints a table with a row per method and its paired difference to OPD (over the same
+   problems, 95% interval), and writes into --out: accuracy.png (accuracy over steps per
+   method), ot_histograms.png (OT distances of high-loss candidates vs reference positions),
+   locators.png (ROC curve of every locator against the fork labels), rollout.html (one student
+   rollout with its high-loss tokens, each candidate's fork label beside the locator's verdict)
+   and results.json.
+
+One seed: the paired interval covers problem-to-problem noise only, not seed-to-seed; the
+multi-seed comparison with a tuned learning rate per method is `python -m topd_jax.miniature`.
 
 SIGTERM (or a preemption) stops the current distillation after a saved checkpoint; the demo then
 skips the remaining methods and marks the table and results.json ("partial": true) as partial.
@@ -82,6 +88,36 @@ def plot_ot_histograms(rows: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def plot_locators(tables: list[dict[str, np.ndarray]], path: str) -> None:
+    """ROC curves of every locator's score against the fork labels (labelled candidates only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from topd_jax.losses.locators import LOCATORS
+    from topd_jax.miniature import roc_auc
+
+    labels = np.concatenate([t["label"] for t in tables])
+    fork = labels[labels >= 0] == 1
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name in LOCATORS:
+        scores = np.concatenate([t[name] for t in tables])[labels >= 0]
+        if fork.all() or not fork.any():
+            continue
+        order = np.argsort(-scores, kind="stable")
+        tpr = np.concatenate([[0], np.cumsum(fork[order]) / fork.sum()])
+        fpr = np.concatenate([[0], np.cumsum(~fork[order]) / (~fork).sum()])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(scores, fork):.2f})")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="chance")
+    ax.set(xlabel="surface forms called divergent", ylabel="forks called divergent",
+           title=f"Locators vs fork labels ({fork.size} candidates)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def rollout_html(student, teacher, loss, path: str, *, seed: int = 0) -> dict[str, Any]:
     """Render one student rollout: candidates C (high loss), R (divergent) and C \\ R (suppressed)."""
     import jax
@@ -94,6 +130,7 @@ def rollout_html(student, teacher, loss, path: str, *, seed: int = 0) -> dict[st
     tok = synthetic.SyntheticTokenizer()
     problems = synthetic.problems(seed + 30_000, 0, 16)
     rollout, scores, located = located_rollouts(student, teacher, loss, problems, jax.random.PRNGKey(seed))
+    located = located[loss.locator]
     # The training rule itself (the run's locator and threshold mode), not a copy of it.
     selection = topd_weights(loss_inputs(experience(rollout, scores, located), StudentLogprobs(rollout.logprobs)), loss)
     tau = selection.tau
@@ -111,32 +148,55 @@ def rollout_html(student, teacher, loss, path: str, *, seed: int = 0) -> dict[st
         t = int(positions[b, m])
         future = f"; teacher continues: {tok.decode(windows[m])}" if windows is not None else ""
         kind[t] = ("divergent" if divergent[b, m] else "suppressed", f"D = {ot[b, m]:.3f}{future}")
-    spans = []
+    names = {1: "fork", 0: "surface form", -1: "undecidable"}
+    spans, rows = [], []
     for t in np.flatnonzero(tmask):
         word = synthetic.VOCAB[int(tokens[t])]
         cls, note = kind.get(int(t), ("", ""))
-        fork = {1: "fork", 0: "surface form", -1: "unlabelled"}[int(labels[t])]
+        fork = names[int(labels[t])]
         title = f"d = {d[t]:.2f} ({fork}){'; ' + note if note else ''}"
-        spans.append(f'<span class="tok {cls}" title="{html.escape(title)}">{html.escape(word)}</span>')
+        mark = f'<sup class="label">{"F" if labels[t] == 1 else "S" if labels[t] == 0 else "?"}</sup>' if cls else ""
+        spans.append(f'<span class="tok {cls}" title="{html.escape(title)}">{html.escape(word)}{mark}</span>')
+        if cls:
+            agrees = (labels[t] == 1) == (cls == "divergent") if labels[t] >= 0 else None
+            verdict = {True: "right", False: "wrong", None: "-"}[agrees]
+            rows.append(f"<tr><td>{t}</td><td><code>{html.escape(word)}</code></td><td>{d[t]:.2f}</td>"
+                        f"<td>{fork}</td><td>{cls}</td><td>{verdict}</td><td>{html.escape(note)}</td></tr>")
     page = f"""<!doctype html><meta charset="utf-8"><title>TOPD: one rollout</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}} .tok{{padding:2px 4px;margin:1px;
 display:inline-block;border-radius:4px;font-family:monospace}} .divergent{{background:#f4a3a3}}
-.suppressed{{background:#ddd;text-decoration:line-through}} .legend span{{margin-right:1em}}</style>
+.suppressed{{background:#ddd;text-decoration:line-through}} .legend span{{margin-right:1em}}
+.label{{font-size:70%;color:#444}}</style>
 <h1>One student rollout, as TOPD sees it</h1>
 <p><b>Prompt:</b> <code>{html.escape(problems[b].prompt())}</code> (answer {problems[b].answer})</p>
 <p class="legend"><span class="tok divergent">real divergent state</span> high-loss token whose
 look-ahead futures diverge (OT distance D &ge; &tau; = {float(tau):.3f}): kept, plus guidance along the
 teacher's window. <span class="tok suppressed">suppressed</span> high-loss token whose futures do not
 diverge: its OPD weight is set to &alpha;. Hover a token for its loss d<sub>t</sub> = b<sub>t</sub> -
-q<sub>t</sub>, its fork label and, at candidates, D and the teacher's continuation.</p>
+q<sub>t</sub>, its fork label and, at candidates, D and the teacher's continuation. At every candidate
+the superscript is its fork label (F fork, S surface form, ? undecidable), beside the locator's
+verdict (the colour); the table lists both.</p>
 <p>{' '.join(spans)}</p>
+<table border="1" cellpadding="3" style="border-collapse:collapse"><tr><th>t</th><th>token</th><th>d</th>
+<th>fork label</th><th>locator ({html.escape(loss.locator)})</th><th>verdict vs label</th><th>D, teacher's window</th></tr>
+{''.join(rows)}</table>
 """
     fileio.write_file(path, page)
     return {"candidates": int(valid[b].sum()), "divergent": int(divergent[b].sum())}
 
 
-def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = False,
-        methods: Sequence[str] = ("opd", "topd")) -> dict[str, Any]:
+def paired_vs(correct: np.ndarray, baseline: np.ndarray) -> tuple[float, float, float]:
+    """Mean per-problem difference of two runs on the same problems and its 95% normal interval."""
+    x = np.asarray(correct, np.float64) - np.asarray(baseline, np.float64)
+    half = 1.96 * x.std(ddof=1) / np.sqrt(x.size) if x.size > 1 else float("nan")
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+DEMO_METHODS = ("opd", "opd_suppress", "topd", "oracle")
+
+
+def run(out: str, *, cache: str | None = None, steps: int = 200, quick: bool = False,
+        methods: Sequence[str] = DEMO_METHODS) -> dict[str, Any]:
     """Everything the module docstring lists; returns the results written to results.json."""
     from tqdm import tqdm
 
@@ -144,13 +204,13 @@ def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = F
 
     os.makedirs(out, exist_ok=True)
     teacher_sft, student_sft = miniature.TEACHER_SFT, miniature.STUDENT_SFT
-    eval_count = 256
+    eval_count, locator_batches, locator_batch = 512, 4, 32
     if quick:
         import dataclasses
 
         teacher_sft = dataclasses.replace(teacher_sft, steps=QUICK_SFT_STEPS[0], batch_size=16)
         student_sft = dataclasses.replace(student_sft, steps=QUICK_SFT_STEPS[1], batch_size=16)
-        eval_count = 32
+        eval_count, locator_batches, locator_batch = 32, 1, 8
     total = teacher_sft.steps + student_sft.steps + steps * len(methods)
     bar = tqdm(total=total, desc="demo", unit="step")
     cache = cache_dir(cache)
@@ -167,17 +227,21 @@ def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = F
     problems = miniature.eval_problems(eval_count)
     teacher, student = miniature.load(teacher_dir), miniature.load(student_dir)
     results: dict[str, Any] = {"teacher_accuracy": miniature.accuracy(teacher, problems), "methods": {},
-                               "eval_problems": eval_count, "steps": steps, "partial": False}
-    rows_by_method = {}
+                               "eval_problems": eval_count, "steps": steps, "partial": False,
+                               "learning_rate": miniature.DEFAULT_LEARNING_RATE}
+    rows_by_method, correct = {}, {}
     for method in methods:
         bar.set_description(f"distil {method}")
-        config = miniature.distil_config(student_dir, teacher_dir, preset=method, seed=0, steps=steps,
-                                         output_dir=os.path.join(out, "runs", method))
+        preset, extra = miniature.METHODS[method]
+        config = miniature.distil_config(student_dir, teacher_dir, preset=preset, seed=0, steps=steps,
+                                         output_dir=os.path.join(out, "runs", method), overrides=extra)
         run_ = miniature.distil(config, problems, eval_every=max(steps // 8, 1), on_step=lambda s: bar.update(1))
-        rows_by_method[method] = run_["metrics"]
+        rows_by_method[method], correct[method] = run_["metrics"], run_["correct"]
         low = [r["low_divergence_share"] for r in run_["metrics"] if "low_divergence_share" in r]
-        results["methods"][method] = {"accuracy": run_["accuracy"], "step_time": run_["step_time"],
+        results["methods"][method] = {"accuracy": run_["accuracy"], "score": run_["score"], "step_time": run_["step_time"],
                                       "low_divergence_share": float(np.mean(low)) if low else None}
+        if method != "opd" and "opd" in correct:
+            results["methods"][method]["vs_opd"] = paired_vs(correct[method], correct["opd"])
         # The trainer returns early on SIGTERM (after saving): this method's numbers are then
         # from fewer steps than asked, which the table and results.json must say.
         stopped_at = run_["accuracy"][0][0] + len(run_["metrics"])
@@ -192,6 +256,10 @@ def run(out: str, *, cache: str | None = None, steps: int = 400, quick: bool = F
     plot_ot_histograms(topd_rows, os.path.join(out, "ot_histograms.png"))
     loss = miniature.distil_config(student_dir, teacher_dir, preset="topd", seed=0, steps=1,
                                    output_dir=out).loss
+    tables: list = []
+    results["locators"] = miniature.locator_analysis(student, teacher, loss=loss, batches=locator_batches,
+                                                     batch_size=locator_batch, tables=tables)
+    plot_locators(tables, os.path.join(out, "locators.png"))
     results["rollout"] = rollout_html(student, teacher, loss, os.path.join(out, "rollout.html"))
     bar.close()
     fileio.write_file(os.path.join(out, "results.json"), json.dumps(results, indent=1))
@@ -204,18 +272,26 @@ def table(results: dict[str, Any]) -> str:
     base = next(iter(results["methods"].values()))["accuracy"][0][1]
     opd = results["methods"].get("opd", {}).get("step_time")
     lines = [f"teacher {results['teacher_accuracy']:.1%}; student before distillation {base:.1%} "
-             f"(greedy accuracy on {results['eval_problems']} held-out problems)", "",
-             "| method | accuracy after | best along the way | low-divergence share | step time |",
-             "| --- | --- | --- | --- | --- |"]
+             f"(greedy accuracy on {results['eval_problems']} held-out problems); seed 0, learning rate "
+             f"{results.get('learning_rate', float('nan')):g} for every method", "",
+             "| method | score (last two evals) | best along the way | vs OPD, paired [95%] | low-divergence share | "
+             "step time |", "| --- | --- | --- | --- | --- | --- |"]
     for method, r in results["methods"].items():
         accs = [a for _, a in r["accuracy"]]
         low = "-" if r["low_divergence_share"] is None else f"{r['low_divergence_share']:.1%}"
         ratio = f" ({r['step_time'] / opd:.2f}x OPD)" if opd and method != "opd" else ""
+        vs = "-" if r.get("vs_opd") is None else "{:+.1f} [{:+.1f}, {:+.1f}] pts".format(*(100 * v for v in r["vs_opd"]))
         name = method
         if r.get("partial"):
             name += (f" (PARTIAL: stopped at step {r['stopped_at']} of {results['steps']}, accuracy at step "
                      f"{r['accuracy'][-1][0]})")
-        lines.append(f"| {name} | {accs[-1]:.1%} | {max(accs):.1%} | {low} | {1e3 * r['step_time']:.0f} ms{ratio} |")
+        lines.append(f"| {name} | {r['score']:.1%} | {max(accs):.1%} | {vs} | {low} | {1e3 * r['step_time']:.0f} ms{ratio} |")
+    loc = results.get("locators")
+    if loc:
+        lines += ["", f"locators on {int(loc['candidates'])} candidates of the SFT'd student ({loc['cosmetic_share']:.0%} "
+                  f"surface forms, {loc['fork_share']:.0%} forks): " + ", ".join(
+                      f"{name} AUC {loc[f'{name}_auc']:.2f}" for name in ("ot", "ot_coupled", "ot_rollout", "window_kl")
+                      if f"{name}_auc" in loc)]
     if results.get("partial"):
         lines += ["", f"PARTIAL RUN: stopped before {results['steps']} steps; not a result."]
     return "\n".join(lines)
@@ -225,14 +301,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m topd_jax.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="topd_demo", help="output directory (plots, HTML, results.json)")
     parser.add_argument("--cache", default=None, help="SFT'd models cache (default ~/.cache/topd_jax/miniature)")
-    parser.add_argument("--steps", type=int, default=400, help="distillation steps per method")
+    parser.add_argument("--steps", type=int, default=200, help="distillation steps per method")
     parser.add_argument("--quick", action="store_true", help="tiny SFT budgets: a smoke run, not a result")
+    parser.add_argument("--methods", default=",".join(DEMO_METHODS),
+                        help="comma list of miniature.METHODS to distil (opd first for the paired differences)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    results = run(args.out, cache=args.cache, steps=args.steps, quick=args.quick)
+    from topd_jax.miniature import METHODS
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(f"unknown method {(unknown or [''])[0]!r}; choose from {', '.join(METHODS)}")
+    results = run(args.out, cache=args.cache, steps=args.steps, quick=args.quick, methods=methods)
     print(table(results))
-    print(f"\nplots, rollout.html and results.json in {args.out}/")
+    print(f"\nplots (accuracy, ot_histograms, locators), rollout.html and results.json in {args.out}/")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The synthetic task: correct solutions in every surface form, exact fork labels, a pure stream."""
+"""The synthetic task (version 2): correct solutions in every surface form, corrected slips, exact fork
+labels (wrong operators and words included), <pad> graded wrong, a pure stream."""
 
 import numpy as np
 import pytest
@@ -54,12 +55,63 @@ def test_a_miscalculation_is_followed_and_decides_the_answer():
     assert labels[4] == 1  # the wrong value is a fork: changing it back makes the answer right
 
 
-def test_text_that_leaves_the_format_is_unlabelled_from_there_on():
+def test_the_first_token_off_the_format_is_a_fork_and_the_rest_is_undecidable():
     p = S.Problem((7, 4), ("+",))
     labels, answer = labelled(p, "7 + 4 = 1 ; find ; answer 1")
     assert answer is None
-    assert (labels[:6] >= 0).all() and (labels[6:] == -1).all()  # labelled up to the last ";"
+    assert (labels[:6] >= 0).all() and labels[6] == 1 and (labels[7:] == -1).all()
     assert not S.is_correct(p, "7 + 4 = 1")  # no answer phrase
+    # A wrong equality word (here a digit where "=" belongs) is the fork, not an unlabelled token.
+    labels, answer = labelled(p, "7 + 4 ; answer 1")
+    assert answer is None and labels.tolist() == [0, 1, 1, 1, -1, -1]
+
+
+def test_a_wrong_operator_is_a_fork_and_followed_as_written():
+    p = S.Problem((7, 4, 6), ("+", "-"))
+    text = "7 * 4 = 8 ; so 8 - 6 = 2 ; result 2"
+    labels, answer = labelled(p, text)
+    assert answer == 2 and not S.is_correct(p, text)
+    assert labels[1] == 1 and (labels >= 0).all()
+
+
+def test_a_corrected_slip_is_followed_and_its_tokens_are_forks():
+    p = S.Problem((7, 4, 6), ("+", "-"))
+    text = "7 + 4 = 2 wait 1 ; so 1 - 6 = 5 ; answer 5"
+    labels, answer = labelled(p, text)
+    assert answer == 5 and S.is_correct(p, text)
+    assert labels[4:7].tolist() == [1, 1, 1] and (labels >= 0).all()
+    assert not S.is_correct(p, "7 + 4 = 1 wait 2 ; so 2 - 6 = 6 ; answer 6")
+
+
+def test_a_sampled_pad_inside_a_completion_is_graded_wrong():
+    p = S.Problem((7, 4), ("+",))
+    ids = TOK.encode("7 + 4 = 1 ; answer 1")
+    assert S.is_correct_ids(p, ids + [S.EOS_ID, S.PAD_ID])
+    with_pad = ids[:5] + [S.PAD_ID] + ids[5:] + [S.EOS_ID]
+    assert not S.is_correct_ids(p, with_pad)
+    assert TOK.decode(with_pad) == "7 + 4 = 1 <pad> ; answer 1" and not S.is_correct(p, TOK.decode(with_pad))
+    assert S.fork_labels(p, with_pad)[5] == 1
+
+
+def test_candidate_labels_read_the_problem_from_the_prompt():
+    p = S.Problem((7, 4, 6), ("+", "-"))
+    prompt = [S.PAD_ID] * 3 + TOK.encode(p.prompt())
+    assert S.problem_of_prompt(prompt) == p
+    completion = TOK.encode("7 + 4 gives 1 ; then 1 - 6 = 5 ; answer 5") + [S.EOS_ID]
+    labels = S.candidate_labels(np.array([prompt]), np.array([completion]), np.array([[3, 4, 99]]))
+    assert labels.tolist() == [[0, 1, -1]]
+    with pytest.raises(ValueError, match="not a synthetic prompt"):
+        S.problem_of_prompt(TOK.encode("7 + 4 = 1"))
+
+
+def test_supervised_weights_skip_exactly_the_slipped_values():
+    wait = S.VOCAB.index("wait")
+    examples = S.sft_examples(0, 0, 64, S.TEACHER_STYLE)
+    assert any(wait in ids for _, ids, _ in examples)
+    for _, ids, weights in examples:
+        zero = [i for i, w in enumerate(weights) if w == 0]
+        assert zero == [i for i in range(len(ids) - 1) if ids[i + 1] == wait]
+    assert all(wait not in ids for _, ids, _ in S.sft_examples(0, 0, 64, S.STUDENT_STYLE))
 
 
 def test_fork_labels_of_token_ids_stop_at_padding():
@@ -73,16 +125,23 @@ def test_the_problem_stream_is_a_pure_function_of_seed_and_index():
     assert S.problems(3, 5, 8) == S.problems(3, 5, 8)
     assert S.problems(3, 5, 8) != S.problems(3, 6, 8) != S.problems(4, 5, 8)
     a, b = S.sft_examples(0, 0, 4), S.sft_examples(0, 0, 4)
-    assert a == b and all(c[-1] == S.EOS_ID for _, c in a)
+    assert a == b and all(c[-1] == S.EOS_ID for _, c, _ in a)
 
 
-def test_the_styles_differ_where_the_student_is_confident():
+def test_the_styles_prefer_different_forms_and_every_form_is_seen_by_both():
+    for field in ("equals", "connectives", "answer"):
+        t, s = getattr(S.TEACHER_STYLE, field), getattr(S.STUDENT_STYLE, field)
+        assert min(t) >= 0.1 and min(s) >= 0.1 and max(t) >= 0.7 and max(s) >= 0.7
+        assert int(np.argmax(t)) != int(np.argmax(s))
+    for field in ("comma", "swap"):
+        t, s = getattr(S.TEACHER_STYLE, field), getattr(S.STUDENT_STYLE, field)
+        assert 0.1 <= min(t, s) and max(t, s) <= 0.9 and abs(t - s) >= 0.5
     rng = np.random.default_rng(2)
     p = S.Problem((7, 4, 6, 2), ("+", "-", "+"))
-    student = [S.solution(p, rng, S.STUDENT_STYLE) for _ in range(200)]
-    teacher = [S.solution(p, rng, S.TEACHER_STYLE) for _ in range(200)]
-    share = lambda texts, word: np.mean([word in t.split() for t in texts])  # noqa: E731
-    assert share(student, "next") > 0.8 > share(teacher, "next") > 0.2
+    student = [S.solution(p, rng, S.STUDENT_STYLE) for _ in range(400)]
+    teacher = [S.solution(p, rng, S.TEACHER_STYLE) for _ in range(400)]
+    count = lambda texts, word: np.mean([t.split().count(word) for t in texts]) / 2  # noqa: E731  (2 connectives)
+    assert count(student, "next") > 0.6 and 0.05 < count(teacher, "next") < 0.2
 
 
 def test_the_tokenizer_round_trips_and_refuses_unknown_words():

@@ -1,30 +1,42 @@
-"""The synthetic reasoning task: seeded multi-step arithmetic with a chain of thought and fork labels.
+"""The synthetic reasoning task (version 2): seeded multi-step arithmetic, a chain of thought with
+self-corrections, and exact fork labels.
 
 A problem asks for a left-to-right expression of digits modulo 10, so every value is one digit
 and the arithmetic is a table a small model can learn on a CPU in minutes:
 
-    prompt:    find 7 + 4 - 6 mod 1 0 ?
-    solution:  7 + 4 = 1 ; then , 1 - 6 = 5 ; answer is 5 <eos>
+    prompt:    find 7 + 4 - 6 * 3 mod 1 0 ?
+    solution:  7 + 4 = 1 ; then , 1 - 6 = 5 ; then , 3 * 5 = 5 ; answer is 5 <eos>
 
-(every word and digit is one token). Every step has several equivalent surface forms, drawn
-independently from a `Style`:
+(every word and digit is one token; 3 or 4 steps by default). Every step has several equivalent
+surface forms, drawn independently from a `Style`:
   - operand order of + and * (4 + 7 = 1 is as right as 7 + 4 = 1),
   - the equality word (= | gives | makes), the connective of later steps (then | so | next | now),
-    an optional comma after it (spacing), and the answer phrase (answer | answer is | result).
+    an optional comma after it, and the answer phrase (answer | answer is | result).
 Real reasoning forks exist too: a wrong digit of an intermediate value is carried into every
-later step and makes the final answer wrong.
+later step and makes the final answer wrong, unless the chain corrects it at once:
 
-Being synthetic, every completion token can be labelled (`fork_labels`): 1 = a fork, changing the
-token changes whether the final answer is right (operator, operands, intermediate and final
-digits; a later step reuses the value as written, so the chain is followed as the model wrote
-it); 0 = a surface choice with an equally right alternative (connectives, equality words,
-spacing, the answer phrase, the first operand of a commutative step when it is either operand,
-EOS); -1 = after the completion stops following the format (not labelled).
+    7 + 4 = 2 wait 1 ; then , 1 - 6 = 5 ...
 
-Two styles: `TEACHER_STYLE` draws every surface form uniformly; `STUDENT_STYLE` strongly prefers
-other forms, so after supervised training a student's surface choices are confident where the
-teacher is unsure: high-loss tokens whose futures do not diverge (TOPD's low-divergence regime),
-beside the real forks where a weak student miscalculates.
+A `Style` with slip > 0 writes such corrections (a wrong value, `wait`, the right value); the
+wrong value itself carries no supervised loss (`sft_examples`' weights), so a model trained on it
+learns to repair a slip, not to make one. The teacher is trained with slips, the student without:
+after a student's slip the teacher's continuation ("wait 1 ; then , 1 - 6 ...") differs from the
+student's ("; next 2 - 6 ...") for several tokens (short-horizon drift), while after a surface
+choice both continue alike.
+
+Styles: both models have strong but different preferences (~0.8 for their favourite form), and
+every form appears with p >= 0.1 in both, so neither model is out of distribution on the other's
+style: after supervised training, a student's favourite surface form costs d ~ log(0.8 / 0.1) ~ 2
+under the teacher, a high-loss token whose future does not diverge.
+
+Being synthetic, every completion token the format decides can be labelled (`fork_labels`): 1 = a
+fork, changing the token changes whether the final answer is right (operator, operands,
+intermediate and final digits, `wait` and its value; a later step reuses the value as written, so
+the chain is followed as the model wrote it; the first token that leaves the format, a wrong
+operator, equality word or a sampled <pad> included); 0 = a surface choice with an equally right
+alternative (connectives, equality words, spacing, the answer phrase, the first operand of a
+commutative step when it is either operand, EOS); -1 = after the first token that leaves the
+format, or after the answer (not decidable).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
+VERSION = 2
 MAX_STEPS = 4
 OPS = ("+", "-", "*")
 EQUALS = ("=", "gives", "makes")
@@ -42,11 +55,12 @@ CONNECTIVES = ("then", "so", "next", "now")
 ANSWER_PHRASES = (("answer",), ("answer", "is"), ("result",))
 SPECIAL = ("<pad>", "<eos>")
 VOCAB = (*SPECIAL, *[str(d) for d in range(10)], *OPS, *EQUALS, *CONNECTIVES, "answer", "is", "result", ";", ",",
-         "?", "find", "mod")
+         "?", "find", "mod", "wait")
 PAD_ID, EOS_ID = 0, 1
 MODULUS = 10
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
 PROMPT_LENGTH = 14  # the longest prompt (4 steps) in tokens
+MIN_STEPS, DEFAULT_MAX_STEPS = 3, 4  # the problems of version 2
 
 
 class SyntheticTokenizer:
@@ -94,30 +108,40 @@ class SyntheticTokenizer:
                                 eos_token=VOCAB[EOS_ID], chat_template=CHAT_TEMPLATE).save_pretrained(directory)
 
     def decode(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str:
+        """Words of `ids`. With stop_at_eos, everything from the first EOS on is dropped and a
+        <pad> before it is a sampled token, written as "<pad>" (so grading sees it); without,
+        <pad> is padding and dropped."""
         words = []
         for i in ids:
             i = int(i)
             if stop_at_eos and i == EOS_ID:
                 break
-            if i != PAD_ID:
+            if i != PAD_ID or stop_at_eos:
                 words.append(VOCAB[i])
+        if stop_at_eos:  # trailing pads of a row that never sampled EOS are padding
+            while words and words[-1] == VOCAB[PAD_ID]:
+                words.pop()
         return " ".join(words)
 
 
 @dataclasses.dataclass(frozen=True)
 class Style:
-    """Probabilities of the surface forms (each row sums to 1): swap = P(second operand first)."""
+    """Probabilities of the surface forms (each row sums to 1): swap = P(second operand first);
+    slip = P(a step writes a wrong value, then `wait` and the right value; at most one per solution,
+    so the longest 4-step solution is 36 tokens)."""
 
     equals: tuple[float, ...] = (1 / 3, 1 / 3, 1 / 3)
     connectives: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
     comma: float = 0.5
     answer: tuple[float, ...] = (1 / 3, 1 / 3, 1 / 3)
     swap: float = 0.5
+    slip: float = 0.0
 
 
-TEACHER_STYLE = Style()
-STUDENT_STYLE = Style(equals=(0.05, 0.9, 0.05), connectives=(0.04, 0.04, 0.88, 0.04), comma=0.1,
-                      answer=(0.05, 0.05, 0.9), swap=0.1)
+TEACHER_STYLE = Style(equals=(0.8, 0.1, 0.1), connectives=(0.7, 0.1, 0.1, 0.1), comma=0.8,
+                      answer=(0.8, 0.1, 0.1), swap=0.8, slip=0.2)
+STUDENT_STYLE = Style(equals=(0.1, 0.8, 0.1), connectives=(0.1, 0.1, 0.7, 0.1), comma=0.2,
+                      answer=(0.1, 0.1, 0.8), swap=0.2, slip=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +175,8 @@ def apply(op: str, a: int, b: int) -> int:
     return (a + b if op == "+" else a - b if op == "-" else a * b) % MODULUS
 
 
-def sample_problem(rng: np.random.Generator, *, min_steps: int = 2, max_steps: int = 3) -> Problem:
+def sample_problem(rng: np.random.Generator, *, min_steps: int = MIN_STEPS,
+                   max_steps: int = DEFAULT_MAX_STEPS) -> Problem:
     """Uniform digits 0..9 and operators, min_steps..max_steps steps (at most 4)."""
     if not 1 <= min_steps <= max_steps <= MAX_STEPS:
         raise ValueError(f"steps must satisfy 1 <= min_steps <= max_steps <= 4, got {min_steps}, {max_steps}")
@@ -160,13 +185,25 @@ def sample_problem(rng: np.random.Generator, *, min_steps: int = 2, max_steps: i
     return Problem(values, tuple(OPS[int(i)] for i in rng.integers(0, 3, size=steps)))
 
 
+def problem_of_prompt(ids: Sequence[int]) -> Problem:
+    """The problem a prompt's token ids (padding allowed) state, or a one-line error."""
+    words = [VOCAB[int(i)] for i in ids if int(i) != PAD_ID]
+    if len(words) < 7 or words[0] != "find" or words[-4:] != ["mod", "1", "0", "?"] or len(words) % 2:
+        raise ValueError(f"not a synthetic prompt: {' '.join(words)!r}")
+    expr = words[1:-4]
+    if not all(w.isdigit() for w in expr[::2]) or not all(w in OPS for w in expr[1::2]):
+        raise ValueError(f"not a synthetic prompt: {' '.join(words)!r}")
+    return Problem(tuple(int(w) for w in expr[::2]), tuple(expr[1::2]))
+
+
 def _choice(rng: np.random.Generator, options: Sequence, probs: Sequence[float]):
     return options[int(rng.choice(len(options), p=np.asarray(probs) / np.sum(probs)))]
 
 
 def solution(problem: Problem, rng: np.random.Generator, style: Style = TEACHER_STYLE) -> str:
-    """A correct chain of thought for `problem` with surface forms drawn from `style`."""
-    parts, r = [], problem.values[0]
+    """A correct chain of thought for `problem` with surface forms (and corrected slips) drawn
+    from `style`."""
+    parts, r, slipped = [], problem.values[0], False
     for i, (op, v) in enumerate(zip(problem.ops, problem.values[1:])):
         a, b = (v, r) if op != "-" and rng.random() < style.swap else (r, v)
         if i:
@@ -175,7 +212,11 @@ def solution(problem: Problem, rng: np.random.Generator, style: Style = TEACHER_
             if rng.random() < style.comma:
                 parts.append(",")
         r = apply(op, r, v)
-        parts += [str(a), op, str(b), _choice(rng, EQUALS, style.equals), str(r)]
+        parts += [str(a), op, str(b), _choice(rng, EQUALS, style.equals)]
+        if not slipped and rng.random() < style.slip:
+            parts += [str((r + int(rng.integers(1, MODULUS))) % MODULUS), "wait"]
+            slipped = True
+        parts.append(str(r))
     parts += [";", *_choice(rng, ANSWER_PHRASES, style.answer), str(r)]
     return " ".join(parts)
 
@@ -191,10 +232,12 @@ def _read_number(tokens: Sequence[str], i: int) -> tuple[int | None, int]:
 def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | None]:
     """Follow a completion through the format: (fork labels [len(tokens)] int8, final answer or None).
 
-    Labels as in the module docstring. Step s must read `A o_s B <eq> R` (the right operands are
-    the running value as written, i.e. the previous step's R or v_0, and v_s, in either order
-    for + and *); numbers are followed as written, so a miscalculation or a wrong operand is not
-    rejected: it is carried into the next step and decides the final answer.
+    Labels as in the module docstring. Step s must read `A o B <eq> R [wait R']` (the right
+    operands are the running value as written, i.e. the previous step's last value or v_0, and
+    v_s, in either order for + and *); numbers and operators are followed as written, so a
+    miscalculation, a wrong operand or a wrong operator is not rejected: it is carried into the
+    next step and decides the final answer. The first token that leaves the format is a fork (1):
+    changing it could restore a right answer; the tokens after it are -1.
     """
     labels = np.full(len(tokens), -1, np.int8)
     i, running = 0, problem.values[0]
@@ -202,10 +245,14 @@ def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | No
     def mark(start, stop, value):
         labels[start:stop] = value
 
+    def leave(at):  # the first token off the format: a fork; nothing after it is decidable
+        mark(at, at + 1, 1)
+        return labels, None
+
     for s, (op, v) in enumerate(zip(problem.ops, problem.values[1:])):
         if s:
             if i >= len(tokens) or tokens[i] != ";":
-                return labels, None
+                return leave(i)
             mark(i, i + 1, 0)
             i += 1
             if i < len(tokens) and tokens[i] in CONNECTIVES:
@@ -215,25 +262,34 @@ def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | No
                 mark(i, i + 1, 0)
                 i += 1
         a, j = _read_number(tokens, i)
-        if a is None or j >= len(tokens) or tokens[j] != op:
-            return labels, None
+        if a is None:
+            return leave(i)
         # The first operand is a surface choice when either operand order is right.
         mark(i, j, 0 if op != "-" and a in (running, v) else 1)
+        if j >= len(tokens) or tokens[j] not in OPS:
+            return leave(j)
         mark(j, j + 1, 1)
         b, k = _read_number(tokens, j + 1)
         if b is None:
-            return labels, None
+            return leave(j + 1)
         mark(j + 1, k, 1)
         if k >= len(tokens) or tokens[k] not in EQUALS:
-            return labels, None
+            return leave(k)
         mark(k, k + 1, 0)
         r, i = _read_number(tokens, k + 1)
         if r is None:
-            return labels, None
+            return leave(k + 1)
         mark(k + 1, i, 1)
+        if i < len(tokens) and tokens[i] == "wait":
+            mark(i, i + 1, 1)
+            r, i2 = _read_number(tokens, i + 1)
+            if r is None:
+                return leave(i + 1)
+            mark(i + 1, i2, 1)
+            i = i2
         running = r
     if i >= len(tokens) or tokens[i] != ";":
-        return labels, None
+        return leave(i)
     mark(i, i + 1, 0)
     i += 1
     for phrase in sorted(ANSWER_PHRASES, key=len, reverse=True):
@@ -242,10 +298,10 @@ def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | No
             i += len(phrase)
             break
     else:
-        return labels, None
+        return leave(i)
     answer, j = _read_number(tokens, i)
     if answer is None:
-        return labels, None
+        return leave(i)
     mark(i, j, 1)
     if j < len(tokens) and tokens[j] == "<eos>":
         mark(j, j + 1, 0)
@@ -257,10 +313,32 @@ def is_correct(problem: Problem, completion: str) -> bool:
     return parse(problem, SyntheticTokenizer().tokenize(completion))[1] == problem.answer
 
 
+def is_correct_ids(problem: Problem, completion_ids: Sequence[int]) -> bool:
+    """`is_correct` of completion token ids up to the first EOS: a <pad> id before it is a
+    sampled token and leaves the format (graded wrong), never silently dropped."""
+    ids = [int(i) for i in completion_ids]
+    ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+    return parse(problem, [VOCAB[i] for i in ids])[1] == problem.answer
+
+
 def fork_labels(problem: Problem, completion_ids: Sequence[int]) -> np.ndarray:
     """Fork labels (1 / 0 / -1) of completion token ids (padding after EOS: -1)."""
     tokens = [VOCAB[int(i)] for i in completion_ids]
     return parse(problem, tokens)[0]
+
+
+def candidate_labels(prompt_tokens: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Fork labels of completion positions: prompt ids [B, P], completion ids [B, N], positions
+    [B, M] -> int32 [B, M] (1 fork, 0 surface form, -1 undecidable or out of range). The problem
+    is read from the prompt, so this needs nothing but the rollout (the oracle locator's labels,
+    `trainer.step.candidates`)."""
+    prompt_tokens, tokens, positions = (np.asarray(x) for x in (prompt_tokens, tokens, positions))
+    out = np.full(positions.shape, -1, np.int32)
+    for b in range(positions.shape[0]):
+        labels = fork_labels(problem_of_prompt(prompt_tokens[b]), tokens[b])
+        inside = (positions[b] >= 0) & (positions[b] < labels.shape[0])
+        out[b, inside] = labels[positions[b, inside]]
+    return out
 
 
 def problems(seed: int, index: int, count: int, **kwargs) -> list[Problem]:
@@ -270,17 +348,23 @@ def problems(seed: int, index: int, count: int, **kwargs) -> list[Problem]:
 
 
 def sft_examples(seed: int, index: int, count: int, style: Style = TEACHER_STYLE,
-                 **kwargs) -> list[tuple[list[int], list[int]]]:
-    """Batch `index` of the supervised stream `seed`: `count` (prompt ids, solution ids + EOS)
-    pairs written in `style`; a pure function of (seed, index), like `problems`."""
+                 **kwargs) -> list[tuple[list[int], list[int], list[float]]]:
+    """Batch `index` of the supervised stream `seed`: `count` (prompt ids, solution ids + EOS,
+    loss weights) triples written in `style`; a pure function of (seed, index), like `problems`.
+    The weight is 0 on a slipped value (the digit before `wait`) and 1 elsewhere, so a model
+    learns the repair but not the slip."""
     rng = np.random.default_rng([seed, index])
     tok = SyntheticTokenizer()
+    wait = VOCAB.index("wait")
     out = []
     for _ in range(count):
         problem = sample_problem(rng, **kwargs)
-        out.append((tok.encode(problem.prompt()), tok.encode(solution(problem, rng, style)) + [EOS_ID]))
+        ids = tok.encode(solution(problem, rng, style)) + [EOS_ID]
+        weights = [0.0 if nxt == wait else 1.0 for nxt in ids[1:]] + [1.0]
+        out.append((tok.encode(problem.prompt()), ids, weights))
     return out
 
 
-__all__ = ["EOS_ID", "PAD_ID", "Problem", "STUDENT_STYLE", "Style", "SyntheticTokenizer", "TEACHER_STYLE", "VOCAB",
-           "fork_labels", "is_correct", "parse", "problems", "sample_problem", "sft_examples", "solution"]
+__all__ = ["EOS_ID", "PAD_ID", "Problem", "STUDENT_STYLE", "Style", "SyntheticTokenizer", "TEACHER_STYLE", "VERSION",
+           "VOCAB", "candidate_labels", "fork_labels", "is_correct", "is_correct_ids", "parse", "problem_of_prompt",
+           "problems", "sample_problem", "sft_examples", "solution"]

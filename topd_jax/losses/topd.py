@@ -61,9 +61,14 @@ class TopdConfig:
                         set tau in threshold_mode reference. [reconstruction] Allowed: an int >= 0
                         (> 0 in threshold_mode reference).
     locator             How D is scored, a name of `losses.locators.LOCATORS`: ot = both models
-                        branch, D = OT distance of the two windows (the paper's) | window_kl =
-                        no branches, mean of d over the rollout's own next K tokens (TOPD.md's
-                        addition; its agreement with ot is measured, not assumed).
+                        branch, D = OT distance of the two windows (the paper's) |
+                        ot_teacher_embedding = ot in the teacher's embedding space | ot_coupled
+                        = the student's window drawn with the teacher's noise | ot_rollout = the
+                        student's own continuation vs the teacher's window | window_kl = no
+                        branches, mean of d over the rollout's own next K tokens (TOPD.md's
+                        addition; its agreement with ot is measured, not assumed) | oracle = the
+                        task's fork labels (synthetic task only; suppresses exactly the surface
+                        forms, fixed tau 0.5).
     threshold_mode      How tau is set [reconstruction]: reference = quantile q of the batch's
                         reference scores | quantile = quantile q of its candidate scores |
                         absolute = `tau`. Divergent states are the valid candidates with D >= tau;
@@ -228,7 +233,9 @@ class TopdInputs:
     candidates:  positions [B, M] int, valid [B, M] bool (selected from d if omitted; a slot at a
                  masked token or outside [0, T) is not a candidate, see `candidate_slots`)
     divergence:  ot [B, M]; reference_ot [B, R], reference_valid [B, R]; reference_positions
-                 [B, R] (the window_kl locator scores references there)
+                 [B, R] (the window_kl locator scores references there); candidate_labels
+                 [B, M] int (fork labels at C: 1 fork, 0 surface form, -1 undecidable; the
+                 oracle locator's input)
     guidance:    window_logprobs [B, M, K]: student log pi_s(v_k | x, y_<t, v_<k) of the
                  teacher's window tokens; window_mask [B, M, K];
                  topk_fkl: window_student_topk_logprobs / window_teacher_topk_logprobs
@@ -252,6 +259,7 @@ class TopdInputs:
     window_teacher_topk_logprobs: Array | None = None
     teacher_agrees: Array | None = None
     finished: Array | None = None
+    candidate_labels: Array | None = None
 
 
 def forward_kl_topk(student_topk_logprobs: Array, teacher_topk_logprobs: Array) -> Array:
@@ -314,6 +322,7 @@ FIELD_AXES = {
     "window_teacher_topk_logprobs": "BMKk",
     "teacher_agrees": "BT",
     "finished": "B",
+    "candidate_labels": "BM",
 }
 
 
@@ -403,17 +412,21 @@ def topd_weights(inputs: TopdInputs, config: TopdConfig) -> Selection:
 
         d_t = b_t - q_t;   C = candidate_slots(d)
         D   = LOCATORS[config.locator].loss_scores(...) at C (and at the references)
-        R   = {c in C : D_c >= tau}                         (`divergent_states`, the run's rule)
+        R   = {c in C : D_c >= tau}                         (`divergent_states`, the run's rule;
+                                                             a locator's own fixed tau if it has one)
         w_t = alpha if t in C \\ R else 1                     (alpha = suppress_weight)
     """
     mask = inputs.mask
     divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
     positions, valid = candidate_slots(inputs, config, divergence)
-    scores, reference = get_locator(config.locator).loss_scores(inputs, config, divergence, positions)
+    locator = get_locator(config.locator)
+    scores, reference = locator.loss_scores(inputs, config, divergence, positions)
     reference_valid = None
     if reference is not None:
         reference_valid = jnp.ones(reference.shape, bool) if inputs.reference_valid is None else inputs.reference_valid > 0
-    divergent, tau, tau_defined = divergent_states(scores, valid, config, reference=reference,
+    rule = config if locator.threshold is None else dataclasses.replace(config, threshold_mode="absolute",
+                                                                         tau=locator.threshold)
+    divergent, tau, tau_defined = divergent_states(scores, valid, rule, reference=reference,
                                                    reference_valid=reference_valid)
     low = valid & ~divergent
     # A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B as is.

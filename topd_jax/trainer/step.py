@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from topd_jax.data import synthetic
 from topd_jax.losses.candidates import reference_positions, select_candidates
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.losses.topd import TopdConfig, TopdInputs, topd_loss
@@ -65,7 +66,8 @@ class Located:
     positions/valid [B, M]; reference_positions/reference_valid [B, R] or None; ot [B, M] and
     reference_ot [B, R]: D of a branching locator (`LOCATORS[...].window_scores`), or None;
     teacher_windows: the teacher's Windows [B, M, K] at C (guidance; with top-k for topk_fkl) or
-    None.
+    None; labels [B, M] int32: the task's fork labels at C for a locator that reads them (the
+    oracle), or None.
     """
 
     positions: Array
@@ -75,6 +77,7 @@ class Located:
     ot: Array | None = None
     reference_ot: Array | None = None
     teacher_windows: Windows | None = None
+    labels: Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -127,7 +130,9 @@ def candidates(rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig) -
         references: R uniform valid positions per rollout                   [B, R]
 
     References are drawn when the threshold needs them (reference mode) or the locator branches
-    (their D is reported as a diagnostic in every mode).
+    (their D is reported as a diagnostic in every mode). A locator that reads fork labels (the
+    oracle) gets them here, from the synthetic task's labeller on the host (`pure_callback`;
+    the problem is read from the prompt tokens).
     """
     divergence = rollout.logprobs - scores.logprobs
     positions, valid = select_candidates(divergence, rollout.mask, quantile=loss.candidate_quantile,
@@ -135,22 +140,50 @@ def candidates(rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig) -
     ref_positions = ref_valid = None
     if loss.num_reference > 0 and (loss.threshold_mode == "reference" or LOCATORS[loss.locator].branches):
         ref_positions, ref_valid = reference_positions(key, rollout.mask, loss.num_reference)
-    return Located(positions, valid, ref_positions, ref_valid)
+    labels = None
+    if LOCATORS[loss.locator].labels:
+        labels = jax.pure_callback(synthetic.candidate_labels, jax.ShapeDtypeStruct(positions.shape, jnp.int32),
+                                   rollout.prompt_tokens, rollout.tokens, positions)
+    return Located(positions, valid, ref_positions, ref_valid, labels=labels)
+
+
+def rollout_windows(rollout: Rollout, points: Array, window: int) -> Windows:
+    """The rollout's own continuation y_t..y_{t+K-1} at each point t [B, P] -> Windows [B, P, K]
+    (tokens 0 and mask 0 past the completion's end; log-probs the rollout's b_t)."""
+    n = rollout.tokens.shape[1]
+    index = points[..., None].astype(jnp.int32) + jnp.arange(window)  # [B, P, K]
+    inside = index < n
+    index = jnp.clip(index, 0, n - 1)
+
+    def take(x):
+        return jax.vmap(lambda row, ids: row[ids])(x, index)
+
+    mask = inside & take(rollout.mask)
+    return Windows(jnp.where(mask, take(rollout.tokens), 0), mask, jnp.where(mask, take(rollout.logprobs), 0.0))
 
 
 def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, scores: Scores, located: Located,
                    keys: tuple[Array, Array], loss: TopdConfig, options: RolloutConfig) -> Located:
     """Both models' K-token windows from (x, y_<t) and the locator's D, added to `located`.
 
-        branching locator: student and teacher decode at C and the references (P = M + R points);
-                           D = locator.window_scores(E_s[student window], E_s[teacher window])
+        branching locator: the teacher decodes at C and the references (P = M + R points), the
+                           student's windows there are (locator.student_window)
+                             branch   its own K-token decode with its own key (the paper's)
+                             coupled  its own decode with the teacher's key: the same per-step
+                                      Gumbel noise, so equal distributions give equal windows
+                             rollout  its rollout's continuation y_t..y_{t+K-1} (no decode);
+                           D = locator.window_scores(E[student window], E[teacher window]),
+                           E the student's or the teacher's table (locator.embedding)
         guidance:          the teacher's windows at C (with its top-k per step for topk_fkl)
 
-    E_s is the student's input embedding table (TOPD.md section 4). The teacher branches from
-    its scoring cache, the student from its rollout cache; neither prefix is recomputed.
+    E_s, the student's input embedding table, is the paper's (TOPD.md section 4). The teacher
+    branches from its scoring cache, the student from its rollout cache; neither prefix is
+    recomputed.
     """
     locator = LOCATORS[loss.locator]
     k_student, k_teacher = keys
+    if locator.student_window == "coupled":
+        k_teacher = k_student
     m = located.positions.shape[1]
     points = located.positions
     if locator.branches and located.reference_positions is not None:
@@ -166,9 +199,13 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
                              **window_options)
     ot = reference_ot = None
     if locator.branches:
-        student_windows = branch(student, rollout, points, key=k_student, **window_options)
-        distance = locator.window_scores(window_embeddings(student, student_windows.tokens),
-                                         window_embeddings(student, teacher_windows.tokens),
+        if locator.student_window == "rollout":
+            student_windows = rollout_windows(rollout, points, loss.window)
+        else:
+            student_windows = branch(student, rollout, points, key=k_student, **window_options)
+        table = student if locator.embedding == "student" else teacher
+        distance = locator.window_scores(window_embeddings(table, student_windows.tokens),
+                                         window_embeddings(table, teacher_windows.tokens),
                                          student_windows.mask, teacher_windows.mask, loss)
         ot, reference_ot = distance[:, :m], (distance[:, m:] if located.reference_positions is not None else None)
     at_candidates = jax.tree.map(lambda x: x[:, :m], teacher_windows) if guided else None
@@ -221,7 +258,7 @@ def loss_inputs(batch: Experience, student: StudentLogprobs) -> TopdInputs:
     if located is not None:
         fields = dict(positions=located.positions, valid=located.valid, ot=located.ot,
                       reference_ot=located.reference_ot, reference_valid=located.reference_valid,
-                      reference_positions=located.reference_positions)
+                      reference_positions=located.reference_positions, candidate_labels=located.labels)
         windows = located.teacher_windows
         if windows is not None:
             fields.update(window_logprobs=student.windows, window_mask=windows.mask,
@@ -303,5 +340,5 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, key: Array)
 
 
 __all__ = ["Experience", "Located", "StudentLogprobs", "TrainState", "apply_gradients", "branch_windows", "candidates",
-           "cross_entropy", "experience", "init_state", "locate", "loss_inputs", "sample", "score_teacher",
+           "cross_entropy", "experience", "init_state", "locate", "loss_inputs", "rollout_windows", "sample", "score_teacher",
            "sft_update", "student_forward", "student_loss", "update"]
