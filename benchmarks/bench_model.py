@@ -2,6 +2,7 @@
 
     python benchmarks/bench_model.py            # 33.6M parameters, batch 4 x 256 tokens
     python benchmarks/bench_model.py --quick    # tiny smoke sizes
+    python benchmarks/bench_model.py --attention-only   # only (c)
 
 (a) Training-step throughput: forward + backward of the mean next-token cross-entropy (gradients
     of every parameter, no optimizer) on the same random Qwen3 checkpoint, same tokens, float32,
@@ -14,6 +15,11 @@
     the load is reported relative to the checkpoint file size. On CPU the loaded parameters live
     in host memory, so 1.0x of the loaded bytes is the floor. A naive loader
     (safetensors.numpy.load_file of the whole file, then jnp.asarray) is measured alongside.
+(c) Attention backends: dense vs blockwise causal attention (left-padded batch, forward +
+    backward of a scalar of the output, Qwen3-4B's head layout 32 query / 8 kv heads of 128
+    scaled to 8 / 2 heads on CPU) at T = 512, 2048 and 8192: tokens/s (median of alternating
+    rounds) and the compiled temporary bytes of each (XLA's memory_analysis); dense at 8192 needs
+    [B, N, T, T] float32 scores and is skipped when they exceed --dense-max-gib.
 """
 
 from __future__ import annotations
@@ -73,6 +79,55 @@ def load_memory(path: str, file_bytes: int, dtype: str, naive: bool) -> dict:
     return result
 
 
+def attention_benchmark(lengths, *, rounds: int, steps: int, block: int, dense_max_gib: float) -> None:
+    """(c): print one row per T, then the blockwise/dense throughput ratio at the longest T."""
+    import jax
+    import jax.numpy as jnp
+
+    from topd_jax.models.layers import attention
+    from topd_jax.models.masks import causal_visibility
+
+    b, n, kv, h = 1, 8, 2, 128
+    print(f"attention fwd+bwd, B={b}, {n} query / {kv} kv heads of {h}, float32, block {block}:")
+    print("|     T | dense tok/s | blockwise tok/s | blockwise/dense | dense temp MiB | blockwise temp MiB |")
+    ratio = None
+    for t in lengths:
+        keys = jax.random.split(jax.random.PRNGKey(t), 3)
+        q = jax.random.normal(keys[0], (b, t, n, h))
+        k, v = (jax.random.normal(key, (b, t, kv, h)) for key in keys[1:])
+        pad = jnp.arange(t)[None, :] >= t // 16  # left padding
+
+        def make(impl):
+            def loss(q, k, v):
+                return jnp.sum(attention(q, k, v, causal_visibility(pad), impl=impl, block=block) ** 2)
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+        fns, temp = {}, {}
+        for impl in ("dense", "blockwise"):
+            if impl == "dense" and b * n * t * t * 4 / 2**30 > dense_max_gib:
+                continue
+            fns[impl] = make(impl).lower(q, k, v).compile()
+            temp[impl] = fns[impl].memory_analysis().temp_size_in_bytes
+            jax.block_until_ready(fns[impl](q, k, v))
+        times = {impl: [] for impl in fns}
+        for _ in range(rounds):
+            for impl, fn in fns.items():
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(q, k, v))
+                    times[impl].append(time.perf_counter() - t0)
+        rate = {impl: b * t / statistics.median(v) for impl, v in times.items()}
+        dense_rate = f"{rate['dense']:11.0f}" if "dense" in rate else "    skipped"
+        dense_temp = f"{temp['dense'] / 2**20:14.1f}" if "dense" in temp else "       skipped"
+        ratio_text = f"{rate['blockwise'] / rate['dense']:15.2f}" if "dense" in rate else "              -"
+        print(f"| {t:5d} | {dense_rate} | {rate['blockwise']:15.0f} | {ratio_text} | {dense_temp} | "
+              f"{temp['blockwise'] / 2**20:18.1f} |")
+        if "dense" in rate:
+            ratio = (t, rate["blockwise"] / rate["dense"], temp["dense"] / temp["blockwise"])
+    if ratio is not None:
+        print(f"blockwise / dense attention at T = {ratio[0]}: {ratio[1]:.2f}x tokens/s, {ratio[2]:.1f}x fewer temp bytes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -81,9 +136,16 @@ def main() -> None:
     parser.add_argument("--measure-load", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--attention-only", action="store_true", help="run only (c), the attention backends")
+    parser.add_argument("--dense-max-gib", type=float, default=4.0,
+                        help="skip dense attention when its [B, N, T, T] float32 scores exceed this")
     args = parser.parse_args()
     if args.measure_load:
         return measure_load(args.measure_load, args.dtype, args.naive)
+    lengths = (64, 256) if args.quick else (512, 2048, 8192)
+    if args.attention_only:
+        return attention_benchmark(lengths, rounds=args.rounds, steps=args.steps, block=128 if args.quick else 512,
+                                   dense_max_gib=args.dense_max_gib)
 
     import jax
     import jax.numpy as jnp
@@ -164,6 +226,8 @@ def main() -> None:
         r = load_memory(path, size, dtype, naive)
         print(f"  {label:<36} file {size / 2**20:7.1f} MiB  peak +{r['peak_increase_bytes'] / 2**20:7.1f} MiB "
               f"= {r['ratio']:.2f}x file")
+    attention_benchmark(lengths, rounds=args.rounds, steps=args.steps, block=128 if args.quick else 512,
+                        dense_max_gib=args.dense_max_gib)
 
 
 if __name__ == "__main__":

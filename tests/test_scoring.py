@@ -93,7 +93,7 @@ def test_score_cache_equals_the_prefill_cache_and_decodes_like_a_full_forward(mo
     _, expected = model(tokens, attention_mask=mask, cache=init_cache(model.config, 2, 10, jnp.float32))
     assert int(cache.index) == 9 and cache.max_len == 10
     np.testing.assert_array_equal(np.asarray(cache.valid), np.asarray(expected.valid))
-    for got, want in zip(cache.keys + cache.values, expected.keys + expected.values):
+    for got, want in zip((cache.keys, cache.values), (expected.keys, expected.values)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=0)
     # Decoding one more token from the returned cache = the full forward on the extended sequence.
     nxt = jnp.asarray([[5], [11]], jnp.int32)
@@ -124,7 +124,7 @@ def test_score_rollout_is_score_of_the_concatenation_aligned_to_the_completion(m
     np.testing.assert_array_equal(np.asarray(out.topk_ids), np.asarray(whole.topk_ids[:, 5:]))
     logprobs, real = np.asarray(out.logprobs), np.asarray(mask) == 1
     assert logprobs[real].all() and not logprobs[~real].any()
-    for got, want in zip(out.cache.keys, whole.cache.keys):
+    for got, want in zip((out.cache.keys,), (whole.cache.keys,)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=0)
 
 

@@ -241,7 +241,7 @@ def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, windo
     b, m = positions.shape
     k = window
     last, start_pos, first_tok = _branch_points(cache, tokens, positions, prompt_len)
-    branch_kv = init_branch_cache(model.config, b, m, k, cache.keys[0].dtype)
+    branch_kv = init_branch_cache(model.config, b, m, k, cache.keys.dtype)
     kk = top_k_logprobs
     init = (jnp.zeros((), jnp.int32), *constrain_batch((first_tok, branch_kv, jnp.zeros((b, m, k), jnp.int32),
             jnp.zeros((b, m, k), jnp.float32), jnp.zeros((b, m, k, kk), jnp.float32),

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from topd_jax.chunking import chunked_rows
 from topd_jax.models.decoder import CausalLM, KVCache, init_cache
-from topd_jax.models.masks import check_left_padded, tree_attention_mask
+from topd_jax.models.masks import Visibility, check_left_padded, tree_visibility
 
 Array = jax.Array
 
@@ -201,7 +201,7 @@ def packed_logprobs(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, t
 
     The sequence S = [prompt (P) | completion (N)] is packed with its M windows,
     [S | window 0 (K) | ... | window M-1 (K)], and run once under the tree mask of
-    `models.masks.tree_attention_mask` with branch points P + t_m (t_m = positions[b, m]):
+    `models.masks.tree_visibility` with branch points P + t_m (t_m = positions[b, m]):
     sequence tokens are causal; window m's tokens read the real sequence tokens before index
     P + t_m and their own window's real tokens up to themselves, at positions
     n_m + k (k = 0 ... K-1, n_m = number of real tokens before P + t_m). Then
@@ -293,23 +293,22 @@ def _check_packed(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, tok
 
 
 def _pack(prompt_tokens: Array, tokens: Array, seq_mask: Array, window_tokens: Array, window_mask: Array,
-          branch: Array) -> tuple[Array, Array, Array]:
-    """[S | window 0 | ... | window M-1] token ids [B, L + MK], its tree mask [B, L + MK, L + MK]
-    and positions [B, L + MK]; branch [B, M] is each window's sequence index of v_1.
+          branch: Array) -> tuple[Array, Visibility, Array]:
+    """[S | window 0 | ... | window M-1] token ids [B, L + MK], its tree visibility (per-token
+    metadata, `masks.tree_visibility`: no [L + MK, L + MK] mask is built) and positions
+    [B, L + MK]; branch [B, M] is each window's sequence index of v_1.
 
     Window positions continue from the number of real prefix tokens (also when the branch point
     is padding past EOS), as `tree_attention_mask` computes them. Window keys that are padding
     (past a window's EOS) are not read either, as in a padded forward of prompt + y_<t + window;
     a window's tokens never read later ones anyway.
     """
-    b, length = seq_mask.shape
+    b = seq_mask.shape[0]
     m, k = window_tokens.shape[1:]
     seq = jnp.concatenate([prompt_tokens, tokens], axis=1).astype(jnp.int32)
-    tree, packed_pos = tree_attention_mask(branch, k, length, padding_mask=seq_mask)
-    key_ok = jnp.concatenate([jnp.ones((b, length), bool), window_mask.reshape(b, m * k)], axis=1)
-    tree = tree & key_ok[:, None, :]
+    vis, packed_pos = tree_visibility(branch, k, seq_mask, window_mask)
     packed = jnp.concatenate([seq, window_tokens.reshape(b, m * k).astype(jnp.int32)], axis=1)
-    return packed, tree, packed_pos
+    return packed, vis, packed_pos
 
 
 def _window_rows(hidden: Array, seq_mask: Array, branch: Array, m: int, k: int) -> tuple[Array, Array]:

@@ -107,7 +107,7 @@ def test_missing_key_and_bad_moe_values_are_named():
            "moe_intermediate_size": 8}
     with pytest.raises(ConfigError, match=r"num_experts_per_tok must be in \[1, num_experts=4\], got 5"):
         config_from_hf(moe)
-    with pytest.raises(ConfigError, match=r"mlp_only_layers \[7\] out of range \[0, 2\)"):
+    with pytest.raises(ConfigError, match=r"mlp_only_layers must be layer indices in \[0, 2\), got \(7,\)"):
         config_from_hf({**moe, "num_experts_per_tok": 2, "mlp_only_layers": [7]})
 
 

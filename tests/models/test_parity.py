@@ -63,7 +63,7 @@ def test_rope_frequencies_match_transformers(name, hf_checkpoint):
 
 def test_grouped_experts_equal_a_per_token_loop(hf_checkpoint):
     model = load_pretrained(hf_checkpoint("qwen3_moe_step")[0], dtype=jnp.float32)
-    block = model.layers[1].mlp
+    block = model.layer(1).mlp
     x = jax.random.normal(jax.random.key(0), (2, 7, model.config.hidden_size))
     out = np.asarray(block(x))
     flat = np.asarray(x).reshape(-1, x.shape[-1])
@@ -81,7 +81,7 @@ def test_bfloat16_load_keeps_bf16_params_and_float32_logits(hf_checkpoint):
     path, hf = hf_checkpoint("qwen3")
     model = load_pretrained(path)  # default dtype
     assert model.embed_tokens[...].dtype == jnp.bfloat16
-    assert model.layers[0].self_attn.q_proj[...].dtype == jnp.bfloat16
+    assert model.layers[0].layer.self_attn.q_proj[...].dtype == jnp.bfloat16
     x = random_tokens(1, 9, seed=4)
     out = np.asarray(forward(model, jnp.asarray(x)))
     assert out.dtype == np.float32

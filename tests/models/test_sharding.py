@@ -34,11 +34,11 @@ def test_fsdp2_tensor4_load_and_forward_equal_one_device(name, hf_checkpoint):
     single = np.asarray(forward(load_pretrained(path, dtype=jnp.float32), x))
     mesh = make_mesh(fsdp=2, tensor=4)
     model = load_pretrained(path, dtype=jnp.float32, mesh=mesh)
-    q = model.layers[0].self_attn.q_proj[...]
-    assert q.sharding.spec == P("fsdp", "tensor", None)  # [D, N, H]: embed on fsdp, heads on tensor
-    assert q.addressable_shards[0].data.shape == (32, 1, q.shape[2])
-    k = model.layers[0].self_attn.k_proj[...]
-    assert k.sharding.spec == P("fsdp", None, None)  # 2 kv heads do not split over tensor=4: replicated
+    q = model.layers[0].layer.self_attn.q_proj[...]  # stacked over the scanned layers: [L, D, N, H]
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None)  # layers unsharded, embed on fsdp, heads on tensor
+    assert q.addressable_shards[0].data.shape == (q.shape[0], 32, 1, q.shape[3])
+    k = model.layers[0].layer.self_attn.k_proj[...]
+    assert k.sharding.spec == P(None, "fsdp", None, None)  # 2 kv heads do not split over tensor=4: replicated
     assert model.embed_tokens[...].sharding.spec == P("tensor", "fsdp")
     out = forward(model, jax.device_put(x, batch_sharding(mesh, x.shape)))
     assert out.sharding.mesh.shape == mesh.shape
@@ -51,9 +51,9 @@ def test_experts_split_over_an_expert_axis(hf_checkpoint):
     single = np.asarray(forward(load_pretrained(path, dtype=jnp.float32), x))
     mesh = make_mesh(fsdp=2, tensor=2, expert=2)
     model = load_pretrained(path, dtype=jnp.float32, mesh=mesh)
-    gate = model.layers[0].mlp.gate_proj[...]  # [E=4, D, I]
-    assert gate.sharding.spec == P("expert", "fsdp", "tensor")
-    assert gate.addressable_shards[0].data.shape == (2, 32, 16)
+    gate = model.layers[0].layer.mlp.gate_proj[...]  # [L, E=4, D, I]
+    assert gate.sharding.spec == P(None, "expert", "fsdp", "tensor")
+    assert gate.addressable_shards[0].data.shape == (gate.shape[0], 2, 32, 16)
     np.testing.assert_allclose(np.asarray(forward(model, x)), single, atol=TOL, rtol=0)
 
 

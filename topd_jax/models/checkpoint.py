@@ -18,6 +18,10 @@ split out, see layers.py):
   model.layers.i.mlp.experts.e.{gate,up}_proj.weight [I, D] for e < E -> {gate,up}_proj [E, D, I]
   model.layers.i.mlp.experts.e.down_proj.weight      [D, I] for e < E -> down_proj [E, I, D]
   norms, biases: same shape (q/k/v biases [N*H] -> [N, H]).
+The decoder's layers are scanned, so each layer parameter above is one slice of a stacked
+parameter [L_g, ...] (`layers`, g, `layer`, ...) over a run of layers of one kind: loading fills
+the stacked array slice by slice (each device's block reads its layers' tensors in turn) and
+saving writes one HF tensor per layer, exactly the files transformers reads and writes.
 """
 
 from __future__ import annotations
@@ -49,13 +53,27 @@ Path = tuple[Any, ...]
 
 @dataclasses.dataclass(frozen=True)
 class HFTensor:
-    """Where one of our parameters lives in a HF checkpoint: tensor name(s) and layout `kind`."""
+    """Where one of our parameters lives in a HF checkpoint: tensor name(s) and layout `kind`.
+
+    A parameter of the scanned layers has a leading `layers` axis: then `layers` lists the HF
+    layer index of each slice and every name is a template with `{layer}`; slice l is the
+    tensor(s) of HF layer layers[l], laid out as for an unstacked parameter.
+    """
 
     names: tuple[str, ...]  # one name, or one per expert for stacked expert weights
     kind: str  # copy | linear | heads_in | heads_out | bias_heads | experts_in | experts_out
+    layers: tuple[int, ...] = ()
+
+    def hf_names(self) -> tuple[str, ...]:
+        """Every HF tensor name this parameter reads or writes, in checkpoint order."""
+        if not self.layers:
+            return self.names
+        return tuple(name.format(layer=i) for i in self.layers for name in self.names)
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of each HF tensor given our parameter's shape."""
+        if self.layers:
+            shape = shape[1:]
         if self.kind == "copy":
             return shape
         if self.kind == "linear":
@@ -68,6 +86,10 @@ class HFTensor:
             return (shape[0] * shape[1],)
         return (shape[2], shape[1])  # experts: [E, a, b] <- E x [b, a]
 
+    def at_layer(self, l: int) -> "HFTensor":
+        """The unstacked tensor of slice l (names filled in)."""
+        return HFTensor(tuple(name.format(layer=self.layers[l]) for name in self.names), self.kind)
+
 
 def tensor_map(cfg: ModelConfig) -> dict[Path, HFTensor]:
     """Our parameter path (nnx state path) -> its HF tensor(s), for every parameter of `cfg`."""
@@ -78,37 +100,45 @@ def tensor_map(cfg: ModelConfig) -> dict[Path, HFTensor]:
     }
     if not cfg.tie_word_embeddings:
         out[("lm_head",)] = one("lm_head.weight", "linear")
-    for i in range(cfg.num_layers):
-        hf, at = f"model.layers.{i}.", ("layers", i)
-        out[at + ("input_layernorm", "weight")] = one(hf + "input_layernorm.weight", "copy")
-        out[at + ("post_attention_layernorm", "weight")] = one(hf + "post_attention_layernorm.weight", "copy")
-        attn, a = hf + "self_attn.", at + ("self_attn",)
+    for g, (first, stop) in enumerate(cfg.layer_groups()):
+        layers = tuple(range(first, stop))
+        hf, at = "model.layers.{layer}.", ("layers", g, "layer")
+
+        def add(path, names, kind):
+            out[at + path] = HFTensor(tuple(names), kind, layers)
+
+        add(("input_layernorm", "weight"), [hf + "input_layernorm.weight"], "copy")
+        add(("post_attention_layernorm", "weight"), [hf + "post_attention_layernorm.weight"], "copy")
+        attn = hf + "self_attn."
         for p in "qkv":
-            out[a + (f"{p}_proj",)] = one(f"{attn}{p}_proj.weight", "heads_in")
+            add(("self_attn", f"{p}_proj"), [f"{attn}{p}_proj.weight"], "heads_in")
             if cfg.qkv_bias:
-                out[a + (f"{p}_bias",)] = one(f"{attn}{p}_proj.bias", "bias_heads")
-        out[a + ("o_proj",)] = one(attn + "o_proj.weight", "heads_out")
+                add(("self_attn", f"{p}_bias"), [f"{attn}{p}_proj.bias"], "bias_heads")
+        add(("self_attn", "o_proj"), [attn + "o_proj.weight"], "heads_out")
         if cfg.o_bias:
-            out[a + ("o_bias",)] = one(attn + "o_proj.bias", "copy")
+            add(("self_attn", "o_bias"), [attn + "o_proj.bias"], "copy")
         if cfg.qk_norm:
-            out[a + ("q_norm", "weight")] = one(attn + "q_norm.weight", "copy")
-            out[a + ("k_norm", "weight")] = one(attn + "k_norm.weight", "copy")
-        mlp, m = hf + "mlp.", at + ("mlp",)
-        if cfg.is_moe_layer(i):
-            out[m + ("router",)] = one(mlp + "gate.weight", "linear")
+            add(("self_attn", "q_norm", "weight"), [attn + "q_norm.weight"], "copy")
+            add(("self_attn", "k_norm", "weight"), [attn + "k_norm.weight"], "copy")
+        mlp = hf + "mlp."
+        if cfg.is_moe_layer(first):
+            add(("mlp", "router"), [mlp + "gate.weight"], "linear")
             for p, kind in (("gate", "experts_in"), ("up", "experts_in"), ("down", "experts_out")):
-                names = tuple(f"{mlp}experts.{e}.{p}_proj.weight" for e in range(cfg.num_experts))
-                out[m + (f"{p}_proj",)] = HFTensor(names, kind)
+                add(("mlp", f"{p}_proj"), [f"{mlp}experts.{e}.{p}_proj.weight" for e in range(cfg.num_experts)], kind)
         else:
             for p in ("gate", "up", "down"):
-                out[m + (f"{p}_proj",)] = one(f"{mlp}{p}_proj.weight", "linear")
+                add(("mlp", f"{p}_proj"), [f"{mlp}{p}_proj.weight"], "linear")
                 if cfg.mlp_bias:
-                    out[m + (f"{p}_bias",)] = one(f"{mlp}{p}_proj.bias", "copy")
+                    add(("mlp", f"{p}_bias"), [f"{mlp}{p}_proj.bias"], "copy")
     return out
 
 
 def _read_block(read: Callable, t: HFTensor, block: tuple[tuple[int, int], ...], head_dim: int) -> np.ndarray:
-    """Our-layout block ([start, stop) per dim of our parameter) read from the HF tensor(s)."""
+    """Our-layout block ([start, stop) per dim of our parameter) read from the HF tensor(s); a
+    stacked parameter's block is read slice by slice from its layers' tensors."""
+    if t.layers:
+        (l0, l1), inner = block[0], block[1:]
+        return np.stack([_read_block(read, t.at_layer(l), inner, head_dim) for l in range(l0, l1)])
     name, kind = t.names[0], t.kind
     if kind == "copy":
         return read(name, block)
@@ -130,8 +160,11 @@ def _read_block(read: Callable, t: HFTensor, block: tuple[tuple[int, int], ...],
 
 
 def _to_hf(t: HFTensor, value: np.ndarray) -> Iterator[np.ndarray]:
-    """Our full parameter -> its HF tensor(s), in the order of t.names."""
-    if t.kind == "copy":
+    """Our full parameter -> its HF tensor(s), in the order of t.hf_names()."""
+    if t.layers:
+        for l in range(len(t.layers)):
+            yield from _to_hf(t.at_layer(l), value[l])
+    elif t.kind == "copy":
         yield value
     elif t.kind == "linear":
         yield value.T
@@ -182,13 +215,15 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None,
-                    rules: Rules | Mapping[str, MeshAxes] | None = None) -> CausalLM:
+                    rules: Rules | Mapping[str, MeshAxes] | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> CausalLM:
     """A CausalLM with the weights of the HF checkpoint directory `path` (config.json + safetensors).
 
     Parameters are created in `dtype` directly on their sharding: `mesh` + logical `rules`
-    (sharding.DEFAULT_RULES when None), or the default device without a mesh.
+    (sharding.DEFAULT_RULES when None), or the default device without a mesh. `overrides` sets
+    ModelConfig fields of how the model computes (attention, attention_block, remat).
     """
-    cfg = read_config(path)
+    cfg = dataclasses.replace(read_config(path), **dict(overrides or {}))
     files = checkpoint_files(path)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -199,7 +234,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh: jax.sh
     shapes = {p: tuple(var.shape) for p, var in flat}
     for param_path, t in tensors.items():  # validate everything from the headers, in HF order
         expected = t.hf_shape(shapes[param_path])
-        for name in t.names:
+        for name in t.hf_names():
             if name not in files:
                 raise CheckpointError(f"checkpoint {os.fspath(path)} has no tensor {name!r}")
             found = files[name].shape(name)
@@ -207,7 +242,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh: jax.sh
                 raise CheckpointError(f"tensor {name!r} has shape {found} in the checkpoint, "
                                       f"expected {expected} from config.json")
             files[name].dtype(name)
-    used = {name for t in tensors.values() for name in t.names}
+    used = {name for t in tensors.values() for name in t.hf_names()}
     unexpected = sorted(n for n in files if n not in used and not _ignorable(n, cfg))
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -259,7 +294,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, max_shard_size:
     for param_path, var in flat:
         t = tensors[param_path]
         shape = t.hf_shape(tuple(var.shape))
-        nbytes = len(t.names) * int(np.prod(shape)) * out_dtype.itemsize
+        nbytes = len(t.hf_names()) * int(np.prod(shape)) * out_dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -280,7 +315,7 @@ def _write_shards(path: str, shards: list[list], cfg: ModelConfig, out_dtype: np
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     for file, shard in zip(names, shards):
-        header = [(name, out_dtype, shape) for _, t, shape in shard for name in t.names]
+        header = [(name, out_dtype, shape) for _, t, shape in shard for name in t.hf_names()]
 
         def data(shard=shard):
             for var, t, _ in shard:

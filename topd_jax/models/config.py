@@ -22,6 +22,10 @@ from topd_jax.configuration import ConfigError, check
 
 Family = Literal["qwen3", "qwen3_moe", "qwen2", "llama"]
 FAMILY_NAMES = ("qwen3", "qwen3_moe", "qwen2", "llama")
+# How a model may compute: attention backends (layers.ATTENTION_BACKENDS plus `auto`) and the
+# rematerialisation policies of the scanned layers (decoder.REMAT_POLICIES).
+ATTENTION_IMPLS = ("auto", "dense", "blockwise")
+REMAT_POLICIES = ("none", "dots", "full")
 # The one table of parameter / compute dtypes a config names (training, export, eval).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RopeType = Literal["default", "linear", "llama3"]
@@ -82,6 +86,12 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
     # The source config.json without its RoPE keys, written back by save_pretrained (JSON text),
     # and the layout its RoPE keys came in ("v5": rope_parameters, "v4": rope_theta/rope_scaling).
+    # How the model computes (not read from or written to config.json; static like the rest):
+    # attention backend (layers.ATTENTION_BACKENDS, or auto), its block size, and the
+    # rematerialisation policy of the scanned layers in the backward pass.
+    attention: str = "auto"
+    attention_block: int = 512
+    remat: str = "none"
     hf_extra: str = dataclasses.field(default="{}", compare=False, repr=False)
     hf_rope_layout: Literal["v5", "v4"] = dataclasses.field(default="v5", compare=False, repr=False)
 
@@ -100,6 +110,10 @@ class ModelConfig:
                    f"in [1, num_experts={self.num_experts}]", self.num_experts_per_tok),
                   ("moe_intermediate_size", self.moe_intermediate_size > 0, "> 0", self.moe_intermediate_size),
                   ("decoder_sparse_step", self.decoder_sparse_step > 0, "> 0", self.decoder_sparse_step))
+        check(("attention", self.attention in ATTENTION_IMPLS, f"one of {', '.join(ATTENTION_IMPLS)}", self.attention),
+              ("attention_block", _is_int(self.attention_block) and self.attention_block >= 1, "an int >= 1",
+               self.attention_block),
+              ("remat", self.remat in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}", self.remat))
         check(("mlp_only_layers", all(0 <= i < self.num_layers for i in self.mlp_only_layers),
                f"layer indices in [0, {self.num_layers})", self.mlp_only_layers))
 
@@ -107,6 +121,17 @@ class ModelConfig:
         """Transformers' rule: sparse unless listed in mlp_only_layers or off the sparse step."""
         return (self.num_experts > 0 and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
+
+    def layer_groups(self) -> tuple[tuple[int, int], ...]:
+        """[start, stop) of each run of consecutive layers of one kind (dense or MoE): the
+        decoder scans each run as one stacked block, so a uniform model is a single scan."""
+        groups: list[list[int]] = []
+        for layer in range(self.num_layers):
+            if groups and self.is_moe_layer(layer) == self.is_moe_layer(groups[-1][0]):
+                groups[-1][1] = layer + 1
+            else:
+                groups.append([layer, layer + 1])
+        return tuple((a, b) for a, b in groups)
 
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""

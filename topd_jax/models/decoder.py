@@ -8,10 +8,18 @@
     hidden = model(tokens, return_hidden=True)               # [B, T, D] after the final norm;
     logits = model.logits(hidden[:, a:b])                    #   logits of any chunk
     logits = model(tokens, attention_mask=pad)               # pad [B, T], 1 = real token
-    logits = model(tokens, attention_mask=m, positions=p)    # explicit m [B, T, T] (packed trees)
+    logits = model(tokens, attention_mask=vis, positions=p)  # vis: masks.Visibility (packed trees)
+    logits = model(tokens, attention_mask=m, positions=p)    # explicit m [B, T, T] (dense attention)
     cache = init_cache(cfg, B, S_max)
     logits, cache = model(prompt, cache=cache)               # prefill, then one step at a time:
     logits, cache = model(next_tokens, cache=cache)          # [B, 1]
+
+Layers are scanned, not unrolled: each run of consecutive layers of one kind (all of a uniform
+model; dense and MoE runs of a mixed Qwen3-MoE) is one `LayerStack` whose parameters carry a
+leading `layers` axis, applied by `jax.lax.scan`, so the compiled program does not grow with depth.
+`cfg.remat` rematerialises each layer in the backward pass (`REMAT_POLICIES`). Attention runs
+through `layers.attention` with `cfg.attention` / `cfg.attention_block`; masks are `Visibility`
+metadata (a padding mask becomes one), so the memory-efficient backends never see a [T, S] mask.
 
 Default positions count the real tokens before each token (masks.positions_from_padding; with a
 cache, every real token cached so far), so left-padded batches need no explicit positions.
@@ -27,21 +35,30 @@ from flax import nnx
 
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.layers import MLP, Attention, RMSNorm, param, rope_angles
-from topd_jax.models.masks import causal_mask, explicit_mask, positions_from_padding
+from topd_jax.models.masks import Visibility, causal_visibility, explicit_mask, positions_from_padding
 from topd_jax.models.moe import MoEBlock
+from topd_jax.models.sharding import constrain_batch
 
 Array = jax.Array
+
+# `ModelConfig.remat` -> the jax.checkpoint policy of one scanned layer (None: no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+}
 
 
 class KVCache(NamedTuple):
     """Preallocated keys and values of every layer; functional (calls return an updated copy).
 
-    keys, values: per layer [B, S_max, K, H]; valid [B, S_max] bool marks slots holding real
-    tokens; index int32 [] is the next slot to write (slots [0, index) are filled).
+    keys, values: [B, L, S_max, K, H] (layer l's cache is [:, l]); valid [B, S_max] bool marks
+    slots holding real tokens; index int32 [] is the next slot to write (slots [0, index) are
+    filled).
     """
 
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
+    keys: Array
+    values: Array
     valid: Array
     index: Array
 
@@ -52,18 +69,16 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens (prompt included)."""
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+    shape = (batch, cfg.num_layers, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                   jnp.zeros((), jnp.int32))
 
 
 def init_branch_cache(cfg: ModelConfig, batch: int, branches: int, window: int,
-                      dtype=jnp.bfloat16) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
-    """Empty branch-local (keys, values), per layer [B, M, W, K, H], for `CausalLM.branch_step`."""
-    shape = (batch, branches, window, cfg.num_kv_heads, cfg.head_dim)
-    return (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+                      dtype=jnp.bfloat16) -> tuple[Array, Array]:
+    """Empty branch-local (keys, values) [B, L, M, W, K, H] for `CausalLM.branch_step`."""
+    shape = (batch, cfg.num_layers, branches, window, cfg.num_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -73,9 +88,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype=dtype, rngs=rngs)
         mlp = MoEBlock if cfg.is_moe_layer(layer) else MLP
         self.mlp = mlp(cfg, dtype=dtype, rngs=rngs)
+        self.impl, self.block = cfg.attention, cfg.attention_block
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, impl=self.impl, block=self.block)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -87,6 +103,81 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), branch_kv
 
 
+def _stacked(layers: list[DecoderLayer]) -> DecoderLayer:
+    """layers[0] with every parameter replaced by the stack of all layers' [L, ...] and its
+    logical axes prefixed by `layers` (each layer keeps the values it was initialised with)."""
+    flat = [dict(nnx.to_flat_state(nnx.state(layer, nnx.Param))) for layer in layers]
+    stacked = []
+    for path, var in flat[0].items():
+        axes = ("layers", *var.get_metadata()["out_sharding"])
+        value = jnp.stack([f[path].get_value() for f in flat])
+        stacked.append((path, var.replace(value, out_sharding=axes)))
+    nnx.update(layers[0], nnx.from_flat_state(stacked))
+    return layers[0]
+
+
+def _layer_slice(tree, layer):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer, axis=1, keepdims=False), tree)
+
+
+def _write_layer(tree, update, layer, start):
+    """tree [B, L, ...] with update [B, ...] written at layer `layer`, offset `start` on axis 2."""
+    def one(x, u):
+        index = (0, layer, start) + (0,) * (x.ndim - 3)
+        return jax.lax.dynamic_update_slice(x, u[:, None].astype(x.dtype), index)
+    return jax.tree.map(one, tree, update)
+
+
+class LayerStack(nnx.Module):
+    """Layers [first, first + count) of one kind as one module: parameters [count, ...] on a
+    leading `layers` axis, applied by `lax.scan` (rematerialised per `cfg.remat`)."""
+
+    def __init__(self, cfg: ModelConfig, first: int, count: int, *, dtype, rngs: nnx.Rngs):
+        self.layer = _stacked([DecoderLayer(cfg, first + i, dtype=dtype, rngs=rngs) for i in range(count)])
+        self.first, self.count = first, count
+        self.remat = cfg.remat
+
+    def _scan(self, body, carry, extra_xs=()):
+        graphdef, state = nnx.split(self.layer)
+
+        def step(carry, xs):
+            layer_state, offset = xs[0], xs[1]
+            return body(nnx.merge(graphdef, layer_state), carry, self.first + offset, *xs[2:]), None
+
+        if REMAT_POLICIES[self.remat] is not None:
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat])
+        carry, _ = jax.lax.scan(step, carry, (state, jnp.arange(self.count), *extra_xs))
+        return carry
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+        """x [B, T, D] through the stack; cache_kv: the whole (keys, values) [B, L, S, K, H] of
+        every layer, this stack's layers updated at slots [index, index + T)."""
+
+        def body(layer, carry, i):
+            # Activations stay split along the batch (under a context mesh): with FSDP the
+            # partitioner then gathers each layer's weights instead of replicating the batch.
+            x, kv = constrain_batch(carry[0]), carry[1]
+            if kv is None:
+                return layer(x, cos, sin, mask)[0], None
+            x, new = layer(x, cos, sin, mask, _layer_slice(kv, i), index)
+            return x, _write_layer(kv, new, i, index)
+
+        return self._scan(body, (x, cache_kv))
+
+    def branch_step(self, x, cos, sin, prefix_kv, prefix_mask, branch_kv, step):
+        """One lockstep token per branch through the stack (DecoderLayer.branch_step); prefix_kv
+        [B, L, S, K, H] read in place, branch_kv [B, L, M, W, K, H] updated."""
+
+        def body(layer, carry, i):
+            x, kv = carry
+            x, new = layer.branch_step(x, cos, sin, _layer_slice(prefix_kv, i), prefix_mask, _layer_slice(kv, i),
+                                       step)
+            return x, jax.tree.map(lambda whole, one: jax.lax.dynamic_update_index_in_dim(whole, one, i, axis=1),
+                                   kv, new)
+
+        return self._scan(body, (x, branch_kv))
+
+
 class CausalLM(nnx.Module):
     """Decoder-only language model (module docstring). `dtype` is the parameter and compute dtype."""
 
@@ -94,10 +185,18 @@ class CausalLM(nnx.Module):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([LayerStack(cfg, a, b - a, dtype=dtype, rngs=rngs) for a, b in cfg.layer_groups()])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer i as its own module (a view of its slice of the stacked parameters)."""
+        for stack in self.layers:
+            if stack.first <= i < stack.first + stack.count:
+                graphdef, state = nnx.split(stack.layer)
+                return nnx.merge(graphdef, jax.tree.map(lambda x: x[i - stack.first], state))
+        raise IndexError(f"layer {i} out of range [0, {self.config.num_layers})")
 
     def logits(self, hidden: Array) -> Array:
         """[..., D] final hidden states -> [..., V] float32 logits (tied or separate LM head)."""
@@ -105,22 +204,27 @@ class CausalLM(nnx.Module):
             return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
         return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens: Array, *, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, return_hidden: bool = False):
+    def __call__(self, tokens: Array, *, positions: Array | None = None,
+                 attention_mask: Array | Visibility | None = None, cache: KVCache | None = None,
+                 return_hidden: bool = False):
         """tokens [B, T] int -> logits [B, T, V] (or hidden [B, T, D]); with a cache, (out, cache).
 
-        attention_mask: None (causal), [B, T] padding mask (1 = real), or an explicit boolean
-        [B, T, T_kv] / [B, 1, T, T_kv] mask used as given (T_kv = T, or S_max with a cache).
-        positions: [B, T] int; default see module docstring.
+        attention_mask: None (causal), [B, T] padding mask (1 = real), a masks.Visibility over the
+        T_kv keys, or an explicit boolean [B, T, T_kv] / [B, 1, T, T_kv] mask used as given (dense
+        attention; T_kv = T, or S_max with a cache). positions: [B, T] int; default see module
+        docstring.
         """
         b, t = tokens.shape
-        explicit = attention_mask is not None and attention_mask.ndim >= 3
-        padding = None if attention_mask is None or explicit else attention_mask.astype(bool)
+        given = isinstance(attention_mask, Visibility)
+        explicit = not given and attention_mask is not None and attention_mask.ndim >= 3
+        padding = None if attention_mask is None or explicit or given else attention_mask.astype(bool)
         if padding is not None and padding.shape != (b, t):
             raise ValueError(f"padding attention_mask of shape {padding.shape} does not match tokens {(b, t)}")
         if cache is None:
-            index, kv_len = None, t
-            mask = explicit_mask(attention_mask, b, t, t) if explicit else causal_mask(b, t, padding)
+            index = None
+            pad = jnp.ones((b, t), bool) if padding is None else padding
+            mask = attention_mask if given else explicit_mask(attention_mask, b, t, t) if explicit \
+                else causal_visibility(pad)
             if positions is None and padding is not None:
                 positions = positions_from_padding(padding)
             elif positions is None:
@@ -131,49 +235,41 @@ class CausalLM(nnx.Module):
                 raise ValueError(f"{t} tokens do not fit a cache of {kv_len} slots")
             new = jnp.ones((b, t), bool) if padding is None else padding
             valid = jax.lax.dynamic_update_slice(cache.valid, new, (0, index))
-            if explicit:
+            if given:
+                mask = attention_mask
+            elif explicit:
                 mask = explicit_mask(attention_mask, b, t, kv_len)
             else:
-                slots = jnp.arange(kv_len)
-                mask = (slots[None, None, :] <= (index + jnp.arange(t))[None, :, None]) & valid[:, None, :]
+                mask = causal_visibility(new, start=index, key_valid=valid)
             if positions is None:
                 counts = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid.astype(jnp.int32), axis=1), index, t, axis=1)
                 positions = jnp.maximum(counts - 1, 0)
         cos, sin = rope_angles(positions, self.config)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, cos, sin, mask, kv, index)
-            if kv is not None:
-                new_keys.append(kv[0])
-                new_values.append(kv[1])
+        kv = None if cache is None else (cache.keys, cache.values)
+        for stack in self.layers:
+            x, kv = stack(x, cos, sin, mask, kv, index)
         x = self.norm(x)
         out = x if return_hidden else self.logits(x)
         if cache is None:
             return out
-        return out, KVCache(tuple(new_keys), tuple(new_values), valid, index + t)
+        return out, KVCache(kv[0], kv[1], valid, index + t)
 
     def branch_step(self, tokens: Array, positions: Array, prefix: KVCache, prefix_len: Array,
-                    branch_kv: tuple[tuple[Array, ...], tuple[Array, ...]], step: Array
-                    ) -> tuple[Array, tuple[tuple[Array, ...], tuple[Array, ...]]]:
+                    branch_kv: tuple[Array, Array], step: Array) -> tuple[Array, tuple[Array, Array]]:
         """One decode step of M branches per row from a shared prefix cache, read in place.
 
         tokens, positions [B, M] int: the token each branch feeds now and its RoPE position.
         prefix: the rows' cache (slots [B, S]); branch m of row b reads the slots s < prefix_len[b, m]
-        with prefix.valid[b, s], never copying them. branch_kv: per layer (keys, values)
-        [B, M, W, K, H] from `init_branch_cache`; this step's keys and values go to slot `step`
-        (int32 [], shared: the branches decode in lockstep) and the branch reads its slots <= step.
+        with prefix.valid[b, s], never copying them. branch_kv: (keys, values) [B, L, M, W, K, H]
+        from `init_branch_cache`; this step's keys and values go to slot `step` (int32 [], shared:
+        the branches decode in lockstep) and the branch reads its slots <= step.
         Returns logits [B, M, V] float32 and the updated branch_kv. For one branch this equals
         `__call__` on the prefix's visible tokens followed by the branch's tokens.
         """
         prefix_mask = (jnp.arange(prefix.max_len)[None, None, :] < prefix_len[:, :, None]) & prefix.valid[:, None, :]
         cos, sin = rope_angles(positions, self.config)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            x, kv = layer.branch_step(x, cos, sin, (prefix.keys[i], prefix.values[i]), prefix_mask,
-                                      (branch_kv[0][i], branch_kv[1][i]), step)
-            new_keys.append(kv[0])
-            new_values.append(kv[1])
-        return self.logits(self.norm(x)), (tuple(new_keys), tuple(new_values))
+        for stack in self.layers:
+            x, branch_kv = stack.branch_step(x, cos, sin, (prefix.keys, prefix.values), prefix_mask, branch_kv, step)
+        return self.logits(self.norm(x)), branch_kv

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from topd_jax.models.config import ModelConfig, RopeConfig
+from topd_jax.models.masks import Visibility, dense_mask
 
 Array = jax.Array
 INIT_STD = 0.02  # transformers' initializer_range for all four families
@@ -104,6 +105,109 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(b, t, n, h)
 
 
+def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def blockwise_attend(q: Array, k: Array, v: Array, vis: Visibility, *, block_q: int = 512,
+                     block_k: int = 512) -> Array:
+    """`attend` without the [T, S] scores: online softmax over key blocks, memory O(T x block).
+
+    q [B, T, N, H], k and v [B, S, K, H] (grouped kv heads as in `attend`); `vis` the per-token
+    visibility (masks.Visibility), evaluated per [block_q, block_k] tile. For each query block
+    and key block j, with s_j = q k_j^T / sqrt(H) masked to -inf where not visible,
+
+        m_j = max(m_{j-1}, max s_j),  l_j = l_{j-1} e^(m_{j-1} - m_j) + sum e^(s_j - m_j),
+        acc_j = acc_{j-1} e^(m_{j-1} - m_j) + e^(s_j - m_j) v_j,      out = acc / l
+
+    in float32. A query with no visible key gets the mean of all S values, exactly as `attend`'s
+    softmax over all-masked scores. The query blocks are a `lax.map` and the key blocks a
+    `lax.scan`, each rematerialised (`jax.checkpoint`), so the backward pass recomputes the
+    tiles instead of storing them: peak temporaries hold O(block_q x S) scores per query block
+    at most, never [T, S]. Block sizes need not divide T or S (both are padded; padded keys are
+    invisible, padded queries dropped).
+    """
+    b, t, n, h = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = n // kv
+    bq, bk = min(block_q, t), min(block_k, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    scale = 1.0 / math.sqrt(h)
+    v_mean = jnp.mean(v.astype(jnp.float32), axis=1)  # [B, K, H]: the all-masked row's output
+
+    def blocks(x, axis, count, size, value=0):  # [B, L, ...] -> [count, B, size, ...]
+        x = _pad_axis(x, axis, count * size, value)
+        x = x.reshape(x.shape[:axis] + (count, size) + x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    qb = blocks(q.reshape(b, t, kv, g, h), 1, nq, bq)  # [nq, B, bq, K, G, H]
+    kb, vb = blocks(k, 1, nk, bk), blocks(v, 1, nk, bk)  # [nk, B, bk, K, H]
+    q_meta = tuple(blocks(x, 1, nq, bq, fill) for x, fill in ((vis.q_slot, 0), (vis.q_end, 0), (vis.q_window, -1)))
+    k_valid, k_window = blocks(vis.k_valid, 1, nk, bk, False), blocks(vis.k_window, 1, nk, bk, -1)
+    k_slot = jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, 1, bk)
+
+    def key_step(carry, tile, query, q_slot, q_end, q_window):
+        m_prev, l_prev, acc = carry
+        key, value, valid, window, slot = tile
+        scores = jnp.einsum("bqkgh,bskh->bkgqs", query, key, preferred_element_type=jnp.float32) * scale
+        sequence = (window[:, None, :] < 0) & (slot[:, None, :] < q_end[:, :, None])
+        own = (window[:, None, :] >= 0) & (window[:, None, :] == q_window[:, :, None]) \
+            & (slot[:, None, :] <= q_slot[:, :, None])
+        visible = (valid[:, None, :] & (sequence | own))[:, None, None]  # [B, 1, 1, bq, bk]
+        scores = jnp.where(visible, scores, -jnp.inf)
+        m_new = jnp.maximum(m_prev, jnp.max(scores, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        probs = jnp.exp(scores - m_safe[..., None])
+        correction = jnp.exp(m_prev - m_safe)
+        l_new = l_prev * correction + jnp.sum(probs, axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", probs.astype(value.dtype), value,
+                                                       preferred_element_type=jnp.float32)
+        return (m_new, l_new, acc), None
+
+    @jax.checkpoint
+    def query_block(inputs):
+        query, q_slot, q_end, q_window = inputs
+        step = jax.checkpoint(lambda c, x: key_step(c, x, query, q_slot, q_end, q_window))
+        init = (jnp.full((b, kv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
+                jnp.zeros((b, kv, g, bq, h), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, k_valid, k_window, k_slot))
+        out = jnp.where((l > 0)[..., None], acc / jnp.where(l > 0, l, 1.0)[..., None], v_mean[:, :, None, None, :])
+        return jnp.moveaxis(out, 3, 1)  # [B, bq, K, G, H]
+
+    out = jax.lax.map(query_block, (qb, *q_meta))  # [nq, B, bq, K, G, H]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, n, h)[:, :t]
+    return out.astype(v.dtype)
+
+
+# Attention backends, one entry each: (q [B, T, N, H], k/v [B, S, K, H], Visibility, block) -> [B, T, N, H].
+ATTENTION_BACKENDS = {
+    "dense": lambda q, k, v, vis, block: attend(q, k, v, dense_mask(vis)),
+    "blockwise": lambda q, k, v, vis, block: blockwise_attend(q, k, v, vis, block_q=block, block_k=block),
+}
+ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
+# `auto` keeps exact dense attention while the score matrix is small (tiny models, tests, the
+# miniature: faster, and bit-identical to the reference) and switches to blockwise above this.
+AUTO_DENSE_MAX_SCORES = 1 << 20
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | Visibility, *, impl: str = "auto",
+              block: int = 512) -> Array:
+    """The one attention entry point. mask: a Visibility (any backend) or an explicit dense
+    [B, T, S] bool mask (dense only). impl: a name of ATTENTION_BACKENDS or 'auto' (dense when
+    T x S <= AUTO_DENSE_MAX_SCORES or the mask is explicit, else blockwise)."""
+    if not isinstance(mask, Visibility):
+        if impl not in ("auto", "dense"):
+            raise ValueError(f"attention impl {impl!r} needs a Visibility; an explicit [B, T, S] mask is dense only")
+        return attend(q, k, v, mask)
+    if impl == "auto":
+        impl = "dense" if q.shape[1] * k.shape[1] <= AUTO_DENSE_MAX_SCORES else "blockwise"
+    if impl not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+    return ATTENTION_BACKENDS[impl](q, k, v, mask, block)
+
+
 def attend_branches(q: Array, prefix_k: Array, prefix_v: Array, prefix_mask: Array,
                     branch_k: Array, branch_v: Array, branch_mask: Array) -> Array:
     """Attention of one query per branch over a shared prefix cache plus the branch's own cache.
@@ -188,18 +292,21 @@ class Attention(nnx.Module):
                               bk.astype(q.dtype), bv.astype(q.dtype), jnp.broadcast_to(own, bk.shape[:3]))
         return self.output(out), (bk, bv)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-                 kv: tuple[Array, Array] | None = None, index: Array | None = None
-                 ) -> tuple[Array, tuple[Array, Array] | None]:
-        """x [B, T, D] -> [B, T, D]. With a cache kv = (k, v) [B, S, K, H], the new keys and values
-        are written at slots [index, index + T) and the queries attend over all S slots."""
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | Visibility,
+                 kv: tuple[Array, Array] | None = None, index: Array | None = None, *, impl: str = "auto",
+                 block: int = 512) -> tuple[Array, tuple[Array, Array]]:
+        """x [B, T, D] -> ([B, T, D], this call's (k, v) [B, T, K, H]). With a cache kv = (k, v)
+        [B, S, K, H] (one layer's), the new keys and values are placed at slots [index, index + T)
+        and the queries attend over all S slots; the caller writes the returned (k, v) into its
+        cache. mask: a Visibility, or an explicit dense mask; impl/block: see `attention`."""
         q, k, v = self.project(x, cos, sin)
+        new = (k, v)
         if kv is not None:
             start = (0, index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            kv = (k, v)
-        return self.output(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)), kv
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=impl, block=block)
+        return self.output(out), new
 
 
 class MLP(nnx.Module):

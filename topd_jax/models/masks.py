@@ -1,11 +1,15 @@
 """Attention masks and position ids: plain causal, padded, cached, and packed look-ahead trees.
 
 Masks are boolean, True where a query may read a key: [B, T_q, T_kv]. `CausalLM.__call__` takes
-either a [B, T] padding mask (1 for real tokens; combined with causality here) or an explicit
-[B, T_q, T_kv] / [B, 1, T_q, T_kv] mask that is used exactly as given.
+a [B, T] padding mask (1 for real tokens; combined with causality here), a `Visibility` (per-token
+metadata from which attention derives each block's mask, so no [T, S] array exists: what the
+memory-efficient backends need), or an explicit [B, T_q, T_kv] / [B, 1, T_q, T_kv] mask that is
+used exactly as given (dense attention only).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +116,77 @@ def tree_attention_mask(branch_points: Array, window_len: int, seq_len: int, *,
 
     window_pos = (start[:, :, None] + jnp.arange(k)[None, None, :]).reshape(b, m * k)
     return mask, jnp.concatenate([positions, window_pos], axis=1)
+
+
+class Visibility(NamedTuple):
+    """Which keys each query reads, as per-token metadata instead of a [T, S] mask.
+
+    Queries [B, T]: q_slot (the query's own slot in the key sequence), q_end (it reads
+    sequence keys at slots < q_end), q_window (-1: a sequence query; m >= 0: a token of
+    look-ahead window m). Keys [B, S]: k_valid (a real token), k_window (-1: a sequence key;
+    m: a token of window m). Query i reads key j when
+
+        k_valid[j] and ((k_window[j] < 0 and j < q_end[i])
+                        or (k_window[j] >= 0 and k_window[j] == q_window[i] and j <= q_slot[i]))
+
+    which covers every mask the models use: causal with padding (q_end = i + 1), a prefill or
+    decode step against a cache (q_end = index + i + 1), and the packed look-ahead tree (window m
+    reads the sequence before its branch point and its own earlier tokens). Attention backends
+    evaluate it per block of queries and keys (`block_mask`), so no [T, S] array is built.
+    """
+
+    q_slot: Array
+    q_end: Array
+    q_window: Array
+    k_valid: Array
+    k_window: Array
+
+
+def block_mask(vis: Visibility, q: slice | Array, k: slice | Array) -> Array:
+    """The visibility of query rows `q` against key columns `k` (index arrays or slices into
+    the T and S axes): bool [B, tq, tk]. `dense_mask(vis)` is the whole [B, T, S]."""
+    q_slot, q_end, q_window = vis.q_slot[:, q], vis.q_end[:, q], vis.q_window[:, q]
+    k_valid, k_window = vis.k_valid[:, k], vis.k_window[:, k]
+    k_slot = jnp.arange(vis.k_valid.shape[1])[k]
+    sequence = (k_window[:, None, :] < 0) & (k_slot[None, None, :] < q_end[:, :, None])
+    own = (k_window[:, None, :] >= 0) & (k_window[:, None, :] == q_window[:, :, None]) \
+        & (k_slot[None, None, :] <= q_slot[:, :, None])
+    return k_valid[:, None, :] & (sequence | own)
+
+
+def dense_mask(vis: Visibility) -> Array:
+    """[B, T, S] bool: the mask `vis` describes (for the dense backend and for tests)."""
+    return block_mask(vis, slice(None), slice(None))
+
+
+def causal_visibility(padding_mask: Array, *, start: Array | int = 0, key_valid: Array | None = None) -> Visibility:
+    """Causal attention of T queries at slots [start, start + T) over S keys: query i reads the
+    real keys at slots <= start + i. padding_mask [B, T] marks real queries' tokens; key_valid
+    [B, S] the real keys (default: padding_mask, S = T)."""
+    b, t = padding_mask.shape
+    k_valid = padding_mask.astype(bool) if key_valid is None else key_valid.astype(bool)
+    slot = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    return Visibility(slot, slot + 1, jnp.full((b, t), -1, jnp.int32), k_valid,
+                      jnp.full(k_valid.shape, -1, jnp.int32))
+
+
+def tree_visibility(branch_points: Array, window_len: int, padding_mask: Array,
+                    window_mask: Array | None = None) -> tuple[Visibility, Array]:
+    """`tree_attention_mask` as metadata: (Visibility of the packed [sequence | M windows of K]
+    over itself, positions [B, L + M K]). window_mask [B, M, K] marks real window tokens (keys
+    past a window's end are not read); default all real."""
+    b, m = branch_points.shape
+    k, t = window_len, padding_mask.shape[1]
+    pad = padding_mask.astype(bool)
+    branch = jnp.clip(branch_points.astype(jnp.int32), 0, t)
+    positions = positions_from_padding(pad)
+    real_before = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(pad.astype(jnp.int32), axis=1)], axis=1)
+    start = jnp.take_along_axis(real_before, branch, axis=1)  # [B, M]
+    window_pos = (start[:, :, None] + jnp.arange(k)[None, None, :]).reshape(b, m * k)
+    slot = jnp.broadcast_to(jnp.arange(t + m * k, dtype=jnp.int32), (b, t + m * k))
+    window_id = jnp.broadcast_to(jnp.repeat(jnp.arange(m, dtype=jnp.int32), k), (b, m * k))
+    q_window = jnp.concatenate([jnp.full((b, t), -1, jnp.int32), window_id], axis=1)
+    q_end = jnp.concatenate([slot[:, :t] + 1, jnp.repeat(branch, k, axis=1)], axis=1)
+    wmask = jnp.ones((b, m * k), bool) if window_mask is None else window_mask.reshape(b, m * k).astype(bool)
+    vis = Visibility(slot, q_end, q_window, jnp.concatenate([pad, wmask], axis=1), q_window)
+    return vis, jnp.concatenate([positions, window_pos], axis=1)

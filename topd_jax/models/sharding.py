@@ -31,7 +31,9 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("seq", None),
     ("cache_seq", None),
-    # parameters
+    # parameters (and caches: `layers` is the leading axis of the scanned layers' stacked
+    # parameters and of the KV caches, unsharded by default)
+    ("layers", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
@@ -42,7 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("expert_mlp", "tensor"),
     ("norm", None),
 )
-CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")  # KVCache keys/values [B, S, K, H]
+CACHE_AXES = ("batch", "layers", "cache_seq", "kv_heads", "head_dim")  # KVCache keys/values [B, L, S, K, H]
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
@@ -121,8 +123,8 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int],
 
 def cache_shardings(cache: Any, mesh: Mesh, rules: Rules | Mapping[str, MeshAxes] | None = None) -> Any:
     """Shardings for a KVCache: keys/values by CACHE_AXES, valid by batch, index replicated."""
-    kv = [logical_sharding(CACHE_AXES, k.shape, mesh, rules) for k in cache.keys]
-    return type(cache)(tuple(kv), tuple(kv), batch_sharding(mesh, cache.valid.shape, rules),
+    kv = logical_sharding(CACHE_AXES, cache.keys.shape, mesh, rules)
+    return type(cache)(kv, kv, batch_sharding(mesh, cache.valid.shape, rules),
                        NamedSharding(mesh, PartitionSpec()))
 
 

@@ -246,9 +246,10 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
     mesh = mesh_from_config(config.mesh, devices)
     r = config.rollout
     placement.batch_size_divides(r.prompts_per_step * r.num_samples, mesh)
-    s_full, t_full = phases.model_config(config.student), phases.model_config(config.teacher)
-    s_cfg = phases.model_config(config.student, student_layers)
-    t_cfg = phases.model_config(config.teacher, teacher_layers)
+    s_full = phases.model_config(config.student, compute=config.model)
+    t_full = phases.model_config(config.teacher, compute=config.model)
+    s_cfg = phases.model_config(config.student, student_layers, compute=config.model)
+    t_cfg = phases.model_config(config.teacher, teacher_layers, compute=config.model)
     if s_cfg.vocab_size != t_cfg.vocab_size:
         raise ValueError(f"student vocab_size {s_cfg.vocab_size} != teacher vocab_size {t_cfg.vocab_size}; TOPD "
                          "compares the two models' tokens, so they must share a tokenizer")

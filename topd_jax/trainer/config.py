@@ -114,6 +114,30 @@ def _default_teacher() -> ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """How both models compute (not what they are; config.json is never changed by these).
+
+    attention        auto | dense | blockwise: the attention backend (models.layers.ATTENTION_BACKENDS);
+                     auto = exact dense attention while the score matrix is small (T x S <= 2^20),
+                     memory-efficient blockwise attention above that
+    attention_block  query and key block size of blockwise attention (>= 1)
+    remat            none | dots | full: rematerialisation of each scanned decoder layer in the
+                     backward pass (dots keeps matmul outputs; full keeps only each layer's input)
+    """
+
+    attention: Literal["auto", "dense", "blockwise"] = "auto"
+    attention_block: int = 512
+    remat: Literal["none", "dots", "full"] = "none"
+
+    def __post_init__(self):
+        _check(("attention_block", self.attention_block >= 1, ">= 1", self.attention_block))
+
+    def overrides(self) -> dict[str, Any]:
+        """The ModelConfig fields these set (`dataclasses.replace(model_config, **overrides())`)."""
+        return {"attention": self.attention, "attention_block": self.attention_block, "remat": self.remat}
+
+
+@dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """Student sampling.
 
@@ -372,6 +396,7 @@ class TrainConfig:
                  {window: 8} (omitted: the preset as it is)
     student      ModelSpec of the student (trained)
     teacher      ModelSpec of the teacher (frozen); its vocabulary must match the student's
+    model        ComputeConfig of both models: attention backend, its block size, remat policy
     rollout, data, optimizer, mesh, distributed, checkpoint, logging: the sections above
     """
 
@@ -383,6 +408,7 @@ class TrainConfig:
     loss: TopdConfig = None  # type: ignore[assignment]  (None: the preset, set in __post_init__)
     student: ModelSpec = ModelSpec()
     teacher: ModelSpec = dataclasses.field(default_factory=_default_teacher)
+    model: ComputeConfig = ComputeConfig()
     rollout: RolloutConfig = RolloutConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()

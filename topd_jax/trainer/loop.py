@@ -39,7 +39,7 @@ from topd_jax.models.tokenizer import load_tokenizer
 from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts, TfdsPrompts
 from topd_jax.trainer import placement
 from topd_jax.trainer.checkpointing import CHECKPOINT_DIR, Checkpointer
-from topd_jax.trainer.config import ModelSpec, TrainConfig, resume_changes, save_config
+from topd_jax.trainer.config import ComputeConfig, ModelSpec, TrainConfig, resume_changes, save_config
 from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
 from topd_jax.trainer.metrics import MetricsLogger
 from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
@@ -55,17 +55,20 @@ def host_value(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-def build_model(spec: ModelSpec, mesh: jax.sharding.Mesh, rules=None) -> tuple[CausalLM, str | None]:
+def build_model(spec: ModelSpec, mesh: jax.sharding.Mesh, rules=None,
+                compute: ComputeConfig = ComputeConfig()) -> tuple[CausalLM, str | None]:
     """The model of `spec` with its params on the mesh, and its tokenizer directory (or None).
 
     A checkpoint path streams its safetensors straight onto the shardings; a random model is
     initialised inside jit with sharded outputs (identical values on any mesh and every host).
+    `compute` sets how it computes (attention backend, remat).
     """
     dtype = DTYPES[spec.dtype]
     if spec.path is not None:
         tokenizer = spec.path if os.path.isfile(os.path.join(spec.path, "tokenizer_config.json")) else None
-        return load_pretrained(spec.path, dtype=dtype, mesh=mesh, rules=rules), tokenizer
-    cfg, seed = spec.random.model_config(), spec.random.init_seed
+        return load_pretrained(spec.path, dtype=dtype, mesh=mesh, rules=rules,
+                               overrides=compute.overrides()), tokenizer
+    cfg, seed = dataclasses.replace(spec.random.model_config(), **compute.overrides()), spec.random.init_seed
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = param_shardings(abstract_params, mesh, rules)
@@ -130,7 +133,7 @@ class Trainer:
         for role in ("student", "teacher"):
             spec = getattr(config, role)
             try:
-                models[role] = build_model(spec, self.mesh)
+                models[role] = build_model(spec, self.mesh, compute=config.model)
             except (OSError, CheckpointError, ConfigError) as err:  # missing, pickle-only, damaged, bad config.json
                 raise ConfigError(f"{role}.path {spec.path}: {one_line(err)}") from err
         (self.student, tokenizer_dir), (self.teacher, _) = models["student"], models["teacher"]
@@ -254,7 +257,8 @@ class Trainer:
     def _compile_update(self, batch):
         jitted = placement.jit_update(self.state, batch, self.mesh, graphdef=self.graphdef, optimizer=self.optimizer,
                                       loss=self.loss, chunk_size=self.config.chunk_size)
-        compiled = jitted.lower(self.state, batch).compile()
+        with jax.set_mesh(self.mesh):  # the model keeps its activations split along the batch
+            compiled = jitted.lower(self.state, batch).compile()
         self.update_flops = compiled_flops(compiled)
         return compiled
 

@@ -26,7 +26,7 @@ from flax import nnx
 from topd_jax.models.config import DTYPES, ModelConfig
 from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import read_config
-from topd_jax.trainer.config import ModelSpec
+from topd_jax.trainer.config import ComputeConfig, ModelSpec
 from topd_jax.trainer.step import locate, sample, score_teacher
 
 
@@ -49,10 +49,13 @@ def locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, sc
                   loss, options)
 
 
-def model_config(spec: ModelSpec, num_layers: int | None = None) -> ModelConfig:
-    """The ModelConfig of `spec`: its path's config.json (nothing else is read) or its random config;
-    `num_layers` cuts the decoder to its first layers (shape studies only)."""
+def model_config(spec: ModelSpec, num_layers: int | None = None,
+                 compute: ComputeConfig = ComputeConfig()) -> ModelConfig:
+    """The ModelConfig of `spec`: its path's config.json (nothing else is read) or its random config,
+    computing as `compute` says; `num_layers` cuts the decoder to its first layers (shape studies
+    only)."""
     cfg = read_config(spec.path) if spec.path is not None else spec.random.model_config()
+    cfg = dataclasses.replace(cfg, **compute.overrides())
     if num_layers is None:
         return cfg
     if not 1 <= num_layers <= cfg.num_layers:
