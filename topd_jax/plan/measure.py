@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from topd_jax.losses.locators import LOCATORS
 from topd_jax.models.decoder import init_branch_cache
 from topd_jax.models.sharding import batch_sharding
 from topd_jax.plan.chips import first_line
@@ -320,7 +321,7 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
         batch = with_shardings(batch, placement.experience_shardings(batch, mesh))
         jitted = placement.jit_update(state, batch, mesh, graphdef=graphdef, optimizer=optimizer, loss=loss,
                                       chunk_size=config.chunk_size)
-        run("train", lambda: jitted.lower(state, batch), context=False)
+        run("train", lambda: jitted.lower(state, batch))  # under the mesh, as Trainer._compile_update
     results = [r for r in results if r.phase in wanted or r.error is not None]
 
     if decode_steps and rollout is not None and wanted & {"sample", "branch"}:
@@ -342,7 +343,7 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
     branch_steps = []
     if located is not None and loss.uses_windows and scores is not None and scores.cache is not None:
         points = located.positions.shape[1]
-        ot = loss.locator == "ot"
+        ot = LOCATORS[loss.locator].branches
         if ot and located.reference_positions is not None:
             points += located.reference_positions.shape[1]
         shape = (b, points)
