@@ -235,7 +235,7 @@ def run(out: str, *, cache: str | None = None, steps: int = 200, quick: bool = F
         preset, extra = miniature.METHODS[method]
         config = miniature.distil_config(student_dir, teacher_dir, preset=preset, seed=0, steps=steps,
                                          output_dir=os.path.join(out, "runs", method), overrides=extra)
-        run_ = miniature.distil(config, problems, eval_every=max(steps // 8, 1), on_step=lambda s: bar.update(1))
+        run_ = miniature.distil(config, problems, eval_every=max(steps // 4, 1), on_step=lambda s: bar.update(1))
         rows_by_method[method], correct[method] = run_["metrics"], run_["correct"]
         low = [r["low_divergence_share"] for r in run_["metrics"] if "low_divergence_share" in r]
         results["methods"][method] = {"accuracy": run_["accuracy"], "score": run_["score"], "step_time": run_["step_time"],
