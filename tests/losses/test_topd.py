@@ -234,3 +234,34 @@ def test_sharded_over_an_8_device_mesh_equals_single_device(axis_type):
     np.testing.assert_allclose(sharded_loss, loss, rtol=1e-6)
     for name in metrics:
         np.testing.assert_allclose(sharded_metrics[name], metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_edge_inputs_empty_windows_are_finite():
+    # K = 0 (no window token) behaves like M = 0: guidance contributes nothing, all finite.
+    inputs = hand_inputs(window_logprobs=jnp.zeros((1, 2, 0)), window_mask=jnp.zeros((1, 2, 0), bool))
+    loss, metrics = topd_loss(inputs, TopdConfig.preset("topd"))
+    assert float(metrics["loss_traj"]) == 0.0 and np.isfinite(float(loss))
+    grad = jax.grad(lambda s: topd_loss(hand_inputs(student_logprobs=s, window_logprobs=jnp.zeros((1, 2, 0)),
+                                                    window_mask=jnp.zeros((1, 2, 0), bool)),
+                                        TopdConfig.preset("topd"))[0])(jnp.full((1, 6), -1.0))
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_edge_inputs_candidates_at_masked_tokens_do_not_count():
+    # An all-masked batch with caller-supplied candidates: no candidate, no guidance, no gradient.
+    inputs = hand_inputs(mask=jnp.zeros((1, 6), int))
+    loss, metrics = topd_loss(inputs, TopdConfig.preset("topd"))
+    assert float(loss) == 0.0 and float(metrics["loss_traj"]) == 0.0 and float(metrics["num_candidates"]) == 0.0
+    grad = jax.grad(lambda w: topd_loss(hand_inputs(mask=jnp.zeros((1, 6), int), window_logprobs=w),
+                                        TopdConfig.preset("topd"))[0])(hand_inputs().window_logprobs)
+    assert not np.asarray(grad).any()
+
+
+def test_edge_inputs_positions_outside_the_rollout_are_masked_not_clamped():
+    # t = 9 and t = -1 are outside [0, T = 6): those slots are not candidates (clamping would have
+    # made them the last or first token); the valid t = 2 slot is still scored.
+    inputs = hand_inputs(positions=jnp.array([[9, 2]]))
+    _, metrics = topd_loss(inputs, TopdConfig.preset("opd_suppress"))
+    assert float(metrics["num_candidates"]) == 1.0
+    _, metrics = topd_loss(hand_inputs(positions=jnp.array([[-1, 2]])), TopdConfig.preset("opd_suppress"))
+    assert float(metrics["num_candidates"]) == 1.0
