@@ -178,7 +178,8 @@ the superscript is its fork label (F fork, S surface form, ? undecidable), besid
 verdict (the colour); the table lists both.</p>
 <p>{' '.join(spans)}</p>
 <table border="1" cellpadding="3" style="border-collapse:collapse"><tr><th>t</th><th>token</th><th>d</th>
-<th>fork label</th><th>locator ({html.escape(loss.locator)})</th><th>verdict vs label</th><th>D, teacher's window</th></tr>
+<th>fork label</th><th>locator ({html.escape(loss.locator)})</th><th>verdict vs label</th>
+<th>D, teacher's window</th></tr>
 {''.join(rows)}</table>
 """
     fileio.write_file(path, page)
@@ -238,7 +239,8 @@ def run(out: str, *, cache: str | None = None, steps: int = 200, quick: bool = F
         run_ = miniature.distil(config, problems, eval_every=max(steps // 4, 1), on_step=lambda s: bar.update(1))
         rows_by_method[method], correct[method] = run_["metrics"], run_["correct"]
         low = [r["low_divergence_share"] for r in run_["metrics"] if "low_divergence_share" in r]
-        results["methods"][method] = {"accuracy": run_["accuracy"], "score": run_["score"], "step_time": run_["step_time"],
+        results["methods"][method] = {"accuracy": run_["accuracy"], "score": run_["score"],
+                                      "step_time": run_["step_time"],
                                       "low_divergence_share": float(np.mean(low)) if low else None}
         if method != "opd" and "opd" in correct:
             results["methods"][method]["vs_opd"] = paired_vs(correct[method], correct["opd"])
@@ -280,16 +282,18 @@ def table(results: dict[str, Any]) -> str:
         accs = [a for _, a in r["accuracy"]]
         low = "-" if r["low_divergence_share"] is None else f"{r['low_divergence_share']:.1%}"
         ratio = f" ({r['step_time'] / opd:.2f}x OPD)" if opd and method != "opd" else ""
-        vs = "-" if r.get("vs_opd") is None else "{:+.1f} [{:+.1f}, {:+.1f}] pts".format(*(100 * v for v in r["vs_opd"]))
+        vs = ("-" if r.get("vs_opd") is None
+              else "{:+.1f} [{:+.1f}, {:+.1f}] pts".format(*(100 * v for v in r["vs_opd"])))
         name = method
         if r.get("partial"):
             name += (f" (PARTIAL: stopped at step {r['stopped_at']} of {results['steps']}, accuracy at step "
                      f"{r['accuracy'][-1][0]})")
-        lines.append(f"| {name} | {r['score']:.1%} | {max(accs):.1%} | {vs} | {low} | {1e3 * r['step_time']:.0f} ms{ratio} |")
+        lines.append(f"| {name} | {r['score']:.1%} | {max(accs):.1%} | {vs} | {low} | "
+                     f"{1e3 * r['step_time']:.0f} ms{ratio} |")
     loc = results.get("locators")
     if loc:
-        lines += ["", f"locators on {int(loc['candidates'])} candidates of the SFT'd student ({loc['cosmetic_share']:.0%} "
-                  f"surface forms, {loc['fork_share']:.0%} forks): " + ", ".join(
+        lines += ["", f"locators on {int(loc['candidates'])} candidates of the SFT'd student "
+                  f"({loc['cosmetic_share']:.0%} surface forms, {loc['fork_share']:.0%} forks): " + ", ".join(
                       f"{name} AUC {loc[f'{name}_auc']:.2f}" for name in ("ot", "ot_coupled", "ot_rollout", "window_kl")
                       if f"{name}_auc" in loc)]
     if results.get("partial"):

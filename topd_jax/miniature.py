@@ -511,7 +511,8 @@ def summary(results: dict[str, Any]) -> str:
             seeds = ", ".join(_pct(v) for v in r["scores"].values())
             vs = "-" if r["vs_opd"] is None else "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * v for v in r["vs_opd"]))
             ratio = f" ({r['step_time'] / opd_time:.2f}x)" if opd_time else ""
-            lines.append(f"| {method} | {r['learning_rate']:g} | {_pct(r['mean'])} +- {_pct(r['std'])} | {seeds} | {vs} | "
+            lines.append(f"| {method} | {r['learning_rate']:g} | {_pct(r['mean'])} +- {_pct(r['std'])} | {seeds} | "
+                         f"{vs} | "
                          f"{_pct(r['low_divergence_share'])}{'%' if r['low_divergence_share'] is not None else ''} | "
                          f"{1e3 * r['step_time']:.0f} ms{ratio} |")
     return "\n".join(lines)
@@ -534,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="results/miniature", help="output directory (results.md, results.json, runs)")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of test seeds")
-    parser.add_argument("--dev-seed", type=int, default=DEV_SEED, help="the learning-rate sweep's seed (not a test seed)")
+    parser.add_argument("--dev-seed", type=int, default=DEV_SEED,
+                        help="the learning-rate sweep's seed (not a test seed)")
     parser.add_argument("--learning-rates", default=",".join(f"{lr:g}" for lr in LEARNING_RATES),
                         help="comma list swept per method (one value: no sweep)")
     parser.add_argument("--steps", type=int, default=100, help="distillation steps per run")
@@ -542,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-problems", type=int, default=1024, help="held-out test problems")
     parser.add_argument("--dev-problems", type=int, default=256, help="problems the sweep is scored on")
     parser.add_argument("--evals", type=int, default=2, help="evaluations per run after step 0 (score: last two)")
-    parser.add_argument("--locator-batches", type=int, default=8, help="batches of 32 rollouts for the locator analysis")
+    parser.add_argument("--locator-batches", type=int, default=8,
+                        help="batches of 32 rollouts for the locator analysis")
     parser.add_argument("--cache", default=None, help="where the SFT'd models are kept; None: OUT/models")
     args = parser.parse_args(argv)
     seeds = _numbers(args.seeds, int, "seeds")
@@ -576,6 +579,7 @@ if __name__ == "__main__":
 
 
 __all__ = ["DEV_EVAL_SEED", "DEV_SEED", "DISTIL", "EVAL_SEED", "LEARNING_RATES", "METHODS", "STUDENT", "SftConfig",
-           "TEACHER", "accuracy", "cached_sft", "candidate_table", "comparisons", "completions", "correctness", "distil",
-           "distil_config", "eval_problems", "load", "located_rollouts", "locator_analysis", "locator_table", "malformed",
+           "TEACHER", "accuracy", "cached_sft", "candidate_table", "comparisons", "completions", "correctness",
+           "distil", "distil_config", "eval_problems", "load", "located_rollouts", "locator_analysis", "locator_table",
+           "malformed",
            "paired_interval", "precision_recall", "reproduce", "roc_auc", "sft", "sft_batch", "summary"]

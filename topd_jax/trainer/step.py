@@ -193,7 +193,8 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
                           else options.window_temperature)
     guided = loss.traj_weight != 0.0
     teacher_points = points if locator.branches else located.positions
-    teacher_windows = branch(teacher, scores.cache, teacher_points, key=k_teacher, prompt_len=rollout.prompt_tokens.shape[1],
+    teacher_windows = branch(teacher, scores.cache, teacher_points, key=k_teacher,
+                             prompt_len=rollout.prompt_tokens.shape[1],
                              tokens=jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1),
                              top_k_logprobs=loss.traj_top_k if guided and loss.traj_loss == "topk_fkl" else 0,
                              **window_options)
@@ -340,5 +341,6 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, key: Array)
 
 
 __all__ = ["Experience", "Located", "StudentLogprobs", "TrainState", "apply_gradients", "branch_windows", "candidates",
-           "cross_entropy", "experience", "init_state", "locate", "loss_inputs", "rollout_windows", "sample", "score_teacher",
+           "cross_entropy", "experience", "init_state", "locate", "loss_inputs", "rollout_windows", "sample",
+           "score_teacher",
            "sft_update", "student_forward", "student_loss", "update"]
