@@ -16,12 +16,16 @@ CPU the FLOPs are those of all E experts — same results, slower.)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.layers import param
+from topd_jax.models.sharding import MESH_AXES, logical_to_spec
 
 Array = jax.Array
 
@@ -62,8 +66,27 @@ class MoEBlock(nnx.Module):
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
 
     def __call__(self, x: Array) -> Array:
-        b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        weights, experts = route(flat @ self.router[...], self.top_k, self.norm_topk_prob)
-        ys = grouped_swiglu(flat, experts, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-        return jnp.einsum("nkd,nk->nd", ys, weights.astype(x.dtype)).reshape(b, t, d)
+        params = (self.router[...], self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        local = functools.partial(moe_forward, top_k=self.top_k, normalize=self.norm_topk_prob)
+        mesh = jax.sharding.get_abstract_mesh()
+        split = None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else \
+            logical_to_spec(("batch", None, None), x.shape, mesh)[0]
+        if split is None:
+            return local(x, *params)
+        # Under a mesh whose batch axes split x: route and sort each device's own tokens. A
+        # global sort by expert would gather the whole batch's assignments [B T k, D] onto every
+        # device; here each device gathers the expert weights instead (as FSDP does for a dense
+        # layer) and its activations stay split along the batch.
+        axes = (split,) if isinstance(split, str) else tuple(split)
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(split),) + (P(),) * 4, out_specs=P(split),
+                             axis_names=set(axes), check_vma=False)(x, *params)
+
+
+def moe_forward(x: Array, router: Array, gate: Array, up: Array, down: Array, *, top_k: int,
+                normalize: bool) -> Array:
+    """The block on x [B, T, D] with router [D, E] and expert weights (module docstring)."""
+    b, t, d = x.shape
+    flat = x.reshape(b * t, d)
+    weights, experts = route(flat @ router, top_k, normalize)
+    ys = grouped_swiglu(flat, experts, gate, up, down)
+    return jnp.einsum("nkd,nk->nd", ys, weights.astype(x.dtype)).reshape(b, t, d)
