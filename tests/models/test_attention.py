@@ -161,3 +161,21 @@ def test_blockwise_model_equals_dense_model(hf_checkpoint):
     blockwise = load_pretrained(path, dtype=jnp.float32, overrides={"attention": "blockwise", "attention_block": 4})
     np.testing.assert_allclose(blockwise(tokens, attention_mask=pad), dense(tokens, attention_mask=pad),
                                atol=TOL, rtol=0)
+
+
+def test_the_compiled_program_does_not_grow_with_depth():
+    # One layer's program, scanned: 2 and 12 layers lower to the same-sized HLO (an unrolled
+    # decoder's text grows ~6x), so compile time does not grow with the layer count either.
+    from topd_jax.models.config import ModelConfig
+    from topd_jax.models.decoder import CausalLM
+
+    def hlo_size(layers):
+        cfg = ModelConfig(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=layers,
+                          num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, remat="full")
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+        tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+        loss = lambda p, t: jnp.sum(nnx.merge(graphdef, p)(t))  # noqa: E731
+        return len(jax.jit(jax.grad(loss)).lower(params, tokens).as_text())
+
+    small, deep = hlo_size(2), hlo_size(12)
+    assert abs(deep - small) <= 0.05 * small, (small, deep)
