@@ -1,6 +1,6 @@
 """TOPD doing its job, on the synthetic task, on a CPU: the README's first command.
 
-    python -m topd_jax.demo [--out topd_demo] [--cache DIR] [--steps 200] [--methods ...] [--quick]
+    python -m topd_jax.demo [--out topd_demo] [--cache DIR] [--steps 150] [--methods ...] [--quick]
 
 1. Supervised-trains a teacher (larger, its own surface style, repairs slips) and a weaker
    student (smaller, fewer steps, another style) on the synthetic arithmetic task (version 2),
@@ -196,7 +196,7 @@ def paired_vs(correct: np.ndarray, baseline: np.ndarray) -> tuple[float, float, 
 DEMO_METHODS = ("opd", "opd_suppress", "topd", "oracle")
 
 
-def run(out: str, *, cache: str | None = None, steps: int = 200, quick: bool = False,
+def run(out: str, *, cache: str | None = None, steps: int = 150, quick: bool = False,
         methods: Sequence[str] = DEMO_METHODS) -> dict[str, Any]:
     """Everything the module docstring lists; returns the results written to results.json."""
     from tqdm import tqdm
@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m topd_jax.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="topd_demo", help="output directory (plots, HTML, results.json)")
     parser.add_argument("--cache", default=None, help="SFT'd models cache (default ~/.cache/topd_jax/miniature)")
-    parser.add_argument("--steps", type=int, default=200, help="distillation steps per method")
+    parser.add_argument("--steps", type=int, default=150, help="distillation steps per method")
     parser.add_argument("--quick", action="store_true", help="tiny SFT budgets: a smoke run, not a result")
     parser.add_argument("--methods", default=",".join(DEMO_METHODS),
                         help="comma list of miniature.METHODS to distil (opd first for the paired differences)")
