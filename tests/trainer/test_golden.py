@@ -11,19 +11,20 @@ mapped back through RENAMED.
 import json
 import os
 
+import numpy as np
 import pytest
 
 from .golden import RUNS, run_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# New metric name -> its name in the record, for metrics renamed since (same value): the
-# window_kl locator's scores used to be reported under the ot_* names.
-RENAMED = {
-    "window_kl_candidates_mean": "ot_candidates_mean",
-    "window_kl_hist_candidates": "ot_hist_candidates",
-    "window_kl_reference_mean": "ot_reference_mean",
-    "window_kl_hist_reference": "ot_hist_reference",
-}
+# The structure refactor (issue 13) reproduced the first record bit for bit. Since the layers are
+# scanned and the update is partitioned under the mesh, the 8 simulated devices' reductions may
+# round differently from one process to the next (~1e-7); any change of behaviour moves these
+# metrics by orders of magnitude more.
+RTOL = 1e-5
+# New metric name -> its name in the record, for metrics renamed since the record was made (none
+# since the re-record; the first record's window_kl run logged its proxy scores as ot_*).
+RENAMED: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
@@ -31,4 +32,7 @@ def test_run_reproduces_recorded_metrics(name, tmp_path):
     with open(os.path.join(HERE, "golden_metrics.json")) as f:
         recorded = json.load(f)[name]
     rows = [{RENAMED.get(k, k): v for k, v in row.items()} for row in run_metrics(name, str(tmp_path))]
-    assert rows == recorded
+    assert [sorted(r) for r in rows] == [sorted(r) for r in recorded]  # the same metrics, no more, no fewer
+    for row, want in zip(rows, recorded):
+        for key in want:
+            np.testing.assert_allclose(row[key], want[key], rtol=RTOL, atol=1e-7, err_msg=f"{name} {key}")
