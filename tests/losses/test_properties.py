@@ -79,6 +79,9 @@ def pad(inputs, amount, rng):
     """Append `amount[axis]` entries along each named axis: junk values, masks and validity 0."""
     padded = {}
     for name, axes in FIELD_AXES.items():
+        if getattr(inputs, name) is None:  # a field this case does not give (e.g. candidate_labels)
+            padded[name] = None
+            continue
         x = np.asarray(getattr(inputs, name))
         for i, axis in enumerate(axes):
             extra = list(x.shape)
