@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers

@@ -10,7 +10,6 @@ import pytest
 from topd_jax.data import synthetic as S
 from topd_jax.losses.locators import LOCATORS, Locator, get_locator
 from topd_jax.losses.topd import TopdConfig, TopdInputs, topd_weights
-from topd_jax.sampling import generate
 from topd_jax.trainer import placement
 from topd_jax.trainer.config import ModelSpec, RandomModelConfig, RolloutConfig
 from topd_jax.trainer.loop import build_model

@@ -370,7 +370,7 @@ class Selection:
 
     positions [B, M] int32 and valid [B, M] bool (candidates C; a slot is valid only at a valid
     token inside [0, T)); scores [B, M] (D at C); reference / reference_valid [B, R] or None;
-    tau [] and tau_defined []; divergent [B, M] (R); suppressed [B, T] (tokens of C \\ R);
+    tau [] and tau_defined []; candidate_divergence [B, M] (d at C); divergent [B, M] (R); suppressed [B, T] (tokens of C \\ R);
     weights [B, T] (w_t).
     """
 
@@ -381,6 +381,7 @@ class Selection:
     reference_valid: Array | None
     tau: Array
     tau_defined: Array
+    candidate_divergence: Array
     divergent: Array
     suppressed: Array
     weights: Array
@@ -433,8 +434,8 @@ def topd_weights(inputs: TopdInputs, config: TopdConfig) -> Selection:
     at_position = positions[..., None] == jnp.arange(mask.shape[-1])
     suppressed = jnp.any(at_position & low[..., None], axis=1) & (mask > 0)
     weights = jnp.where(suppressed, config.suppress_weight, 1.0)
-    return Selection(positions, valid, scores, reference, reference_valid, tau, tau_defined, divergent, suppressed,
-                     weights)
+    return Selection(positions, valid, scores, reference, reference_valid, tau, tau_defined,
+                     gather_tokens(divergence, positions), divergent, suppressed, weights)
 
 
 def topd_objective(inputs: TopdInputs, config: TopdConfig,
@@ -484,7 +485,6 @@ def topd_diagnostics(inputs: TopdInputs, config: TopdConfig, selection: Selectio
         s = selection
         if config.suppress_weight != 1.0:
             metrics["suppressed_fraction"] = _mean_where(s.suppressed.astype(jnp.float32), valid_tokens)
-        divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
         low = s.valid & ~s.divergent
         num_valid = jnp.sum(s.valid)
         prefix = get_locator(config.locator).metric_prefix
@@ -492,7 +492,7 @@ def topd_diagnostics(inputs: TopdInputs, config: TopdConfig, selection: Selectio
             "num_candidates": num_valid.astype(jnp.float32),
             "num_divergent": jnp.sum(s.divergent).astype(jnp.float32),
             "low_divergence_share": jnp.sum(low) / jnp.maximum(num_valid, 1),
-            "loss_ot_spearman": spearman(gather_tokens(divergence, s.positions), s.scores, s.valid),
+            "loss_ot_spearman": spearman(s.candidate_divergence, s.scores, s.valid),
             "divergence_threshold": jnp.where(s.tau_defined, s.tau, 0.0),
             f"{prefix}_candidates_mean": _mean_where(s.scores, s.valid),
             f"{prefix}_hist_candidates": masked_histogram(s.scores, s.valid, bins=OT_HISTOGRAM_BINS, low=0.0,
