@@ -1,9 +1,11 @@
 """Attention backends and the scanned decoder: every path equals the dense reference.
 
-Blockwise attention against dense `attend` (forward and gradient) on causal left-padded prompts,
-cached prefills, the packed look-ahead tree (windows at the start, middle and end, past EOS),
-GQA groupings and block sizes that do not divide the lengths; the memory claim at T = 4096; the
-scanned, rematerialised decoder against an unrolled loop over its layers on every family.
+Every backend against dense `attend` (forward and gradient): blockwise, the TPU splash kernel
+(Pallas interpret mode on CPU) and the `jax.nn.dot_product_attention` path that runs cuDNN on a
+GPU (XLA's implementation on CPU), on causal left-padded prompts, the packed look-ahead tree
+(windows at the start, middle and end, past EOS), GQA groupings and block sizes that do not
+divide the lengths; blockwise also against a cache. The memory claim at T = 4096; the scanned,
+rematerialised decoder against an unrolled loop over its layers on every family.
 """
 
 import functools
@@ -30,18 +32,24 @@ def qkv(b, t, s, n, k, h, seed=0):
             jax.random.normal(keys[2], (b, s, k, h)))
 
 
-def assert_same_forward_and_grad(vis, q, k, v, block):
+FUSED = ("splash", "cudnn")  # causal kernel for the sequence queries + blockwise for the windows
+
+
+def assert_same_forward_and_grad(vis, q, k, v, block, impl="blockwise"):
     mask = dense_mask(vis)
 
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v)) * jnp.arange(q.shape[1])[None, :, None, None])
 
     dense = functools.partial(attend, mask=mask)
-    blockwise = functools.partial(blockwise_attend, vis=vis, block_q=block[0], block_k=block[1])
-    np.testing.assert_allclose(blockwise(q, k, v), dense(q, k, v), atol=TOL, rtol=0)
-    for got, want in zip(jax.grad(functools.partial(loss, blockwise), argnums=(0, 1, 2))(q, k, v),
+    if impl == "blockwise":
+        backend = functools.partial(blockwise_attend, vis=vis, block_q=block[0], block_k=block[1])
+    else:
+        backend = functools.partial(attention, mask=vis, impl=impl, block=block[0])
+    np.testing.assert_allclose(backend(q, k, v), dense(q, k, v), atol=TOL, rtol=0)
+    for got, want in zip(jax.grad(functools.partial(loss, backend), argnums=(0, 1, 2))(q, k, v),
                          jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(got, want, atol=10 * TOL, rtol=0)
+        np.testing.assert_allclose(got, want, atol=10 * TOL, rtol=1e-5)
 
 
 def test_the_attention_table_is_the_config_choice():
@@ -56,6 +64,27 @@ def test_blockwise_equals_dense_on_left_padded_causal_prompts(heads, block):
     pad = jnp.arange(37)[None, :] >= jnp.array([[0], [5]])
     q, k, v = qkv(2, 37, 37, n, kv, 8)
     assert_same_forward_and_grad(causal_visibility(pad), q, k, v, block)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("heads", [(4, 2), (6, 1)])
+def test_fused_kernels_equal_dense_on_padded_causal_prompts(impl, heads):
+    # 150 tokens (not a multiple of the kernel's 128 block); row 1 left-padded by 5, row 2 all
+    # padding, row 0 padded after its EOS at 120: every query, padding included, as `attend`.
+    n, kv = heads
+    pad = jnp.ones((3, 150), bool).at[0, 120:].set(False).at[1, :5].set(False).at[2].set(False)
+    q, k, v = qkv(3, 150, 150, n, kv, 8, seed=3)
+    assert_same_forward_and_grad(causal_visibility(pad), q, k, v, (128, 128), impl)
+
+
+def test_cudnn_path_is_exact_for_real_tokens_around_a_padding_gap():
+    # cuDNN masks by lengths: a row's real tokens are moved first. Real queries after a gap of
+    # padding still read exactly the real keys before them.
+    pad = jnp.ones((1, 40), bool).at[0, 10:16].set(False)
+    q, k, v = qkv(1, 40, 40, 4, 2, 8, seed=4)
+    vis = causal_visibility(pad)
+    got, want = attention(q, k, v, vis, impl="cudnn"), attend(q, k, v, dense_mask(vis))
+    np.testing.assert_allclose(got[:, pad[0]], want[:, pad[0]], atol=TOL, rtol=0)
 
 
 def test_blockwise_equals_dense_against_a_cache():
@@ -82,6 +111,9 @@ def test_blockwise_equals_dense_on_the_packed_lookahead_tree():
     np.testing.assert_array_equal(positions, tree_positions)
     q, k, v = qkv(2, t + m * kw, t + m * kw, 4, 2, 8, seed=2)
     assert_same_forward_and_grad(vis, q, k, v, (7, 5))
+    for impl in FUSED:  # the sequence by the causal kernel, the windows blockwise
+        assert vis.causal_len == t
+        assert_same_forward_and_grad(vis, q, k, v, (128, 128), impl)
 
 
 def test_auto_is_dense_for_small_scores_and_explicit_masks_are_dense_only():

@@ -24,7 +24,7 @@ Family = Literal["qwen3", "qwen3_moe", "qwen2", "llama"]
 FAMILY_NAMES = ("qwen3", "qwen3_moe", "qwen2", "llama")
 # How a model may compute: attention backends (layers.ATTENTION_BACKENDS plus `auto`) and the
 # rematerialisation policies of the scanned layers (decoder.REMAT_POLICIES).
-ATTENTION_IMPLS = ("auto", "dense", "blockwise")
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
 REMAT_POLICIES = ("none", "dots", "full")
 # The one table of parameter / compute dtypes a config names (training, export, eval).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

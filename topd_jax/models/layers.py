@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from topd_jax.models.config import ModelConfig, RopeConfig
 from topd_jax.models.masks import Visibility, dense_mask
+from topd_jax.models.sharding import MESH_AXES, logical_to_spec
 
 Array = jax.Array
 INIT_STD = 0.02  # transformers' initializer_range for all four families
@@ -181,28 +184,163 @@ def blockwise_attend(q: Array, k: Array, v: Array, vis: Visibility, *, block_q: 
     return out.astype(v.dtype)
 
 
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _causal_segments(k_valid: Array) -> tuple[Array, Array]:
+    """(q_seg, k_seg) [B, C] int32 for a fused causal kernel that masks by segment equality:
+    real keys are segment 1, padding 0; query i is segment 1 when it has a visible key (a real
+    key at a slot <= i) and 0 otherwise, so it then reads padding (at least its own slot)
+    instead of an empty row, and its output is replaced afterwards (`_fused`)."""
+    k_seg = k_valid.astype(jnp.int32)
+    return (jnp.cumsum(k_seg, axis=1) > 0).astype(jnp.int32), k_seg
+
+
+def splash_causal(q: Array, k: Array, v: Array, k_valid: Array, *, block: int) -> Array:
+    """Causal attention of q [B, C, N, H] over k, v [B, C, K, H] (keys masked by k_valid [B, C])
+    with the Pallas TPU splash-attention kernel that ships with JAX
+    (`jax.experimental.pallas.ops.tpu.splash_attention`): flash attention with block-sparse
+    skipping of the masked upper triangle, forward and backward, never a [C, C] array.
+
+    Mosaic kernels cannot be partitioned automatically, so under a context mesh the kernel runs
+    inside `jax.shard_map`: batch split by the `batch` rule, heads by the `q_heads` / `kv_heads`
+    rules (both on the same mesh axes, else heads stay whole), each device running the kernel on
+    its own rows and heads. On a non-TPU platform the kernel runs in Pallas interpret mode (how
+    the tests check it on CPU). C must be a multiple of the kernel block (`_fused` pads it).
+    Rows whose query has no visible key read padding (`_causal_segments`); the caller fixes them.
+    """
+    b, c, n, h = q.shape
+    interpret = target_platform() != "tpu"
+    q = (q.astype(jnp.float32) / math.sqrt(h)).astype(q.dtype)  # the kernel does not scale
+    q_seg, k_seg = _causal_segments(k_valid)
+    sizes = dict.fromkeys(("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+                           "block_kv_dkv_compute", "block_q_dq", "block_kv_dq"), block)
+
+    def local(q, k, v, q_seg, k_seg):  # one device's rows and heads
+        heads = q.shape[2]
+        mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((c, c)) for _ in range(heads)])
+        kernel = splash.make_splash_mha(mask, block_sizes=splash.BlockSizes(**sizes), head_shards=1,
+                                        q_seq_shards=1, interpret=interpret)
+
+        def row(q, k, v, q_seg, k_seg):  # the kernel's layout: [heads, C, H]
+            out = kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+                         segment_ids=splash.SegmentIds(q_seg, k_seg))
+            return out.swapaxes(0, 1)
+
+        return jax.vmap(row)(q, k, v, q_seg, k_seg)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return local(q, k, v, q_seg, k_seg)
+    q_spec = logical_to_spec(("batch", None, "q_heads", None), q.shape, mesh)
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh)
+    if q_spec[2] != kv_spec[2]:  # grouped heads must stay together on a device
+        q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
+    seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, q_seg, k_seg)
+
+
+def cudnn_causal(q: Array, k: Array, v: Array, k_valid: Array, *, block: int) -> Array:
+    """Causal attention of q [B, C, N, H] over k, v [B, C, K, H] (keys masked by k_valid [B, C])
+    through `jax.nn.dot_product_attention`: the cuDNN fused flash kernel on a GPU
+    (implementation "cudnn"), XLA's own implementation elsewhere (how the tests check it on CPU).
+
+    cuDNN masks by sequence lengths, not per-key flags, so each row is first reordered with its
+    real tokens first (a stable sort: their order, hence causality among them, is kept) and
+    `key_value_seq_lengths` = the row's real tokens; the output is put back in the original order.
+    Exact for every query that reads all real keys before it and none after: every real token,
+    and the padding before and after a row's real tokens (left-padded prompts, the padding after
+    EOS). A padding query between real tokens (never read by the models) sees all of the row's
+    real keys instead of those before it. Rows whose query has no visible key: see `_fused`.
+    """
+    del block  # cuDNN picks its own tiles
+    order = jnp.argsort(~k_valid.astype(bool), axis=1, stable=True)  # [B, C]: real slots first
+    gather = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+    lengths = jnp.maximum(jnp.sum(k_valid.astype(jnp.int32), axis=1), 1)
+    impl = "cudnn" if target_platform() == "gpu" else None
+    out = jax.nn.dot_product_attention(gather(q), gather(k), gather(v), is_causal=True,
+                                       key_value_seq_lengths=lengths, implementation=impl)
+    inverse = jnp.argsort(order, axis=1)
+    return jnp.take_along_axis(out, inverse[:, :, None, None], axis=1)
+
+
+def _fused(causal_kernel, granule: int):
+    """A backend that serves the known-causal queries [0, C) of a Visibility (C = causal_len)
+    with `causal_kernel` over keys [0, C), and the rest (look-ahead windows) with
+    `blockwise_attend` over all S keys; their outputs are concatenated, not merged, because the
+    two query sets are disjoint and a sequence query never reads a window key. C is padded to a
+    multiple of the kernel block (a multiple of `granule`; padded keys are invisible). A causal
+    query with no visible key gets the mean of all S values, as in `attend`."""
+
+    def backend(q, k, v, vis, block):
+        c = vis.causal_len
+        if c == 0:
+            return blockwise_attend(q, k, v, vis, block_q=block, block_k=block)
+        tile = min(_round_up(block, granule), _round_up(c, granule))
+        padded = _round_up(c, tile)
+        pad = lambda x, value=0: _pad_axis(x[:, :c], 1, padded, value)
+        valid = vis.k_valid[:, :c]
+        out = causal_kernel(pad(q), pad(k), pad(v), pad(valid, False), block=tile)[:, :c]
+        seen = (jnp.cumsum(valid.astype(jnp.int32), axis=1) > 0)[:, :, None, None]
+        v_mean = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True)  # [B, 1, K, H]
+        v_mean = jnp.repeat(v_mean, q.shape[2] // v.shape[2], axis=2).astype(out.dtype)
+        out = jnp.where(seen, out, v_mean)
+        if c == q.shape[1]:
+            return out
+        rest = blockwise_attend(q[:, c:], k, v, vis.queries(c), block_q=block, block_k=block)
+        return jnp.concatenate([out, rest.astype(out.dtype)], axis=1)
+
+    return backend
+
+
+def target_platform() -> str:
+    """The platform the program being traced runs on: the context mesh's devices (a TPU
+    topology's when the plan compiles for one from a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 # Attention backends, one entry each: (q [B, T, N, H], k/v [B, S, K, H], Visibility, block) -> [B, T, N, H].
 ATTENTION_BACKENDS = {
     "dense": lambda q, k, v, vis, block: attend(q, k, v, dense_mask(vis)),
     "blockwise": lambda q, k, v, vis, block: blockwise_attend(q, k, v, vis, block_q=block, block_k=block),
+    "splash": _fused(splash_causal, 128),  # TPU (Pallas interpret mode elsewhere)
+    "cudnn": _fused(cudnn_causal, 1),  # GPU (XLA's implementation elsewhere)
 }
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 # `auto` keeps exact dense attention while the score matrix is small (tiny models, tests, the
-# miniature: faster, and bit-identical to the reference) and switches to blockwise above this.
+# miniature: faster, and bit-identical to the reference) and above this picks the platform's
+# fused kernel (AUTO_FUSED), else blockwise.
 AUTO_DENSE_MAX_SCORES = 1 << 20
+AUTO_FUSED = {"tpu": "splash", "gpu": "cudnn"}
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's flash kernel takes half precision only
+
+
+def auto_backend(q: Array, k: Array) -> str:
+    """What impl='auto' runs for q [B, T, N, H] against k [B, S, K, H] on `target_platform()`."""
+    if q.shape[1] * k.shape[1] <= AUTO_DENSE_MAX_SCORES:
+        return "dense"
+    fused = AUTO_FUSED.get(target_platform(), "blockwise")
+    if fused == "cudnn" and q.dtype not in CUDNN_DTYPES:
+        return "blockwise"
+    return fused
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array | Visibility, *, impl: str = "auto",
               block: int = 512) -> Array:
     """The one attention entry point. mask: a Visibility (any backend) or an explicit dense
-    [B, T, S] bool mask (dense only). impl: a name of ATTENTION_BACKENDS or 'auto' (dense when
-    T x S <= AUTO_DENSE_MAX_SCORES or the mask is explicit, else blockwise)."""
+    [B, T, S] bool mask (dense only). impl: a name of ATTENTION_BACKENDS or 'auto'
+    (`auto_backend`: dense for small score matrices or an explicit mask, else the platform's
+    fused kernel for the known-causal queries and blockwise for the rest)."""
     if not isinstance(mask, Visibility):
         if impl not in ("auto", "dense"):
             raise ValueError(f"attention impl {impl!r} needs a Visibility; an explicit [B, T, S] mask is dense only")
         return attend(q, k, v, mask)
     if impl == "auto":
-        impl = "dense" if q.shape[1] * k.shape[1] <= AUTO_DENSE_MAX_SCORES else "blockwise"
+        impl = auto_backend(q, k)
     if impl not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
     return ATTENTION_BACKENDS[impl](q, k, v, mask, block)

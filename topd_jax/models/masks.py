@@ -9,7 +9,8 @@ used exactly as given (dense attention only).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +119,10 @@ def tree_attention_mask(branch_points: Array, window_len: int, seq_len: int, *,
     return mask, jnp.concatenate([positions, window_pos], axis=1)
 
 
-class Visibility(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("q_slot", "q_end", "q_window", "k_valid", "k_window"), meta_fields=("causal_len",))
+@dataclasses.dataclass(frozen=True)
+class Visibility:
     """Which keys each query reads, as per-token metadata instead of a [T, S] mask.
 
     Queries [B, T]: q_slot (the query's own slot in the key sequence), q_end (it reads
@@ -133,6 +137,12 @@ class Visibility(NamedTuple):
     decode step against a cache (q_end = index + i + 1), and the packed look-ahead tree (window m
     reads the sequence before its branch point and its own earlier tokens). Attention backends
     evaluate it per block of queries and keys (`block_mask`), so no [T, S] array is built.
+
+    causal_len C (static, pytree metadata): the first C queries are known to be plain causal
+    from slot 0 (q_slot = i, q_end = i + 1, q_window = -1, and keys < C are sequence keys), so a
+    fused causal kernel may serve them, masking only by k_valid; 0 when that is not known (a
+    prefill at a traced cache index). The remaining queries (look-ahead windows) are served by
+    the blockwise path.
     """
 
     q_slot: Array
@@ -140,6 +150,12 @@ class Visibility(NamedTuple):
     q_window: Array
     k_valid: Array
     k_window: Array
+    causal_len: int = 0
+
+    def queries(self, start: int) -> "Visibility":
+        """The visibility of queries [start, T) alone (same keys; nothing known causal)."""
+        return Visibility(self.q_slot[:, start:], self.q_end[:, start:], self.q_window[:, start:], self.k_valid,
+                          self.k_window)
 
 
 def block_mask(vis: Visibility, q: slice | Array, k: slice | Array) -> Array:
@@ -166,8 +182,9 @@ def causal_visibility(padding_mask: Array, *, start: Array | int = 0, key_valid:
     b, t = padding_mask.shape
     k_valid = padding_mask.astype(bool) if key_valid is None else key_valid.astype(bool)
     slot = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    known = isinstance(start, int) and start == 0  # a traced cache index: not known to start at 0
     return Visibility(slot, slot + 1, jnp.full((b, t), -1, jnp.int32), k_valid,
-                      jnp.full(k_valid.shape, -1, jnp.int32))
+                      jnp.full(k_valid.shape, -1, jnp.int32), causal_len=t if known else 0)
 
 
 def tree_visibility(branch_points: Array, window_len: int, padding_mask: Array,
@@ -188,5 +205,5 @@ def tree_visibility(branch_points: Array, window_len: int, padding_mask: Array,
     q_window = jnp.concatenate([jnp.full((b, t), -1, jnp.int32), window_id], axis=1)
     q_end = jnp.concatenate([slot[:, :t] + 1, jnp.repeat(branch, k, axis=1)], axis=1)
     wmask = jnp.ones((b, m * k), bool) if window_mask is None else window_mask.reshape(b, m * k).astype(bool)
-    vis = Visibility(slot, q_end, q_window, jnp.concatenate([pad, wmask], axis=1), q_window)
+    vis = Visibility(slot, q_end, q_window, jnp.concatenate([pad, wmask], axis=1), q_window, causal_len=t)
     return vis, jnp.concatenate([positions, window_pos], axis=1)
