@@ -3,6 +3,7 @@
     python benchmarks/bench_model.py            # 33.6M parameters, batch 4 x 256 tokens
     python benchmarks/bench_model.py --quick    # tiny smoke sizes
     python benchmarks/bench_model.py --attention-only   # only (c)
+    python benchmarks/bench_model.py --tpu-topology v5p:2x2x1   # only (d), compiled, not run
 
 (a) Training-step throughput: forward + backward of the mean next-token cross-entropy (gradients
     of every parameter, no optimizer) on the same random Qwen3 checkpoint, same tokens, float32,
@@ -20,6 +21,11 @@
     scaled to 8 / 2 heads on CPU) at T = 512, 2048 and 8192: tokens/s (median of alternating
     rounds) and the compiled temporary bytes of each (XLA's memory_analysis); dense at 8192 needs
     [B, N, T, T] float32 scores and is skipped when they exceed --dense-max-gib.
+(d) With --tpu-topology: the same causal forward + backward at Qwen3-4B's layout (B = 4,
+    T = 8192, 32 query / 8 kv heads of 128, bf16) compiled for a TPU topology through libtpu
+    (nothing runs; no TPU is opened) on a data 2 x tensor 2 mesh of its chips, for dense, blockwise
+    and splash (the Pallas TPU kernel in shard_map): compiled temporary bytes per chip and compile
+    seconds.
 """
 
 from __future__ import annotations
@@ -128,6 +134,41 @@ def attention_benchmark(lengths, *, rounds: int, steps: int, block: int, dense_m
         print(f"blockwise / dense attention at T = {ratio[0]}: {ratio[1]:.2f}x tokens/s, {ratio[2]:.1f}x fewer temp bytes")
 
 
+def tpu_attention_compile(topology: str) -> None:
+    """(d): one row per backend, compiled for `topology` (e.g. v5p:2x2x1, 4 chips)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from topd_jax.models.layers import attention
+    from topd_jax.models.masks import causal_visibility
+    from topd_jax.models.sharding import make_mesh
+
+    kind, _, grid = topology.partition(":")
+    devices = topologies.get_topology_desc(f"{kind}:{grid}", "tpu").devices
+    mesh = make_mesh(data=2, tensor=len(devices) // 2, devices=devices)
+    b, t, n, kv, h = 4, 8192, 32, 8, 128
+
+    def spec(shape, *axes):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16 if len(shape) == 4 else jnp.bool_,
+                                    sharding=NamedSharding(mesh, PartitionSpec(*axes)))
+
+    q, k = spec((b, t, n, h), "data", None, "tensor"), spec((b, t, kv, h), "data", None, "tensor")
+    pad = spec((b, t), "data")
+    print(f"attention fwd+bwd compiled for {topology} ({len(devices)} chips, data 2 x tensor {len(devices) // 2}), "
+          f"B={b}, T={t}, {n} query / {kv} kv heads of {h}, bf16:")
+    print("| backend   | temp GiB per chip | compile s |")
+    for impl in ("dense", "blockwise", "splash"):
+        def loss(q, k, v, pad):
+            return jnp.sum(attention(q, k, v, causal_visibility(pad), impl=impl, block=512).astype(jnp.float32))
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, pad).compile()
+        print(f"| {impl:9s} | {compiled.memory_analysis().temp_size_in_bytes / 2**30:17.2f} | "
+              f"{time.perf_counter() - t0:9.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -137,11 +178,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attention-only", action="store_true", help="run only (c), the attention backends")
+    parser.add_argument("--tpu-topology", help="run only (d): compile the attention backends for this TPU topology")
     parser.add_argument("--dense-max-gib", type=float, default=4.0,
                         help="skip dense attention when its [B, N, T, T] float32 scores exceed this")
     args = parser.parse_args()
     if args.measure_load:
         return measure_load(args.measure_load, args.dtype, args.naive)
+    if args.tpu_topology:
+        import topd_jax  # noqa: F401  (CPU host: JAX runs on the CPU, libtpu only compiles)
+        return tpu_attention_compile(args.tpu_topology)
     lengths = (64, 256) if args.quick else (512, 2048, 8192)
     if args.attention_only:
         return attention_benchmark(lengths, rounds=args.rounds, steps=args.steps, block=128 if args.quick else 512,
