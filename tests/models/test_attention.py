@@ -211,3 +211,51 @@ def test_the_compiled_program_does_not_grow_with_depth():
 
     small, deep = hlo_size(2), hlo_size(12)
     assert abs(deep - small) <= 0.05 * small, (small, deep)
+
+
+def test_splash_under_a_mesh_runs_per_device_in_shard_map():
+    # 8 simulated CPU devices, batch over data and heads over tensor: each device's kernel sees
+    # its own rows and heads, and the result equals the dense reference.
+    from topd_jax.models.sharding import make_mesh
+
+    mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+    pad = jnp.ones((2, 130), bool).at[1, :7].set(False)
+    q, k, v = qkv(2, 130, 130, 4, 2, 8, seed=6)
+    vis = causal_visibility(pad)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda q, k, v: attention(q, k, v, vis, impl="splash", block=128))(q, k, v)
+    np.testing.assert_allclose(got, attend(q, k, v, dense_mask(vis)), atol=TOL, rtol=0)
+
+
+def test_auto_picks_the_platform_kernel_and_splash_compiles_for_a_tpu_topology():
+    # The plan's path: a TPU topology's compile-only devices as the context mesh (libtpu, no TPU).
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from topd_jax.models.layers import auto_backend, target_platform
+    from topd_jax.models.sharding import make_mesh
+
+    assert target_platform() == "cpu"
+    long_q = jnp.zeros((1, 2048, 4, 8))
+    assert auto_backend(long_q, long_q) == "blockwise" and auto_backend(long_q[:, :8], long_q[:, :8]) == "dense"
+    devices = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices
+    mesh = make_mesh(data=2, tensor=2, devices=devices)
+
+    def spec(shape, *axes):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16 if len(shape) == 4 else jnp.bool_,
+                                    sharding=NamedSharding(mesh, PartitionSpec(*axes)))
+
+    q, k, pad = spec((2, 2048, 4, 128), "data", None, "tensor"), spec((2, 2048, 2, 128), "data", None, "tensor"), \
+        spec((2, 2048), "data")
+    chosen = []
+
+    def loss(q, k, v, pad):
+        chosen.append((target_platform(), auto_backend(q, k)))
+        return jnp.sum(attention(q, k, v, causal_visibility(pad)).astype(jnp.float32))
+
+    # Mosaic refuses float32 contraction precision on bf16 operands: this suite's "highest"
+    # matmul precision (conftest) is for the CPU reference checks, not for a TPU kernel.
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, pad).compile()
+    assert chosen[0] == ("tpu", "splash")
+    assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, not an XLA fallback
