@@ -54,7 +54,8 @@ class KVCache(NamedTuple):
 
     keys, values: [B, L, S_max, K, H] (layer l's cache is [:, l]); valid [B, S_max] bool marks
     slots holding real tokens; index int32 [] is the next slot to write (slots [0, index) are
-    filled).
+    filled), or the Python int 0 of a fresh cache (`init_cache`): then the prefill is known to
+    be causal from slot 0 (`Visibility.causal_len`), so the fused attention kernels serve it.
     """
 
     keys: Array
@@ -70,8 +71,7 @@ class KVCache(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens (prompt included)."""
     shape = (batch, cfg.num_layers, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
-                   jnp.zeros((), jnp.int32))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool), 0)
 
 
 def init_branch_cache(cfg: ModelConfig, batch: int, branches: int, window: int,
@@ -253,7 +253,7 @@ class CausalLM(nnx.Module):
         out = x if return_hidden else self.logits(x)
         if cache is None:
             return out
-        return out, KVCache(kv[0], kv[1], valid, index + t)
+        return out, KVCache(kv[0], kv[1], valid, jnp.asarray(index + t, jnp.int32))
 
     def branch_step(self, tokens: Array, positions: Array, prefix: KVCache, prefix_len: Array,
                     branch_kv: tuple[Array, Array], step: Array) -> tuple[Array, tuple[Array, Array]]:
