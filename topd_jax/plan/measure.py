@@ -20,13 +20,24 @@ Figures of a phase, all per device (the compiled program is the partitioned one)
                            teacher params during sampling, the student's state during scoring, its
                            optimizer state during branching, the teacher's params during the update
   peak                     args + out - alias + temp + held
-  flops, hbm_bytes         `compiled.cost_analysis()` "flops" and "bytes accessed"
-  collectives              `hlo.collective_bytes(compiled.as_text())`
-A while loop's body is counted once by XLA's cost analysis (checked: a loop of 4 and one of 16
-matmuls both report one matmul's FLOPs), so for the decode loops (`generate`'s one-token steps,
-`branch`'s K window steps) one step is also compiled on its own through the model's step function
-(`CausalLM.__call__` on one token with the cache, `CausalLM.branch_step`) and reported with the
-number of steps the phase runs at most; `DecodeStep.loop_*` are steps x step.
+  flops                    `hlo.flops`: matmul FLOPs (dot, convolution, Mosaic kernels such as
+                           splash attention) read from `compiled.as_text()`, each loop of known trip
+                           count (the scanned layers, chunked losses, the OT solver) per iteration
+  hbm_bytes                `hlo.hbm_bytes`: bytes the top-level instructions read and write, loops
+                           likewise per iteration
+  collectives              `hlo.collective_bytes`, loops likewise per iteration
+  xla_flops, xla_hbm_bytes `compiled.cost_analysis()` "flops" and "bytes accessed", as XLA counts
+                           them: every while loop's body once
+  loops                    the trip count of each while loop of the program (None: not a counted
+                           loop, its body counted once); uncounted: Mosaic kernels and other custom
+                           calls with no FLOPs rule, counted 0 ({name: times run})
+XLA's cost analysis counts a while loop's body once (checked: a loop of 4 and one of 16 matmuls
+both report one matmul's FLOPs); `hlo` reads the trip count of counted loops from the program's
+structure. The decode loops (`generate`'s one-token steps, `branch`'s K window steps) stop when
+every row has sampled an EOS, so they have no trip count and their body counts once; one step is
+also compiled on its own through the model's step function (`CausalLM.__call__` on one token with
+the cache, `CausalLM.branch_step`) and reported with the number of steps the phase runs at most;
+`DecodeStep.loop_*` are steps x step.
 """
 
 from __future__ import annotations
@@ -47,8 +58,9 @@ from flax import nnx
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.models.decoder import init_branch_cache
 from topd_jax.models.sharding import batch_sharding
+from topd_jax.plan import hlo
 from topd_jax.plan.chips import first_line
-from topd_jax.plan.hlo import KINDS, collective_bytes, largest_arrays
+from topd_jax.plan.hlo import KINDS
 from topd_jax.trainer import placement, phases
 from topd_jax.trainer.config import TrainConfig
 from topd_jax.trainer.runtime import mesh_from_config
@@ -58,10 +70,35 @@ PHASES = ("sample", "score", "branch", "train")  # the trainer's time keys, in s
 
 
 @dataclasses.dataclass(frozen=True)
+class ProgramFigures:
+    """The FLOPs, bytes and loops of one compiled program, per device (module docstring)."""
+
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+    collectives: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    xla_flops: float = 0.0
+    xla_hbm_bytes: float = 0.0
+    loops: tuple[int | None, ...] = ()
+    uncounted: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def program_figures(compiled: Any, module: hlo.Module | None = None) -> ProgramFigures:
+    """`ProgramFigures` of a compiled program (`module`: its parsed `as_text()`, when at hand)."""
+    module = module if module is not None else hlo.parse(compiled.as_text())
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    return ProgramFigures(
+        flops=hlo.flops(module), hbm_bytes=hlo.hbm_bytes(module),
+        collectives={k: float(v) for k, v in hlo.collective_bytes(module).items()},
+        xla_flops=float(cost.get("flops", 0.0)), xla_hbm_bytes=float(cost.get("bytes accessed", 0.0)),
+        loops=tuple(n for _, _, n in module.trip_counts), uncounted=hlo.uncounted_kernels(module))
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeStep:
-    """One step of a decode loop compiled alone: its model, FLOPs and HBM bytes per device, and
-    the number of steps the phase runs at most (max_new_tokens or the window K); collectives as
-    `hlo.collective_bytes`."""
+    """One step of a decode loop compiled alone: its model, FLOPs and HBM bytes per device
+    (`ProgramFigures`: the step's scanned layers per iteration; xla_*: XLA's cost analysis), and
+    the number of steps the phase runs at most (max_new_tokens or the window K)."""
 
     model: str
     steps: int
@@ -69,6 +106,9 @@ class DecodeStep:
     hbm_bytes: float
     collectives: dict[str, float]
     compile_s: float
+    xla_flops: float = 0.0
+    xla_hbm_bytes: float = 0.0
+    uncounted: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def loop_flops(self) -> float:
@@ -96,6 +136,10 @@ class PhaseFigures:
     collectives: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     compile_s: float = 0.0
     decode: tuple[DecodeStep, ...] = ()
+    xla_flops: float = 0.0
+    xla_hbm_bytes: float = 0.0
+    loops: tuple[int | None, ...] = ()  # each while loop's trip count (None: counted once)
+    uncounted: dict[str, int] = dataclasses.field(default_factory=dict)  # custom calls counted 0
     error: str | None = None
     oom_used: float | None = None
     largest: tuple[tuple[int, str, str, str], ...] = ()  # hlo.largest_arrays, when asked for
@@ -161,15 +205,13 @@ def oom_used_bytes(message: str) -> float | None:
 
 def _figures(phase: str, compiled: Any, held: float, seconds: float, buffers: int) -> PhaseFigures:
     memory = compiled.memory_analysis()
-    text = compiled.as_text()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    module = hlo.parse(compiled.as_text())
+    program = program_figures(compiled, module)
     return PhaseFigures(
         phase=phase, args=float(memory.argument_size_in_bytes), out=float(memory.output_size_in_bytes),
         alias=float(memory.alias_size_in_bytes), temp=float(memory.temp_size_in_bytes), held=held,
-        flops=float(cost.get("flops", 0.0)), hbm_bytes=float(cost.get("bytes accessed", 0.0)),
-        collectives={k: float(v) for k, v in collective_bytes(text).items()}, compile_s=seconds,
-        largest=tuple(largest_arrays(text, buffers)) if buffers else ())
+        compile_s=seconds, largest=tuple(hlo.largest_arrays(module, buffers)) if buffers else (),
+        **dataclasses.asdict(program))
 
 
 def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: bool, buffers: int
@@ -217,11 +259,9 @@ def _decode_step(model: str, steps: int, lower: Callable[[], Any], mesh) -> Deco
             compiled = lower().compile()
     except Exception:  # the phase's own figures carry the reason
         return None
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    collectives = {k: float(v) for k, v in collective_bytes(compiled.as_text()).items()}
-    return DecodeStep(model, steps, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                      collectives, time.perf_counter() - begin)
+    p = program_figures(compiled)
+    return DecodeStep(model, steps, p.flops, p.hbm_bytes, p.collectives, time.perf_counter() - begin,
+                      xla_flops=p.xla_flops, xla_hbm_bytes=p.xla_hbm_bytes, uncounted=p.uncounted)
 
 
 def _abstract_params(cfg, dtype: str, mesh):
@@ -370,5 +410,5 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
     return out
 
 
-__all__ = ["DecodeStep", "PHASES", "PhaseFigures", "StepPlan", "oom_used_bytes", "per_device_bytes", "plan_step",
-           "with_shardings"]
+__all__ = ["DecodeStep", "PHASES", "PhaseFigures", "ProgramFigures", "StepPlan", "oom_used_bytes", "per_device_bytes",
+           "plan_step", "program_figures", "with_shardings"]

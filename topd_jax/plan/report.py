@@ -4,10 +4,12 @@ Roofline estimate of a phase (an estimate, not a measurement: perfect overlap, p
 
     t = max(F / peak_flops, H / hbm_bandwidth, C / ici_bandwidth)
 
-F, H, C: the phase's FLOPs, HBM bytes accessed and collective bytes per device. XLA counts a
-decode loop's body once, so for sample and branch each separately compiled loop step adds its
-figures (steps - 1) more times: the loops run at most max_new_tokens (K) steps, fewer when every
-row has sampled an EOS.
+F, H, C: the phase's FLOPs, HBM bytes accessed and collective bytes per device, read from its
+compiled program with every counted loop (scanned layers, chunked losses, the OT solver) per
+iteration (`hlo`). The decode loops have no trip count (they stop at EOS) and their body counts
+once, so for sample and branch each separately compiled loop step adds its figures (steps - 1)
+more times: the loops run at most max_new_tokens (K) steps, fewer when every row has sampled an EOS.
+The table also shows XLA's own FLOPs (`cost_analysis`, every loop body once) for comparison.
 
 A phase does not fit when its peak exceeds headroom x the chip's HBM, or when it did not compile.
 """
@@ -83,34 +85,51 @@ def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: flo
                      f"(public Cloud TPU figures; headroom {headroom:g})")
     if (s_used, t_used) != (s_all, t_all):
         lines.append(f"LAYERS CUT: student {s_used} of {s_all}, teacher {t_used} of {t_all} layers (not the full models)")
-    header = ["phase", "args GiB", "out GiB", "temp GiB", "held GiB", "peak GiB", "% HBM", "TFLOP", "HBM GB",
-              "AG / RS / AR / A2A GB", "roofline s (est.)", "compile s"]
+    header = ["phase", "args GiB", "out GiB", "temp GiB", "held GiB", "peak GiB", "% HBM", "TFLOP", "XLA TFLOP",
+              "HBM GB", "AG / RS / AR / A2A GB", "roofline s (est.)", "compile s"]
     rows = []
     for p in plan.phases:
         share = "-" if chip is None or math.isnan(p.peak) else f"{100 * p.peak / chip.hbm_bytes:.0f}%"
         roof = roofline_seconds(p, chip)
         if p.error is not None:
             rows.append([p.phase, "-", "-", "-", _gib(p.held), ">= " + _gib(p.peak) if p.oom_used else "-",
-                         share if p.oom_used else "-", "-", "-", "-", "-", f"{p.compile_s:.1f}"])
+                         share if p.oom_used else "-", "-", "-", "-", "-", "-", f"{p.compile_s:.1f}"])
             continue
         coll = " / ".join(_num(p.collectives[k] / 1e9) for k in KINDS)
         rows.append([p.phase, _gib(p.args), _gib(p.out), _gib(p.temp), _gib(p.held), _gib(p.peak), share,
-                     _num(p.flops / 1e12), _num(p.hbm_bytes / 1e9), coll,
+                     _num(p.flops / 1e12), _num(p.xla_flops / 1e12), _num(p.hbm_bytes / 1e9), coll,
                      "-" if roof is None else _num(roof), f"{p.compile_s:.1f}"])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.append("held: the step's other long-lived arrays in HBM during the phase; peak = args + out - alias + "
-                 "temp + held; roofline = max(FLOP / peak, HBM bytes / HBM bw, collective bytes / ICI bw) with "
-                 "every decode loop run to its full step count."
-                 + (" XLA counts a loop body once; one loop step, compiled alone:"
-                    if any(p.decode for p in plan.phases) else ""))
+                 "temp + held; TFLOP, HBM GB, collectives: counted loops per iteration (XLA TFLOP: XLA's cost "
+                 "analysis, every loop body once); roofline = max(FLOP / peak, HBM bytes / HBM bw, collective "
+                 "bytes / ICI bw) with every decode loop run to its full step count.")
+    for p in plan.phases:
+        if p.error is None and p.loops:
+            parts = []
+            if any(n is not None for n in p.loops):
+                parts.append("trip counts " + ", ".join(str(n) for n in p.loops if n is not None))
+            if None in p.loops:
+                parts.append(f"{p.loops.count(None)} without a trip count (counted once)")
+            lines.append(f"  {p.phase} loops: " + "; ".join(parts))
+    if any(p.decode for p in plan.phases):
+        lines.append("Decode loops (no trip count: they stop at EOS) counted once; one loop step, compiled alone:")
     for p in plan.phases:
         for d in p.decode:
             lines.append(f"  {p.phase} ({d.model}): one step {_num(d.flops / 1e12)} TFLOP, {_num(d.hbm_bytes / 1e9)} GB "
                          f"HBM, {_num(sum(d.collectives.values()) / 1e9)} GB collectives; x {d.steps} steps = "
                          f"{_num(d.loop_flops / 1e12)} TFLOP, {_num(d.loop_hbm_bytes / 1e9)} GB HBM (compiled in {d.compile_s:.1f} s)")
+    for p in plan.phases:
+        uncounted = dict(p.uncounted)
+        for d in p.decode:  # the phase's program runs one step of each loop, the step (steps - 1) more
+            for name, n in d.uncounted.items():
+                uncounted[name] = uncounted.get(name, 0) + n * (d.steps - 1)
+        if uncounted:
+            lines.append(f"{p.phase}: FLOPs NOT COUNTED of custom calls without a FLOPs rule (counted 0): "
+                         + ", ".join(f"{name} x {n}" for name, n in sorted(uncounted.items())))
     for p in plan.phases:
         if p.largest:
             lines.append(f"{p.phase}: largest arrays of the compiled program (per device):")
@@ -136,11 +155,14 @@ def to_json(plan: StepPlan, chip: Chip | None, topology: str, headroom: float) -
             "temp_gib": gib(p.temp), "held_gib": gib(p.held), "peak_gib": gib(p.peak),
             "hbm_fraction": None if chip is None or math.isnan(p.peak) else p.peak / chip.hbm_bytes,
             "tflop": p.flops / 1e12, "hbm_bytes": p.hbm_bytes, "collective_bytes": dict(p.collectives),
+            "xla_tflop": p.xla_flops / 1e12, "xla_hbm_bytes": p.xla_hbm_bytes, "loop_trip_counts": list(p.loops),
+            "uncounted_kernels": dict(p.uncounted),
             "with_loops": {"tflop": flops / 1e12, "hbm_bytes": hbm, "collective_bytes": coll},
             "roofline_s": roofline_seconds(p, chip), "compile_s": p.compile_s, "error": p.error,
             "decode_steps": [{"model": d.model, "steps": d.steps, "step_tflop": d.flops / 1e12,
                               "step_hbm_bytes": d.hbm_bytes, "step_collective_bytes": d.collectives,
-                              "compile_s": d.compile_s} for d in p.decode],
+                              "step_xla_tflop": d.xla_flops / 1e12, "step_xla_hbm_bytes": d.xla_hbm_bytes,
+                              "uncounted_kernels": dict(d.uncounted), "compile_s": d.compile_s} for d in p.decode],
             "largest_arrays": [{"bytes": size, "type": kind, "op": op, "op_name": name}
                                for size, kind, op, name in p.largest],
         })
