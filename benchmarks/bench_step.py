@@ -10,7 +10,7 @@ Two trainers (`preset=opd`, `preset=topd`) are built on the same config, compile
 steps each, then stepped alternately (opd, topd, opd, ...) for --steps steps each, so both see
 the same machine state. Reported: the median seconds per phase (sample / score / branch / train)
 and per step, the ratio of median step times TOPD / OPD (the paper reports about 1.41x; goal
-<= 1.25x), and for each preset the train update's FLOP/s (XLA's cost analysis of the compiled
+<= 1.25x), and for each preset the train update's FLOP/s (loop-aware FLOPs of the compiled
 update / its median time) as a fraction of the matmul peak measured here (`measure_matmul_peak`,
 float32 on CPU, bfloat16 elsewhere), i.e. an MFU with a measured, not nominal, peak.
 

@@ -2,7 +2,7 @@
 
     MFU = FLOPs of one step / (step seconds * peak FLOP/s per device * devices)
 
-FLOPs come from XLA's cost analysis of the compiled step (`compiled_flops`), or else from the
+FLOPs come from the compiled step's HLO, loops counted per iteration (`compiled_flops`), or else from the
 6 N T rule of thumb (`transformer_train_flops`); the peak from a table of dense bf16 figures
 (`device_peak_flops`), or where the chip is unknown, a measured matmul (`measure_matmul_peak`).
 """
@@ -115,22 +115,16 @@ def device_peak_flops(device: Any) -> float | None:
 
 
 def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of a compiled JAX executable (`jax.jit(f).lower(...).compile()`) from XLA's
-    `cost_analysis()`, which is a dict in recent jax and a list of per-program dicts in older
-    ones. None where the backend reports no flops. For a sharded program the figure is per
-    device on some backends; compare it with the step's 6 N T estimate once."""
+    """FLOPs of one execution of a compiled JAX executable (`jax.jit(f).lower(...).compile()`),
+    per device, with every fixed-length loop counted once per iteration: `plan.hlo.flops` of its
+    optimised HLO (matmuls and convolutions; the scanned layers are a loop, which XLA's own
+    `cost_analysis()` counts once). None where the program has no matmul FLOPs or no HLO text."""
+    from topd_jax.plan import hlo  # pure text parsing; the plan package imports nothing else
+
     try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # backends without cost analysis raise various errors
+        total = hlo.flops(compiled.as_text())
+    except Exception:  # a backend or executable without HLO text
         return None
-    if analysis is None:
-        return None
-    if isinstance(analysis, dict):
-        analysis = [analysis]
-    flops = [entry["flops"] for entry in analysis if entry and "flops" in entry]
-    if not flops:
-        return None
-    total = float(sum(flops))
     return total if total > 0 else None
 
 
