@@ -133,12 +133,20 @@ def tensor_map(cfg: ModelConfig) -> dict[Path, HFTensor]:
     return out
 
 
-def _read_block(read: Callable, t: HFTensor, block: tuple[tuple[int, int], ...], head_dim: int) -> np.ndarray:
-    """Our-layout block ([start, stop) per dim of our parameter) read from the HF tensor(s); a
-    stacked parameter's block is read slice by slice from its layers' tensors."""
+def _read_block(read: Callable, t: HFTensor, block: tuple[tuple[int, int], ...], head_dim: int,
+                dtype=None) -> np.ndarray:
+    """Our-layout block ([start, stop) per dim of our parameter) read from the HF tensor(s) (cast
+    to `dtype` when given); a stacked parameter's block is filled slice by slice from its layers'
+    tensors into one preallocated array, so at most one layer's slice is held beside it."""
     if t.layers:
         (l0, l1), inner = block[0], block[1:]
-        return np.stack([_read_block(read, t.at_layer(l), inner, head_dim) for l in range(l0, l1)])
+        first = _read_block(read, t.at_layer(l0), inner, head_dim)
+        out = np.empty((l1 - l0,) + first.shape, first.dtype if dtype is None else dtype)
+        out[0] = first
+        del first
+        for i in range(1, l1 - l0):
+            out[i] = _read_block(read, t.at_layer(l0 + i), inner, head_dim)
+        return out
     name, kind = t.names[0], t.kind
     if kind == "copy":
         return read(name, block)
@@ -265,7 +273,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh: jax.sh
         def callback(index, shape=shape, t=t, blocks=blocks):
             block = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
             if block not in blocks:
-                data = _read_block(read, t, block, cfg.head_dim)
+                data = _read_block(read, t, block, cfg.head_dim, np_dtype)
                 blocks[block] = np.array(data, dtype=np_dtype, order="C", copy=None)
             return blocks[block]
 

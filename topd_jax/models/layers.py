@@ -130,7 +130,10 @@ def blockwise_attend(q: Array, k: Array, v: Array, vis: Visibility, *, block_q: 
     `lax.scan`, each rematerialised (`jax.checkpoint`), so the backward pass recomputes the
     tiles instead of storing them: peak temporaries hold O(block_q x S) scores per query block
     at most, never [T, S]. Block sizes need not divide T or S (both are padded; padded keys are
-    invisible, padded queries dropped).
+    invisible, padded queries dropped). Tiles that `vis.causal_len` proves invisible (a query
+    block wholly inside the known-causal queries against keys after its last query) are skipped
+    by a `lax.cond` on the block indices alone (no data, so no cross-device reduction): a causal
+    pass computes about half of the tiles.
     """
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
@@ -169,17 +172,27 @@ def blockwise_attend(q: Array, k: Array, v: Array, vis: Visibility, *, block_q: 
                                                        preferred_element_type=jnp.float32)
         return (m_new, l_new, acc), None
 
+    causal = vis.causal_len
+
+    def tile_step(carry, tile, q_start, *query):
+        compute = jax.checkpoint(lambda c: key_step(c, tile, *query)[0])
+        if causal == 0:
+            return compute(carry), None
+        hidden = (q_start + bq <= causal) & (tile[4][0, 0] > q_start + bq - 1)  # tile[4]: its key slots [1, bk]
+        return jax.lax.cond(hidden, lambda c: c, compute, carry), None
+
     @jax.checkpoint
     def query_block(inputs):
-        query, q_slot, q_end, q_window = inputs
-        step = jax.checkpoint(lambda c, x: key_step(c, x, query, q_slot, q_end, q_window))
+        q_start, query, q_slot, q_end, q_window = inputs
+        step = lambda c, x: tile_step(c, x, q_start, query, q_slot, q_end, q_window)  # noqa: E731
         init = (jnp.full((b, kv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
                 jnp.zeros((b, kv, g, bq, h), jnp.float32))
         (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, k_valid, k_window, k_slot))
         out = jnp.where((l > 0)[..., None], acc / jnp.where(l > 0, l, 1.0)[..., None], v_mean[:, :, None, None, :])
         return jnp.moveaxis(out, 3, 1)  # [B, bq, K, G, H]
 
-    out = jax.lax.map(query_block, (qb, *q_meta))  # [nq, B, bq, K, G, H]
+    q_starts = jnp.arange(nq, dtype=jnp.int32) * bq
+    out = jax.lax.map(query_block, (q_starts, qb, *q_meta))  # [nq, B, bq, K, G, H]
     out = jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, n, h)[:, :t]
     return out.astype(v.dtype)
 
