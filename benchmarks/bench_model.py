@@ -3,6 +3,7 @@
     python benchmarks/bench_model.py            # 33.6M parameters, batch 4 x 256 tokens
     python benchmarks/bench_model.py --quick    # tiny smoke sizes
     python benchmarks/bench_model.py --attention-only   # only (c)
+    python benchmarks/bench_model.py --load-only        # only (b)
     python benchmarks/bench_model.py --tpu-topology v5p:2x2x1   # only (d), compiled, not run
 
 (a) Training-step throughput: forward + backward of the mean next-token cross-entropy (gradients
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--measure-load", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load-only", action="store_true", help="run only (b), the load's host memory")
     parser.add_argument("--attention-only", action="store_true", help="run only (c), the attention backends")
     parser.add_argument("--tpu-topology", help="run only (d): compile the attention backends for this TPU topology")
     parser.add_argument("--dense-max-gib", type=float, default=4.0,
@@ -233,33 +235,34 @@ def main() -> None:
         loss.backward()
         return loss.detach()
 
-    print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs usable")
-    print(f"model: Qwen3-shaped, {params / 1e6:.1f}M params, hidden {config.hidden_size}, "
-          f"{config.num_hidden_layers} layers, vocab {config.vocab_size}, tied; "
-          f"batch {batch} x {length} tokens, float32")
-    t0 = time.perf_counter()
-    loss_j, grads = jax_step(model, x)
-    jax.block_until_ready(grads)
-    print(f"jax compile + first step: {time.perf_counter() - t0:.2f} s")
-    loss_t = torch_step()
-    print(f"loss: jax {float(loss_j):.6f}  torch {loss_t.item():.6f}  (same weights, same tokens)")
+    if not args.load_only:  # (a)
+        print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices), torch {torch.__version__} "
+              f"({torch.get_num_threads()} threads), {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs usable")
+        print(f"model: Qwen3-shaped, {params / 1e6:.1f}M params, hidden {config.hidden_size}, "
+              f"{config.num_hidden_layers} layers, vocab {config.vocab_size}, tied; "
+              f"batch {batch} x {length} tokens, float32")
+        t0 = time.perf_counter()
+        loss_j, grads = jax_step(model, x)
+        jax.block_until_ready(grads)
+        print(f"jax compile + first step: {time.perf_counter() - t0:.2f} s")
+        loss_t = torch_step()
+        print(f"loss: jax {float(loss_j):.6f}  torch {loss_t.item():.6f}  (same weights, same tokens)")
 
-    times: dict[str, list[float]] = {"jax": [], "torch": []}
-    for _ in range(args.rounds):
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(jax_step(model, x))
-            times["jax"].append(time.perf_counter() - t0)
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            torch_step()
-            times["torch"].append(time.perf_counter() - t0)
-    rate = {k: batch * length / statistics.median(v) for k, v in times.items()}
-    for k, v in times.items():
-        print(f"{k:>5}: median step {statistics.median(v) * 1e3:8.1f} ms (min {min(v) * 1e3:.1f}, "
-              f"{len(v)} steps)  -> {rate[k]:9.0f} tokens/s fwd+bwd")
-    print(f"jax / torch throughput: {rate['jax'] / rate['torch']:.2f}x")
+        times: dict[str, list[float]] = {"jax": [], "torch": []}
+        for _ in range(args.rounds):
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(jax_step(model, x))
+                times["jax"].append(time.perf_counter() - t0)
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                torch_step()
+                times["torch"].append(time.perf_counter() - t0)
+        rate = {k: batch * length / statistics.median(v) for k, v in times.items()}
+        for k, v in times.items():
+            print(f"{k:>5}: median step {statistics.median(v) * 1e3:8.1f} ms (min {min(v) * 1e3:.1f}, "
+                  f"{len(v)} steps)  -> {rate[k]:9.0f} tokens/s fwd+bwd")
+        print(f"jax / torch throughput: {rate['jax'] / rate['torch']:.2f}x")
 
     print("load_pretrained peak host RSS increase (fresh process each):")
     for label, sub, dtype, naive in (("f32 checkpoint -> float32", "f32", "float32", False),
@@ -271,8 +274,9 @@ def main() -> None:
         r = load_memory(path, size, dtype, naive)
         print(f"  {label:<36} file {size / 2**20:7.1f} MiB  peak +{r['peak_increase_bytes'] / 2**20:7.1f} MiB "
               f"= {r['ratio']:.2f}x file")
-    attention_benchmark(lengths, rounds=args.rounds, steps=args.steps, block=128 if args.quick else 512,
-                        dense_max_gib=args.dense_max_gib)
+    if not args.load_only:
+        attention_benchmark(lengths, rounds=args.rounds, steps=args.steps, block=128 if args.quick else 512,
+                            dense_max_gib=args.dense_max_gib)
 
 
 if __name__ == "__main__":
