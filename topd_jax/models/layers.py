@@ -20,7 +20,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 
 from topd_jax.models.config import ModelConfig, RopeConfig
 from topd_jax.models.masks import Visibility, dense_mask
-from topd_jax.models.sharding import MESH_AXES, logical_to_spec
+from topd_jax.models.sharding import context_mesh, logical_to_spec
 
 Array = jax.Array
 INIT_STD = 0.02  # transformers' initializer_range for all four families
@@ -178,7 +178,8 @@ def blockwise_attend(q: Array, k: Array, v: Array, vis: Visibility, *, block_q: 
         compute = jax.checkpoint(lambda c: key_step(c, tile, *query)[0])
         if causal == 0:
             return compute(carry), None
-        hidden = (q_start + bq <= causal) & (tile[4][0, 0] > q_start + bq - 1)  # tile[4]: its key slots [1, bk]
+        k_start = tile[-1][0, 0]  # the tile's first key slot (k_slot [1, bk])
+        hidden = (q_start + bq <= causal) & (k_start >= q_start + bq)
         return jax.lax.cond(hidden, lambda c: c, compute, carry), None
 
     @jax.checkpoint
@@ -201,13 +202,17 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def _sees_a_key(k_valid: Array) -> Array:
+    """[B, C] bool: causal query i has a visible key (a real key at a slot <= i)."""
+    return jnp.cumsum(k_valid.astype(jnp.int32), axis=1) > 0
+
+
 def _causal_segments(k_valid: Array) -> tuple[Array, Array]:
     """(q_seg, k_seg) [B, C] int32 for a fused causal kernel that masks by segment equality:
-    real keys are segment 1, padding 0; query i is segment 1 when it has a visible key (a real
-    key at a slot <= i) and 0 otherwise, so it then reads padding (at least its own slot)
-    instead of an empty row, and its output is replaced afterwards (`_fused`)."""
-    k_seg = k_valid.astype(jnp.int32)
-    return (jnp.cumsum(k_seg, axis=1) > 0).astype(jnp.int32), k_seg
+    real keys are segment 1, padding 0; query i is segment 1 when it has a visible key
+    (`_sees_a_key`) and 0 otherwise, so it then reads padding (at least its own slot) instead
+    of an empty row, and its output is replaced afterwards (`_fused`)."""
+    return _sees_a_key(k_valid).astype(jnp.int32), k_valid.astype(jnp.int32)
 
 
 def splash_causal(q: Array, k: Array, v: Array, k_valid: Array, *, block: int) -> Array:
@@ -243,8 +248,8 @@ def splash_causal(q: Array, k: Array, v: Array, k_valid: Array, *, block: int) -
 
         return jax.vmap(row)(q, k, v, q_seg, k_seg)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    mesh = context_mesh()
+    if mesh is None:
         return local(q, k, v, q_seg, k_seg)
     q_spec = logical_to_spec(("batch", None, "q_heads", None), q.shape, mesh)
     kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh)
@@ -296,7 +301,7 @@ def _fused(causal_kernel, granule: int):
         pad = lambda x, value=0: _pad_axis(x[:, :c], 1, padded, value)
         valid = vis.k_valid[:, :c]
         out = causal_kernel(pad(q), pad(k), pad(v), pad(valid, False), block=tile)[:, :c]
-        seen = (jnp.cumsum(valid.astype(jnp.int32), axis=1) > 0)[:, :, None, None]
+        seen = _sees_a_key(valid)[:, :, None, None]
         v_mean = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True)  # [B, 1, K, H]
         v_mean = jnp.repeat(v_mean, q.shape[2] // v.shape[2], axis=2).astype(out.dtype)
         out = jnp.where(seen, out, v_mean)

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.layers import param
-from topd_jax.models.sharding import MESH_AXES, logical_to_spec
+from topd_jax.models.sharding import context_mesh, logical_to_spec
 
 Array = jax.Array
 
@@ -68,9 +68,8 @@ class MoEBlock(nnx.Module):
     def __call__(self, x: Array) -> Array:
         params = (self.router[...], self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         local = functools.partial(moe_forward, top_k=self.top_k, normalize=self.norm_topk_prob)
-        mesh = jax.sharding.get_abstract_mesh()
-        split = None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else \
-            logical_to_spec(("batch", None, None), x.shape, mesh)[0]
+        mesh = context_mesh()
+        split = None if mesh is None else logical_to_spec(("batch", None, None), x.shape, mesh)[0]
         if split is None:
             return local(x, *params)
         # Under a mesh whose batch axes split x: route and sort each device's own tokens. A

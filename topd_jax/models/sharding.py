@@ -128,6 +128,14 @@ def cache_shardings(cache: Any, mesh: Mesh, rules: Rules | Mapping[str, MeshAxes
                        NamedSharding(mesh, PartitionSpec()))
 
 
+def context_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh set by `jax.set_mesh` when it has this module's axes (MESH_AXES), else None:
+    what code inside a traced function partitions by (batch constraints, MoE routing, kernels
+    run per device in shard_map)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
+
+
 def constrain_batch(tree: Any, rules: Rules | Mapping[str, MeshAxes] | None = None) -> Any:
     """Inside `jax.set_mesh(mesh)`: split the leading B axis of every array of `tree` by the
     batch rule, other axes left to the partitioner; without a context mesh, `tree` unchanged.
@@ -135,8 +143,8 @@ def constrain_batch(tree: Any, rules: Rules | Mapping[str, MeshAxes] | None = No
     Decode loops start from zero-filled carries (caches, token buffers) that carry no sharding,
     so without this the partitioner may replicate a whole loop on every device.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    mesh = context_mesh()
+    if mesh is None:
         return tree
 
     def one(x):

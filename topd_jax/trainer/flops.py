@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from topd_jax.plan import hlo  # pure HLO-text parsing (the plan package's __init__ imports nothing)
+
 # Dense bf16 peak FLOP/s per chip, matched in order as a lowercase substring of
 # `device.device_kind`: more specific names first ("h100 pcie" before "h100", "l40s" before "l4").
 PEAK_FLOPS_BY_KIND: tuple[tuple[str, float], ...] = (
@@ -119,8 +121,6 @@ def compiled_flops(compiled: Any) -> float | None:
     per device, with every fixed-length loop counted once per iteration: `plan.hlo.flops` of its
     optimised HLO (matmuls and convolutions; the scanned layers are a loop, which XLA's own
     `cost_analysis()` counts once). None where the program has no matmul FLOPs or no HLO text."""
-    from topd_jax.plan import hlo  # pure text parsing; the plan package imports nothing else
-
     try:
         total = hlo.flops(compiled.as_text())
     except Exception:  # a backend or executable without HLO text
