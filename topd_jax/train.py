@@ -7,6 +7,10 @@ Overrides use the dotted names of `topd_jax/trainer/config.py` (`steps=2`, `pres
 A run resumes from output_dir/checkpoints when a checkpoint is there (checkpoint.resume=false
 starts over). Writes output_dir/metrics.jsonl, TensorBoard events and config.yaml.
 
+SIGTERM or Ctrl-C (SIGINT) saves a complete checkpoint after the step in progress and exits with
+one line (rerun the same command to resume); a second one exits at once. One trainer at a time
+owns output_dir (a lock file); a second is refused, naming the first.
+
 Every failure a user can act on (a bad key or value, a checkpoint that does not fit or cannot
 be read, a full disk, a run whose steps are all skipped) is one line `error: ...` and exit
 status 2; --debug (or TOPD_DEBUG=1) shows the traceback instead. See docs/faults.md.
@@ -49,16 +53,33 @@ def _train(args: argparse.Namespace) -> int:
     from topd_jax.trainer.config import load_config
 
     config = load_config(args.config, args.overrides)
-    from topd_jax.trainer.loop import Trainer
+    from topd_jax.trainer.loop import PREEMPTION, Interrupted, Trainer
 
-    trainer = Trainer(config)
-    try:
-        metrics = trainer.run()
-    except BaseException:
-        with contextlib.suppress(Exception):  # a failed save re-raises on close; the first error counts
-            trainer.close()
-        raise
-    trainer.close()
+    # SIGTERM and SIGINT (Ctrl-C) alike, from here to the exit: while the trainer is built there
+    # is nothing to save, so the first one stops at once; from then on it saves a complete
+    # checkpoint after the step in progress (or, after the last step, lets the run finish).
+    with PREEMPTION:
+        try:
+            with PREEMPTION.immediately():
+                trainer = Trainer(config)
+        except Interrupted as stop:
+            print(f"{stop.name}: stopped before the first step; nothing new to save (a complete checkpoint in "
+                  f"{config.output_dir} is kept)", file=sys.stderr)
+            return 128 + stop.signum
+        try:
+            metrics = trainer.run()
+        except BaseException:
+            with contextlib.suppress(Exception):  # a failed save re-raises on close; the first error counts
+                trainer.close()
+            raise
+        trainer.close()
+        late = PREEMPTION.signal if trainer.stopped_by is None else None
+    if trainer.stopped_by is not None:
+        return 0  # the run said what it saved (one line); rerunning resumes it
+    if late is not None:
+        print(f"{late} after the last step: the run is complete (step {trainer.step}/{config.steps} saved in "
+              f"{config.output_dir}); exiting", file=sys.stderr)
+        return 0
     if metrics:
         print(f"step {trainer.step}/{config.steps}: loss {float(metrics['loss']):.4f}, metrics in "
               f"{config.output_dir}/metrics.jsonl")

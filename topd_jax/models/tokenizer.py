@@ -1,4 +1,5 @@
-"""Tokenizers and chat prompts from a local checkpoint directory (transformers, no hub access)."""
+"""Tokenizers and chat prompts from a local checkpoint directory (transformers, no hub access),
+and the check that two models' tokenizers agree (the ids both models' log-probs are indexed by)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,44 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer  # heavy import, only when a tokenizer is needed
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
+
+
+def has_tokenizer(path: str | os.PathLike | None) -> bool:
+    """Whether the directory `path` holds tokenizer files (tokenizer.json or tokenizer_config.json)."""
+    return path is not None and any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_MARKERS)
+
+
+def tokenizer_mismatch(a, b, names: tuple[str, str] = ("student", "teacher")) -> str | None:
+    """The first disagreement between tokenizers `a` and `b`, as one phrase, or None.
+
+    Checked in order: the EOS token and its id, the special tokens (bos, eos, unk, pad and the
+    additional ones, by text and id), then the whole vocabulary token -> id (added tokens
+    included), in id order of `a`, then the tokens only `b` has.
+    """
+    na, nb = names
+    for attr in ("eos_token", "bos_token", "unk_token", "pad_token"):
+        ta, tb = getattr(a, attr, None), getattr(b, attr, None)
+        ia, ib = getattr(a, f"{attr}_id", None), getattr(b, f"{attr}_id", None)
+        if (ta, ia) != (tb, ib):
+            return (f"{attr.replace('_token', '')} token {ta!r} (id {ia}) in the {na}'s tokenizer but {tb!r} "
+                    f"(id {ib}) in the {nb}'s")
+    sa, sb = set(a.all_special_tokens), set(b.all_special_tokens)
+    if sa != sb:
+        token, side, other = ((min(sa - sb), na, nb) if sa - sb else (min(sb - sa), nb, na))
+        return f"special token {token!r} of the {side}'s tokenizer is not special in the {other}'s"
+    va, vb = a.get_vocab(), b.get_vocab()
+    for token, i in sorted(va.items(), key=lambda kv: kv[1]):
+        j = vb.get(token)
+        if j != i:
+            theirs = "absent" if j is None else f"id {j}"
+            return f"token {token!r} is id {i} in the {na}'s tokenizer but {theirs} in the {nb}'s"
+    extra = sorted((i, token) for token, i in vb.items() if token not in va)
+    if extra:
+        return f"token {extra[0][1]!r} (id {extra[0][0]}) of the {nb}'s tokenizer is absent from the {na}'s"
+    return None
 
 
 def build_prompt(tokenizer, prompt: str | Sequence[Message], *, system: str | None = None,

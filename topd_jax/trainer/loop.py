@@ -10,12 +10,17 @@ each phase timed (time_sample, time_score, time_branch, time_train), then metric
 checkpoint is saved when due. Everything a step draws comes from (key, s) and the data position,
 both in the checkpoint, so a resumed run continues exactly as an uninterrupted one.
 
-SIGTERM (preemptible TPU VMs) sets a flag that every process checks after each step (agreed
-across hosts); the trainer then saves a complete checkpoint and returns cleanly.
+SIGTERM (preemptible TPU VMs) or SIGINT (Ctrl-C) sets a flag that every process checks after
+each step (agreed across hosts); the trainer then saves a complete checkpoint and returns
+cleanly (`stopped_by` names the signal). A second signal exits at once.
+
+The trainer holds output_dir's run lock (trainer/rundir.py) from construction to close(): a
+second trainer on the same folder is refused, and no file the run did not write is overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -35,14 +40,17 @@ from topd_jax.models.config import DTYPES
 from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import config_to_hf
 from topd_jax.models.sharding import param_shardings
-from topd_jax.models.tokenizer import load_tokenizer
+from topd_jax.models.tokenizer import has_tokenizer, load_tokenizer
 from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts, TfdsPrompts
 from topd_jax.trainer import placement
 from topd_jax.trainer.checkpointing import CHECKPOINT_DIR, Checkpointer
 from topd_jax.trainer.config import ComputeConfig, ModelSpec, TrainConfig, resume_changes, save_config
 from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
 from topd_jax.trainer.metrics import MetricsLogger
+from topd_jax.trainer import rundir
+from topd_jax.trainer.rundir import RunLock
 from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
+from topd_jax.trainer.inputs import check_inputs
 from topd_jax.trainer.phases import locate_phase as _locate
 from topd_jax.trainer.phases import sample_phase as _sample
 from topd_jax.trainer.phases import score_phase as _score_teacher
@@ -65,7 +73,7 @@ def build_model(spec: ModelSpec, mesh: jax.sharding.Mesh, rules=None,
     """
     dtype = DTYPES[spec.dtype]
     if spec.path is not None:
-        tokenizer = spec.path if os.path.isfile(os.path.join(spec.path, "tokenizer_config.json")) else None
+        tokenizer = spec.path if has_tokenizer(spec.path) else None
         return load_pretrained(spec.path, dtype=dtype, mesh=mesh, rules=rules,
                                overrides=compute.overrides()), tokenizer
     cfg, seed = dataclasses.replace(spec.random.model_config(), **compute.overrides()), spec.random.init_seed
@@ -77,32 +85,79 @@ def build_model(spec: ModelSpec, mesh: jax.sharding.Mesh, rules=None,
     return nnx.merge(graphdef, params), None
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT while nothing can be saved yet (the trainer is being built)."""
+
+    def __init__(self, name: str, signum: int):
+        super().__init__(name)
+        self.name, self.signum = name, signum
+
+
 class _Preemption:
-    """SIGTERM -> a flag; restores the previous handler on exit (main thread only)."""
+    """SIGTERM (preemptible TPU VMs) and SIGINT (Ctrl-C) alike, for the whole process.
+
+    While entered (nested entries share one state; main thread only), the first signal sets
+    `signal`, which the loop checks after each step to save a complete checkpoint and return;
+    inside `immediately()` (building the trainer: nothing to save yet) it raises Interrupted
+    instead. A second signal exits at once (no traceback, no save; the last complete checkpoint
+    stays, a half-written save is cleaned up at the next start). Leaving the outermost entry
+    restores the previous handlers.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signal: str | None = None
+        self._immediate = False
+        self._depth = 0
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            if self._depth == 0:
+                self.signal = None
+                self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._depth += 1
         return self
 
-    def _handle(self, signum, frame):
-        self.requested = True
-
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if threading.current_thread() is threading.main_thread() and self._depth > 0:
+            self._depth -= 1
+            if self._depth == 0:
+                for s, handler in self._previous.items():
+                    signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def immediately(self):
+        before, self._immediate = self._immediate, True
+        try:
+            yield self
+        finally:
+            self._immediate = before
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            os.write(2, f"{name} again: exiting now without saving; the last complete checkpoint is kept\n".encode())
+            os._exit(128 + signum)
+        self.signal = name
+        if self._immediate:
+            raise Interrupted(name, signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def agreed(self) -> bool:
-        """True on every process when any process got SIGTERM (so all save the same step)."""
+        """True on every process when any process got a signal (so all save the same step)."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
 
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+PREEMPTION = _Preemption()
 
 
 Callback = Callable[["Trainer", int, dict[str, Any]], None]
@@ -129,6 +184,34 @@ class Trainer:
             placement.batch_size_divides(self.rollouts_per_step, self.mesh)
         except ValueError as err:
             raise ConfigError(f"rollout.prompts_per_step: {err}") from None
+        self.primary = jax.process_index() == 0
+        self.stopped_by: str | None = None  # the signal that stopped run() early, if one did
+        self.run_lock = self._lock_output_dir()
+        try:
+            self._build()
+        except BaseException:
+            self.run_lock.release(refused=True)  # a refused start leaves no folder it created
+            raise
+        self._update = None
+        self.update_flops = None
+        self._peak = None
+
+    def _lock_output_dir(self) -> RunLock:
+        """Take output_dir's run lock (process 0; the other hosts follow its outcome)."""
+        try:
+            lock, ok, error = RunLock.acquire(self.config.output_dir, primary=self.primary), True, None
+        except (ConfigError, OSError) as err:
+            lock, ok, error = None, False, err
+        rundir.agree(ok, f"output_dir {self.config.output_dir}: process 0 could not take the run lock (see its "
+                         "error)")
+        if error is not None:
+            raise error
+        return lock
+
+    def _build(self) -> None:
+        config, r = self.config, self.config.rollout
+        # one-line reports (tokenizers not compared, the resume), written to events.log by run()
+        self.notices: list[str] = check_inputs(config)  # before any weight is read
         models = {}
         for role in ("student", "teacher"):
             spec = getattr(config, role)
@@ -137,11 +220,7 @@ class Trainer:
             except (OSError, CheckpointError, ConfigError) as err:  # missing, pickle-only, damaged, bad config.json
                 raise ConfigError(f"{role}.path {spec.path}: {one_line(err)}") from err
         (self.student, tokenizer_dir), (self.teacher, _) = models["student"], models["teacher"]
-        vocab_s, vocab_t = self.student.config.vocab_size, self.teacher.config.vocab_size
-        if vocab_s != vocab_t:
-            raise ConfigError(f"student vocab_size {vocab_s} != teacher vocab_size {vocab_t} (student.random / "
-                              "teacher.random or their path's config.json); TOPD compares the two models' tokens, "
-                              "so they must share a tokenizer")
+        vocab_s = self.student.config.vocab_size
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         self.prompts = self._prompt_source()
         if config.data.source == "synthetic":
@@ -167,11 +246,9 @@ class Trainer:
         state_shardings = placement.state_shardings(jax.eval_shape(init, params, key=key), self.mesh)
         self.state: TrainState = jax.jit(init, out_shardings=state_shardings)(params, key=key)
         self.data_position = 0
-        self.primary = jax.process_index() == 0
         self.checkpointer = Checkpointer(os.path.join(config.output_dir, CHECKPOINT_DIR),
                                          every=config.checkpoint.every, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
-        self.notices: list[str] = []  # one-line reports of the resume, written to events.log by run()
         self.resume_changes: list[str] = []
         if config.checkpoint.resume and self.checkpointer.latest_step() is not None:
             try:
@@ -179,9 +256,6 @@ class Trainer:
             except BaseException:
                 self.checkpointer.close()  # a refused resume must not leave Orbax's threads behind
                 raise
-        self._update = None
-        self.update_flops = None
-        self._peak = None
 
     # ------------------------------------------------------------------ data and checkpoints
 
@@ -365,7 +439,7 @@ class Trainer:
         metrics: dict[str, Any] = {}
         timer = PhaseTimer()
         limit, consecutive = cfg.optimizer.max_consecutive_skips, 0
-        with logger, _Preemption() as preemption:
+        with logger, PREEMPTION as preemption:
             while self.step < stop:
                 metrics = self.train_step(timer)
                 step = self.step
@@ -383,16 +457,21 @@ class Trainer:
                         f"loss or gradients and were skipped (optimizer.max_consecutive_skips={limit}); the run "
                         f"is not training: lower optimizer.learning_rate or set optimizer.max_grad_norm; "
                         f"{self._last_checkpoint()}")
-                if preemption.agreed():
+                if step < stop and preemption.agreed():  # after the last step the run just ends
                     self.save(force=True)
                     self.checkpointer.wait()
-                    logger.warn(f"SIGTERM: saved a complete checkpoint at step {step}; exiting")
+                    self.stopped_by = preemption.signal or "a signal on another host"
+                    logger.warn(f"{self.stopped_by}: saved a complete checkpoint at step {step} in "
+                                f"{self.checkpointer.directory}; exiting (rerun the same command to resume)")
                     break
             self.checkpointer.wait()
         return metrics
 
     def close(self) -> None:
-        self.checkpointer.close()
+        try:
+            self.checkpointer.close()
+        finally:
+            self.run_lock.release()
 
 
 __all__ = ["Trainer", "build_model", "host_value"]
