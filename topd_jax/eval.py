@@ -41,7 +41,7 @@ from topd_jax import grading
 from topd_jax.configuration import ConfigError
 from topd_jax.data import math_sets
 from topd_jax.errors import exit_quietly, run_cli
-from topd_jax.fileio import write_file
+from topd_jax.fileio import check_writable, write_file
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_DATASETS = "aime24,aime25,math500,amc23"
@@ -181,9 +181,12 @@ def _dataset_files(names: str, data_dir: str | None) -> dict[str, str]:
 
 
 def _load(args: argparse.Namespace, config, workdir: str):
-    """(model, tokenizer) of --checkpoint: an HF directory, or a run directory exported into workdir."""
+    """(load the model, its ModelConfig, tokenizer) of --checkpoint: an HF directory, or a run
+    directory exported into workdir. The tokenizer is checked against the checkpoint's vocab_size
+    from config.json, before any weight is read."""
     from topd_jax.models.checkpoint import load_pretrained
     from topd_jax.models.config import DTYPES
+    from topd_jax.models.families import read_config
     from topd_jax.models.tokenizer import load_tokenizer
 
     path = args.checkpoint
@@ -209,7 +212,27 @@ def _load(args: argparse.Namespace, config, workdir: str):
     except (OSError, ValueError) as err:  # transformers: "Couldn't instantiate the backend tokenizer ..."
         raise ConfigError(f"tokenizer {tokenizer_dir}: not a loadable tokenizer directory "
                           f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from err
-    return load_pretrained(path, dtype=dtype), tokenizer
+    model_config = read_config(path)
+    top = max(tokenizer.get_vocab().values(), default=-1) + 1
+    if top > model_config.vocab_size:  # before any weight is read
+        raise ConfigError(f"tokenizer {tokenizer_dir} has token ids up to {top - 1}, but the checkpoint {path} has "
+                          f"vocab_size {model_config.vocab_size}: not this model's tokenizer")
+    return (lambda: load_pretrained(path, dtype=dtype)), model_config, tokenizer
+
+
+def _check_positions(model_config, tokenizer, sets: dict[str, tuple[list, dict, str]], settings: dict[str, Any]) -> None:
+    """Every dataset's longest prompt + max_new_tokens within the model's max_position_embeddings,
+    checked before anything is generated."""
+    from topd_jax.models.tokenizer import encode_prompts
+
+    limit, new = model_config.max_position_embeddings, settings["max_new_tokens"]
+    for name, (records, _, _) in sets.items():
+        texts = [f"{r.problem}\n\n{settings['instruction']}" if settings["instruction"] else r.problem for r in records]
+        longest = max(len(ids) for ids in encode_prompts(tokenizer, texts, system=settings["system"]))
+        if longest + new > limit:
+            raise ConfigError(f"{name}: its longest prompt ({longest} tokens) + --max-new-tokens {new} = "
+                              f"{longest + new} positions, but the model's max_position_embeddings is {limit}; "
+                              "lower --max-new-tokens")
 
 
 def _read_all(files: dict[str, str], limit: int | None) -> dict[str, tuple[list, dict, str]]:
@@ -247,11 +270,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     sets = _read_all(_dataset_files(args.datasets, args.data_dir), args.limit)
     out = args.out or os.path.join("eval", os.path.basename(os.path.normpath(args.checkpoint)))
+    check_writable(out, directory=True)  # before a model is loaded or anything generated
     settings = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                     max_new_tokens=args.max_new_tokens or config.rollout.max_new_tokens, batch_size=args.batch_size,
                     system=config.data.system_prompt, instruction=INSTRUCTION)
     with tempfile.TemporaryDirectory(prefix="topd_eval_") as workdir:
-        model, tokenizer = _load(args, config, os.path.join(workdir, "hf"))
+        load_model, model_config, tokenizer = _load(args, config, os.path.join(workdir, "hf"))
+        _check_positions(model_config, tokenizer, sets, settings)
+        model = load_model()
         eos = sorted({*config.rollout.eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
                                                  else [])})
         os.makedirs(out, exist_ok=True)

@@ -9,8 +9,11 @@ student's parameters are read (not the optimizer state). The output holds config
 safetensors that transformers loads, plus the run's tokenizer when it has one: the files of the
 student's directory (student.path), or the synthetic task's word-level tokenizer for a
 data.source=synthetic run (a random-prompt run of random models has none; eval then needs
---tokenizer). The output directory is replaced whole, so a failed export leaves an earlier one
-intact (and keeps its permissions).
+--tokenizer). Weights, config.json, tokenizer and generation config are staged in one folder
+beside --out and swapped in by one atomic rename: a failed or killed export leaves an earlier
+one exactly as it was (and keeps its permissions), and the next export removes what a killed
+one left. Other files in --out (a README) are kept; a non-empty --out without config.json is
+refused. The success line says what the export replaced.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import shutil
 import sys
 from typing import Callable, Sequence
 
+from topd_jax.configuration import ConfigError
 from topd_jax.errors import exit_quietly, run_cli
+from topd_jax.fileio import check_writable, recover_directory, replace_directory
+from topd_jax.models.checkpoint import is_checkpoint_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -40,7 +46,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
     import numpy as np
     from flax import nnx
 
-    from topd_jax.models.checkpoint import save_pretrained
+    from topd_jax.models.checkpoint import write_pretrained
     from topd_jax.models.config import DTYPES
     from topd_jax.models.decoder import CausalLM
     from topd_jax.models.families import config_from_hf
@@ -87,18 +93,44 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
             raise CheckpointError(f"checkpoint step {step} in {directory}: params/{leaf_name(path)} holds NaN or "
                                   "inf (the run diverged); export an earlier step with --step")
     model = nnx.merge(graphdef, params)
-    source = run_config["student"].get("path")
-    os.makedirs(out, exist_ok=True)
-    if source and os.path.isdir(source):
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
-    elif run_config.get("data", {}).get("source") == "synthetic":  # the run's tokenizer: the task's own
-        from topd_jax.data.synthetic import SyntheticTokenizer
+    with replace_directory(out, replaced=is_export_file) as staging:
+        # The tokenizer, generation config, weights and config.json are staged together and
+        # swapped in at once: a killed export leaves the previous export exactly as it was.
+        source = run_config["student"].get("path")
+        if source and os.path.isdir(source):
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(source, name)):
+                    shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
+        elif run_config.get("data", {}).get("source") == "synthetic":  # the run's tokenizer: the task's own
+            from topd_jax.data.synthetic import SyntheticTokenizer
 
-        SyntheticTokenizer().save_pretrained(out)
-    save_pretrained(model, out, dtype=None if dtype is None else DTYPES[dtype])
+            SyntheticTokenizer().save_pretrained(staging)
+        write_pretrained(model, staging, dtype=None if dtype is None else DTYPES[dtype])
     return step
+
+
+def is_export_file(name: str) -> bool:
+    """The files an export writes, and so replaces (a stale generation_config.json included);
+    anything else in the folder (a README) is kept."""
+    return name in TOKENIZER_FILES or is_checkpoint_file(name)
+
+
+def check_out(out: str | os.PathLike) -> str:
+    """Refuse an --out that cannot be written or holds something other than an export, before
+    any checkpoint is read; returns what the export will replace there, as a phrase ('' if new)."""
+    out = os.fspath(out)
+    check_writable(out, directory=True)
+    recover_directory(out)  # a killed export's staging folder, or its parked earlier version
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not entries:
+        return ""
+    if "config.json" not in entries:
+        raise ConfigError(f"--out {out} is a folder with files but no export in it (no config.json); an export "
+                          "replaces its folder's model files, so pick a new or empty folder")
+    replaced = [e for e in entries if is_export_file(e)]
+    kept = [e for e in entries if not is_export_file(e)]
+    return (f"; replaced the earlier export there ({', '.join(replaced)})"
+            + (f", kept {', '.join(kept)}" if kept else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        replaces = check_out(args.out)
         step = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
                       report=lambda message: print(f"warning: {message}", file=sys.stderr))
-        print(f"exported step {step} of {args.checkpoint} to {args.out}")
+        print(f"exported step {step} of {args.checkpoint} to {args.out}{replaces}")
         return 0
 
     return run_cli(body, debug=args.debug)

@@ -9,6 +9,7 @@ stays 0755 and a new config.yaml is 0644 under the usual umask 022.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -87,25 +88,119 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def check_writable(path: str | os.PathLike, *, directory: bool) -> None:
+    """Refuse, before any work, a `path` that could not be written (an OSError naming where): a
+    file whose folder does not exist, a folder whose nearest existing ancestor is not a folder,
+    either one where writing is not permitted; a `directory` path that is a file (or a file path
+    that is a directory)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if directory != os.path.isdir(path):
+            raise (NotADirectoryError if directory else IsADirectoryError)(
+                errno.ENOTDIR if directory else errno.EISDIR, os.strerror(errno.ENOTDIR if directory else errno.EISDIR),
+                path)
+        where = path if directory else os.path.dirname(path)
+    else:  # a folder is created with its parents; a file's folder must exist, as for open()
+        where = os.path.dirname(path)
+        while directory and not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.exists(where):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where)
+        if not os.path.isdir(where):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), where)
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), where)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the paths `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system or file system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(parent: str, name: str) -> list[tuple[str, str]]:
+    """(kind, path) of the staging ('saving') and retired ('old') folders of `name` in `parent`
+    whose process is gone: what a killed replace_directory left behind."""
+    found = []
+    for entry in os.listdir(parent):
+        for kind in ("saving", "old"):
+            prefix = f".{name}.{kind}-"
+            if entry.startswith(prefix):
+                pid = entry[len(prefix):].split("-", 1)[0]
+                if not (pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid()):
+                    found.append((kind, os.path.join(parent, entry)))
+    return found
+
+
+def recover_directory(path: str | os.PathLike) -> list[str]:
+    """Undo what a killed `replace_directory` of `path` left: a complete earlier version parked
+    between its two renames (only where the atomic exchange is unavailable) is put back, and
+    stale staging folders are removed. Returns the names removed or restored."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    if not os.path.isdir(parent):
+        return []
+    done = []
+    for kind, folder in _stale(parent, name):
+        parked = os.path.join(folder, name)
+        if kind == "old" and os.path.isdir(parked) and not os.path.exists(path):
+            os.rename(parked, path)  # the previous version, complete: it never stopped being that
+            done.append(f"restored {name} from {os.path.basename(folder)}")
+        shutil.rmtree(folder, ignore_errors=True)
+        done.append(f"removed {os.path.basename(folder)}")
+    return done
+
+
 @contextlib.contextmanager
 def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool]) -> Iterator[str]:
-    """Stage a new version of directory `path`, then swap it in whole.
+    """Stage a new version of directory `path`, then swap it in whole, in one atomic step.
 
-    Yields an empty staging directory next to `path` (same filesystem). When the block finishes,
-    the entries of the old `path` for which `replaced(name)` is False (e.g. tokenizer files) are
-    carried into the staging directory (hard-linked, or copied across filesystems), everything is fsynced, and the staging directory takes
-    `path`'s place by two renames. If the block (or the swap) raises, the staging directory is
-    removed and the old `path` is in place. A crash can never leave a half-written `path`: at
-    worst (between the two renames) the complete old and new versions both sit beside it as
-    hidden directories. A `path` that is a file is refused before anything is written.
+    Yields an empty staging directory next to `path` (same filesystem, named after this
+    process). When the block finishes, the entries of the old `path` for which `replaced(name)`
+    is False (e.g. a README) are carried into the staging directory (hard-linked, or copied
+    across filesystems), everything is fsynced, and the staging directory and `path` are
+    exchanged by one `renameat2(RENAME_EXCHANGE)`; the old version is then deleted. A kill at
+    any point leaves `path` exactly as it was or exactly the new version, and the next call
+    (`recover_directory`) removes what the killed one left beside it. Where the exchange is
+    unavailable, two renames are used, and a kill between them leaves the complete old version
+    parked beside `path`, which the next call puts back. If the block raises, the staging
+    directory is removed and `path` is untouched. A `path` that is a file is refused before
+    anything is written.
     """
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is not a directory")
     os.makedirs(parent, exist_ok=True)
+    recover_directory(path)
     mode = default_mode(path, directory=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=f".{name}.saving-{os.getpid()}-", dir=parent)
     retired_dir = retired = None
     try:
         yield staging
@@ -120,12 +215,15 @@ def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool
                 else:
                     _link_or_copy(source, target)
         _fsync_tree(staging)
-        if os.path.isdir(path):
-            retired_dir = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            retired = os.path.join(retired_dir, name)
-            os.rename(path, retired)
-        os.rename(staging, path)
-        _fsync_dir(parent)
+        if os.path.isdir(path) and _exchange(staging, path):
+            _fsync_dir(parent)  # staging now holds the old version: removed below
+        else:
+            if os.path.isdir(path):
+                retired_dir = tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}-", dir=parent)
+                retired = os.path.join(retired_dir, name)
+                os.rename(path, retired)
+            os.rename(staging, path)
+            _fsync_dir(parent)
     except BaseException:
         if retired is not None and not os.path.exists(path):
             os.rename(retired, path)  # the new version did not land: put the old one back
@@ -134,4 +232,4 @@ def replace_directory(path: str | os.PathLike, *, replaced: Callable[[str], bool
     finally:
         if retired_dir is not None:
             shutil.rmtree(retired_dir, ignore_errors=True)
-
+    shutil.rmtree(staging, ignore_errors=True)

@@ -292,6 +292,14 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, max_shard_size:
     `path` stays intact until the new one is complete, and other files there (tokenizer, README)
     are kept.
     """
+    with replace_directory(path, replaced=is_checkpoint_file) as staging:
+        write_pretrained(model, staging, max_shard_size=max_shard_size, dtype=dtype)
+
+
+def write_pretrained(model: CausalLM, directory: str | os.PathLike, *, max_shard_size: int = 5 * 2**30,
+                     dtype=None) -> None:
+    """save_pretrained's files written straight into `directory` (e.g. a staging directory that a
+    caller fills with more files, such as a tokenizer, before swapping it in whole)."""
     cfg: ModelConfig = model.config
     tensors = tensor_map(cfg)
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -309,11 +317,10 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, max_shard_size:
         shards[-1].append((var, t, shape))
         size += nbytes
 
-    with replace_directory(path, replaced=_is_checkpoint_file) as staging:
-        _write_shards(staging, shards, cfg, out_dtype)
+    _write_shards(os.fspath(directory), shards, cfg, out_dtype)
 
 
-def _is_checkpoint_file(name: str) -> bool:
+def is_checkpoint_file(name: str) -> bool:
     """The files a save replaces; anything else in the directory is carried over."""
     return name == "config.json" or name == INDEX_FILE or fnmatch.fnmatch(name, "model*.safetensors")
 

@@ -51,10 +51,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.headroom <= 1:
         print(f"error: --headroom must be in (0, 1], got {args.headroom}", file=sys.stderr)
         return 2
+    from topd_jax.errors import one_line
+    from topd_jax.fileio import check_writable, write_file
+
+    phases = tuple(p.strip() for p in args.phases.split(",")) if args.phases else None
     try:
         config = load_config(args.config, args.overrides)
+        for flag in ("student_layers", "teacher_layers"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+        if args.buffers < 0:
+            raise ConfigError(f"--buffers must be >= 0, got {args.buffers}")
+        if args.json:  # before minutes of compiling, not after
+            check_writable(args.json, directory=False)
     except (ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     from topd_jax.plan import chips, measure, report
 
@@ -62,16 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices, chip = chips.topology_devices(args.topology)
         plan = measure.plan_step(config, devices, student_layers=args.student_layers,
                                  teacher_layers=args.teacher_layers, decode_steps=not args.no_decode_steps,
-                                 buffers=args.buffers, only=tuple(args.phases.split(",")) if args.phases else None,
+                                 buffers=args.buffers, only=phases,
                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ConfigError, ValueError, OSError) as err:
         print(f"error: {chips.first_line(err)}", file=sys.stderr)
         return 2
     print(report.format_table(plan, chip, args.topology, args.headroom))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report.to_json(plan, chip, args.topology, args.headroom), f, indent=2)
-            f.write("\n")
+        try:
+            write_file(args.json, json.dumps(report.to_json(plan, chip, args.topology, args.headroom), indent=2) + "\n")
+        except OSError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
     failed = report.failures(plan, chip, args.headroom)
     for line in failed:
         print(f"does not fit: {line}", file=sys.stderr)

@@ -24,6 +24,8 @@ then moves it aside to `<step>.corrupt-<UTC time>` and falls back to the next ol
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -85,6 +87,23 @@ def abstract_like(tree: PyTree, shardings: PyTree | jax.sharding.Sharding | None
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class _ReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+    """Orbax logs a WARNING that a read-only manager's directory is read only: what was asked for,
+    and a second line on every export's one-line success."""
+    logger, notice = logging.getLogger("absl"), _ReadOnlyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 class Checkpointer:
     """The trainer's checkpoints in one directory: periodic and forced saves, keep-last-k, resume.
 
@@ -120,7 +139,8 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _without_read_only_notice() if read_only else contextlib.nullcontext():
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # --- listing -------------------------------------------------------------------------------
 
