@@ -9,7 +9,7 @@ from scipy import stats
 
 from topd_jax.models import CausalLM, KVCache, ModelConfig, attend, init_cache
 from topd_jax.models.layers import attend_branches
-from topd_jax.sampling import Rollout, branch, generate, sample_tokens, window_embeddings
+from topd_jax.sampling import Rollout, Windows, branch, generate, sample_tokens, window_embeddings
 
 V, P, N, K = 64, 6, 8, 5
 CFG = ModelConfig(family="qwen3", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -386,10 +386,27 @@ def test_window_embeddings_are_the_input_embedding_rows(student):
     np.testing.assert_array_equal(np.asarray(emb), np.asarray(student.embed_tokens[...])[np.asarray(tokens)])
 
 
-def test_rollout_and_windows_are_pytrees(rollout):
-    leaves = jax.tree.leaves(rollout)
-    assert len(leaves) == 6 + len(jax.tree.leaves(rollout.cache))
-    assert isinstance(jax.tree.map(lambda x: x, rollout), Rollout)
+def test_rollout_and_windows_are_pytrees(student, rollout):
+    # A map that changes every leaf: an unregistered class would be one opaque leaf, so the
+    # map would fail on it (or return a non-Rollout), and jit could not take or return it.
+    cache_leaves = len(jax.tree.leaves(rollout.cache))
+    assert len(jax.tree.leaves(rollout)) == 6 + cache_leaves
+    doubled = jax.tree.map(lambda x: x.astype(jnp.float32) * 2, rollout)
+    assert type(doubled) is Rollout and doubled.tokens.dtype == jnp.float32
+    np.testing.assert_array_equal(doubled.tokens, np.asarray(rollout.tokens) * 2)
+    through_jit = jax.jit(lambda r: r)(rollout)
+    assert type(through_jit) is Rollout
+    np.testing.assert_array_equal(through_jit.tokens, rollout.tokens)
+
+    w = branch(student, rollout, POSITIONS, key=jax.random.key(0), window=K, temperature=0)
+    assert type(w) is Windows
+    names = ("tokens", "mask", "logprobs")  # topk_* are None (no leaves) without top_k_logprobs
+    assert len(jax.tree.leaves(w)) == len(names)
+    shifted = jax.tree.map(lambda x: x.astype(jnp.int32) + 1, w)
+    assert type(shifted) is Windows
+    for name in names:
+        np.testing.assert_array_equal(getattr(shifted, name), np.asarray(getattr(w, name)).astype(np.int32) + 1)
+    assert type(jax.jit(lambda x: x)(w)) is Windows
 
 
 def test_right_padded_prompts_are_refused(student):
