@@ -1,4 +1,11 @@
-"""`python -m topd_jax.export`: a training checkpoint's student as a checkpoint transformers loads."""
+"""`python -m topd_jax.export`: a training checkpoint's student as a checkpoint transformers loads;
+an export is swapped in whole, so a kill -9 at any point leaves the previous one intact."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -44,3 +51,78 @@ def test_export_of_a_named_step_and_errors(run_dir, tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "export_worker.py")
+
+
+def snapshot(folder):
+    """{name: sha256} of every file of `folder`."""
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """A 2-step run with a tokenizer (the synthetic task's), checkpoints at steps 1 and 2."""
+    out = tmp_path_factory.mktemp("synthetic")
+    assert train.main(["--config", "configs/tiny_cpu.yaml", f"output_dir={out}", "steps=2", "preset=opd",
+                       "data.source=synthetic", "data.prompt_length=14", "rollout.max_new_tokens=4",
+                       "checkpoint.every=1", "logging.progress=false", "logging.tensorboard=false"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("point", ["tokenizer", "weights", "staged", "swapped", "parked"])
+def test_a_kill_9_at_any_point_of_an_export_leaves_the_previous_export_intact(synthetic_run, tmp_path, point):
+    out = tmp_path / "hf"
+    assert export.main(["--checkpoint", str(synthetic_run), "--out", str(out), "--step", "1"]) == 0
+    (out / "README.md").write_text("my notes\n")
+    (out / "generation_config.json").write_text("{}\n")  # stale: no export of this run writes one
+    old = snapshot(out)
+    assert {"tokenizer.json", "config.json", "model.safetensors"} <= set(old)
+    proc = subprocess.run([sys.executable, WORKER, point, str(synthetic_run), str(out)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    if point == "swapped":  # the new export landed whole; the old one waits beside it to be removed
+        assert snapshot(out) != old and snapshot(out)["README.md"] == old["README.md"]
+    elif point == "parked":  # no atomic exchange: between the renames the old one is parked, complete
+        assert not out.exists()
+    else:
+        assert snapshot(out) == old
+    assert any(name.startswith(".hf.") for name in os.listdir(tmp_path))  # what the kill left beside it
+
+    assert export.main(["--checkpoint", str(synthetic_run), "--out", str(out), "--step", "1"]) == 0
+    assert os.listdir(tmp_path) == ["hf"]  # the next export cleaned up
+    new = snapshot(out)
+    assert "generation_config.json" not in new  # an export's own stale file is replaced, not kept
+    assert new == {name: h for name, h in old.items() if name != "generation_config.json"}
+
+
+def test_an_export_says_what_it_replaces_and_refuses_a_folder_that_holds_no_export(run_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert export.main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"exported step 2 of {run_dir} to {out}\n"
+    (out / "notes.txt").write_text("mine")
+    assert export.main(["--checkpoint", str(run_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == (f"exported step 2 of {run_dir} to {out}; replaced the earlier export there (config.json, "
+                            "model.safetensors), kept notes.txt\n")
+    assert captured.err == ""  # no library warning on the success path
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("x")
+    assert export.main(["--checkpoint", str(run_dir), "--out", str(user)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {user} is a folder with files but no export in it (no "
+                                       "config.json); an export replaces its folder's model files, so pick a new or "
+                                       "empty folder\n")
+    assert os.listdir(user) == ["thesis.tex"]
+
+
+def test_an_out_path_that_cannot_be_written_is_refused_before_reading_the_checkpoint(run_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import topd_jax.export as module
+
+    monkeypatch.setattr(module, "export", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    (tmp_path / "file").write_text("x")
+    assert module.main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "file" / "hf")]) == 2
+    assert capsys.readouterr().err == f"error: Not a directory: {tmp_path / 'file'}\n"
