@@ -179,6 +179,31 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys, args, message):
     assert message in err and err.count("\n") == 1
 
 
+def test_inputs_that_cannot_fit_the_model_are_one_line_before_its_weights_are_read(hf_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import topd_jax.models.checkpoint as hf
+
+    monkeypatch.setattr(hf, "load_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    write_set(tmp_path / "data", ["2"])
+    base = ["--checkpoint", str(hf_dir), "--datasets", "aime25", "--data-dir", str(tmp_path / "data"),
+            "--out", str(tmp_path / "out")]
+    words = WORDS + [f"x{i}" for i in range(72)]  # 200 tokens for a 128-token model
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", chat_template=TEMPLATE).save_pretrained(
+        tmp_path / "big")
+    assert ev.main(base + ["--tokenizer", str(tmp_path / "big")]) == 2
+    assert capsys.readouterr().err == (f"error: tokenizer {tmp_path / 'big'} has token ids up to 199, but the "
+                                       f"checkpoint {hf_dir} has vocab_size 128: not this model's tokenizer\n")
+    assert ev.main(base + ["--max-new-tokens", "32760"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: aime25: its longest prompt (") and err.endswith(
+        " positions, but the model's max_position_embeddings is 32768; lower --max-new-tokens\n")
+    (tmp_path / "file").write_text("x")
+    assert ev.main(base + ["--out", str(tmp_path / "file" / "out")]) == 2
+    assert capsys.readouterr().err == f"error: Not a directory: {tmp_path / 'file'}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_refuses_a_directory_that_is_no_checkpoint(tmp_path, capsys):
     write_set(tmp_path / "data", ["2"])
     assert ev.main(["--checkpoint", str(tmp_path), "--datasets", "aime25", "--data-dir", str(tmp_path / "data"),

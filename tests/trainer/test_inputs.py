@@ -10,7 +10,7 @@ from topd_jax import train
 from topd_jax.configuration import ConfigError
 from topd_jax.models.families import config_to_hf
 from topd_jax.trainer.config import RandomModelConfig, load_config
-from topd_jax.trainer.inputs import check_inputs
+from topd_jax.trainer.inputs import check_bounds, check_inputs
 
 VOCAB = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hello", "world", "be", "brief"]
 
@@ -108,4 +108,4 @@ def test_bounds_across_sections_are_one_line_before_anything_is_built(tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
-    load_config("configs/tiny_cpu.yaml", [*TINY, *overrides, "preset=opd"])  # OPD has no candidates: no bound
+    check_bounds(load_config("configs/tiny_cpu.yaml", [*TINY, *overrides, "preset=opd"]))  # OPD: no candidates

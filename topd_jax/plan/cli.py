@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     phases = tuple(p.strip() for p in args.phases.split(",")) if args.phases else None
     try:
         config = load_config(args.config, args.overrides)
+        from topd_jax.trainer.inputs import check_bounds
+
+        check_bounds(config)  # what training would refuse is refused before compiling it
         for flag in ("student_layers", "teacher_layers"):
             value = getattr(args, flag)
             if value is not None and value < 1:

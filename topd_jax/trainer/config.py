@@ -424,22 +424,6 @@ class TrainConfig:
             object.__setattr__(self, "loss", TopdConfig.preset(self.preset))
         elif not isinstance(self.loss, TopdConfig):
             raise ConfigError(f"loss must be a TopdConfig, got {type(self.loss).__name__}")
-        self._check_across_sections()
-
-    def _check_across_sections(self) -> None:
-        """Bounds one key sets on another, checked before anything is built: a candidate or a
-        reference position is a completion position, so there are at most max_new_tokens of
-        them (more would only allocate [B, M, K] buffers for positions that do not exist). The
-        bounds that need the models (positions, vocabulary, tokenizers) are in trainer/inputs.py;
-        the batch vs the mesh in Trainer (it needs the devices)."""
-        t = self.rollout.max_new_tokens
-        if self.loss.uses_candidates:
-            keys = ("max_candidates", "num_reference") if self.loss.threshold_mode == "reference" else ("max_candidates",)
-            for key in keys:
-                value = getattr(self.loss, key)
-                if value > t:
-                    raise ConfigError(f"loss.{key}: {value} positions per rollout, but a rollout has only "
-                                      f"rollout.max_new_tokens={t} positions; use at most {t}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (YAML-able); load_config of its YAML gives an equal config."""

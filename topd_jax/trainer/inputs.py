@@ -8,6 +8,9 @@ weight is loaded (a mismatch then costs seconds, not a model load or a step).
   tokenizer_mismatch); a model with a tokenizer beside one without is a warning naming what
   was not checked;
 - each tokenizer fits its model: every token id < the model's vocab_size;
+- a candidate or reference position is a completion position, so there are at most
+  rollout.max_new_tokens of them (more only allocate [B, M, K] buffers for positions that do not
+  exist: memory, then an out-of-memory error, minutes later);
 - every position a step uses fits each model's max_position_embeddings: data.prompt_length +
   rollout.max_new_tokens, plus loss.window - 1 when the teacher branches look-ahead windows
   from the completion's positions.
@@ -44,11 +47,26 @@ def positions_needed(config: TrainConfig) -> tuple[int, str]:
     return p + t, f"data.prompt_length {p} + rollout.max_new_tokens {t}"
 
 
+def check_bounds(config: TrainConfig) -> None:
+    """The bounds one key sets on another (no model needed): candidates and reference positions
+    vs the completion length."""
+    t, loss = config.rollout.max_new_tokens, config.loss
+    if not loss.uses_candidates:
+        return
+    keys = ("max_candidates", "num_reference") if loss.threshold_mode == "reference" else ("max_candidates",)
+    for key in keys:
+        value = getattr(loss, key)
+        if value > t:
+            raise ConfigError(f"loss.{key}: {value} positions per rollout, but a rollout has only "
+                              f"rollout.max_new_tokens={t} positions; use at most {t}")
+
+
 def check_inputs(config: TrainConfig) -> list[str]:
     """Refuse (ConfigError) inputs that cannot work together; return warnings about what could not
     be checked (one line each, for the console and events.log)."""
     from topd_jax.models.tokenizer import has_tokenizer, load_tokenizer, tokenizer_mismatch
 
+    check_bounds(config)
     cfgs = {role: model_config(getattr(config, role), role) for role in ROLES}
     vocab_s, vocab_t = cfgs["student"].vocab_size, cfgs["teacher"].vocab_size
     if vocab_s != vocab_t:
@@ -94,4 +112,4 @@ def check_inputs(config: TrainConfig) -> list[str]:
     return []
 
 
-__all__ = ["check_inputs", "model_config", "positions_needed"]
+__all__ = ["check_bounds", "check_inputs", "model_config", "positions_needed"]
