@@ -187,7 +187,7 @@ def _load(args: argparse.Namespace, config, workdir: str):
     from topd_jax.models.checkpoint import load_pretrained
     from topd_jax.models.config import DTYPES
     from topd_jax.models.families import read_config
-    from topd_jax.models.tokenizer import load_tokenizer
+    from topd_jax.models.tokenizer import has_tokenizer, load_tokenizer
 
     path = args.checkpoint
     is_run = not os.path.isfile(os.path.join(path, "config.json"))
@@ -200,8 +200,7 @@ def _load(args: argparse.Namespace, config, workdir: str):
         step = export(path, workdir, report=lambda message: print(f"warning: {message}", file=sys.stderr))
         print(f"evaluating step {step} of {path}", file=sys.stderr)
     where = workdir if is_run else path
-    has_tokenizer = any(os.path.isfile(os.path.join(where, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer_dir = args.tokenizer or (where if has_tokenizer else config.student.path)
+    tokenizer_dir = args.tokenizer or (where if has_tokenizer(where) else config.student.path)
     if tokenizer_dir is None:
         raise FileNotFoundError(f"no tokenizer for {path}: it has no tokenizer files (a run of random models on "
                                 "random prompts has none); pass --tokenizer DIR or student.path=DIR")
