@@ -2,6 +2,7 @@
 an export is swapped in whole, so a kill -9 at any point leaves the previous one intact."""
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -98,10 +99,14 @@ def test_a_kill_9_at_any_point_of_an_export_leaves_the_previous_export_intact(sy
     assert new == {name: h for name, h in old.items() if name != "generation_config.json"}
 
 
-def test_an_export_says_what_it_replaces_and_refuses_a_folder_that_holds_no_export(run_dir, tmp_path, capsys):
+def test_an_export_says_what_it_replaces_and_refuses_a_folder_that_holds_no_export(run_dir, tmp_path, capsys,
+                                                                                  caplog):
     out = tmp_path / "hf"
-    assert export.main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO):
+        assert export.main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
     assert capsys.readouterr().out == f"exported step 2 of {run_dir} to {out}\n"
+    # Orbax's "Given directory is read only" WARNING was a second line on every success.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     (out / "notes.txt").write_text("mine")
     assert export.main(["--checkpoint", str(run_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
     captured = capsys.readouterr()

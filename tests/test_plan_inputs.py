@@ -1,0 +1,28 @@
+"""`python -m topd_jax.plan`: bad input is exit 2 in one line before any phase is compiled (exit 1
+stays "does not fit")."""
+
+import pytest
+
+from topd_jax.plan import cli, measure
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "MISSING/dir/x.json"], "error: No such file or directory: MISSING/dir"),
+    (["--json", "FILE/x.json"], "error: Not a directory: FILE"),
+    (["loss.max_candidates=100000"], "error: loss.max_candidates: 100000 positions per rollout, but a rollout has "
+                                     "only rollout.max_new_tokens=24 positions; use at most 24"),
+    (["--student-layers", "0"], "error: --student-layers must be >= 1, got 0"),
+])
+def test_bad_input_is_exit_2_before_compiling(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(measure, "plan_step", lambda *a, **k: pytest.fail("compiled"))
+    (tmp_path / "file").write_text("x")
+    paths = {"MISSING": str(tmp_path / "missing"), "FILE": str(tmp_path / "file")}
+
+    def resolve(text):
+        for name, path in paths.items():
+            text = text.replace(name, path)
+        return text
+
+    assert cli.main(["--config", "configs/tiny_cpu.yaml", "--topology", "local", *map(resolve, args)]) == 2
+    assert capsys.readouterr().err == resolve(message) + "\n"
+    assert not (tmp_path / "missing").exists()
