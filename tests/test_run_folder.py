@@ -127,7 +127,8 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT
-    assert err.strip().splitlines()[-1] == "SIGINT again: exiting now without saving; the last complete checkpoint is kept"
+    assert err.strip().splitlines()[-1] == ("SIGINT again: exiting now without saving; the last complete checkpoint "
+                                            "is kept")
     assert "Traceback" not in err
 
 
@@ -157,7 +158,8 @@ def test_a_sigterm_after_the_last_step_exits_with_a_line(tmp_path, capsys, monke
         close(self)
 
     monkeypatch.setattr(Trainer, "close", close_under_sigterm)
-    assert train.main(["--config", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", *TINY, "steps=1", "preset=opd"]) == 0
+    argv = ["--config", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", *TINY, "steps=1", "preset=opd"]
+    assert train.main(argv) == 0
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
         f"SIGTERM after the last step: the run is complete (step 1/1 saved in {tmp_path}); exiting"]

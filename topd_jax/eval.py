@@ -219,7 +219,8 @@ def _load(args: argparse.Namespace, config, workdir: str):
     return (lambda: load_pretrained(path, dtype=dtype)), model_config, tokenizer
 
 
-def _check_positions(model_config, tokenizer, sets: dict[str, tuple[list, dict, str]], settings: dict[str, Any]) -> None:
+def _check_positions(model_config, tokenizer, sets: dict[str, tuple[list, dict, str]],
+                     settings: dict[str, Any]) -> None:
     """Every dataset's longest prompt + max_new_tokens within the model's max_position_embeddings,
     checked before anything is generated."""
     from topd_jax.models.tokenizer import encode_prompts
