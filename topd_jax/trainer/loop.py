@@ -42,15 +42,14 @@ from topd_jax.models.families import config_to_hf
 from topd_jax.models.sharding import param_shardings
 from topd_jax.models.tokenizer import has_tokenizer, load_tokenizer
 from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts, TfdsPrompts
-from topd_jax.trainer import placement
+from topd_jax.trainer import placement, rundir
 from topd_jax.trainer.checkpointing import CHECKPOINT_DIR, Checkpointer
 from topd_jax.trainer.config import ComputeConfig, ModelSpec, TrainConfig, resume_changes, save_config
 from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
+from topd_jax.trainer.inputs import check_inputs
 from topd_jax.trainer.metrics import MetricsLogger
-from topd_jax.trainer import rundir
 from topd_jax.trainer.rundir import RunLock
 from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
-from topd_jax.trainer.inputs import check_inputs
 from topd_jax.trainer.phases import locate_phase as _locate
 from topd_jax.trainer.phases import sample_phase as _sample
 from topd_jax.trainer.phases import score_phase as _score_teacher
