@@ -22,6 +22,7 @@ places each process's shards on its devices.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections import Counter
@@ -46,8 +47,40 @@ def left_pad(rows: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray, np.
     return tokens, mask
 
 
-class RandomPrompts:
+class PromptSource(abc.ABC):
+    """What every prompt source shares (the `PROMPT_SOURCES` table reads these):
+
+    needs_tokenizer  whether it encodes text with the student's tokenizer
+    local            whether batch(i) is this process's slice of global batch i (else the whole)
+    labeller         fork labels of candidates, (prompt ids [B, P], completion ids [B, N],
+                     positions [B, M]) -> int32 [B, M], for locators that read labels (the
+                     oracle); None: the source has none
+    skipped          records that could not be used, counted by reason
+    """
+
+    needs_tokenizer = False
+    local = False
+    labeller = None
+    skipped: Counter
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, data, *, batch_size: int, seed: int, vocab_size: int, tokenizer, data_dir: str,
+                    process_index: int = 0, process_count: int = 1) -> "PromptSource":
+        """The source a run's `data` config section describes."""
+
+    @abc.abstractmethod
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded prompt tokens [G, P] int32 and mask [G, P] bool of batch `index`."""
+
+
+class RandomPrompts(PromptSource):
     """Batch i: G prompts of uniform random tokens in [1, vocab) and lengths in [ceil(P/2), P]."""
+
+    @classmethod
+    def from_config(cls, data, *, batch_size, seed, vocab_size, tokenizer, data_dir, process_index=0,
+                    process_count=1):
+        return cls(vocab_size=vocab_size, prompt_length=data.prompt_length, batch_size=batch_size, seed=seed)
 
     def __init__(self, *, vocab_size: int, prompt_length: int, batch_size: int, seed: int):
         if vocab_size < 2 or prompt_length < 1 or batch_size < 1:
@@ -64,8 +97,16 @@ class RandomPrompts:
         return left_pad(rows, p)
 
 
-class SyntheticPrompts:
-    """Batch i: the prompts of `synthetic.problems(seed, i, G)`, word-level tokens."""
+class SyntheticPrompts(PromptSource):
+    """Batch i: the prompts of `synthetic.problems(seed, i, G)`, word-level tokens; the task's fork
+    labeller (`synthetic.candidate_labels`, which reads the problem from the prompt)."""
+
+    labeller = staticmethod(synthetic.candidate_labels)
+
+    @classmethod
+    def from_config(cls, data, *, batch_size, seed, vocab_size, tokenizer, data_dir, process_index=0,
+                    process_count=1):
+        return cls(prompt_length=data.prompt_length, batch_size=batch_size, seed=seed)
 
     def __init__(self, *, prompt_length: int, batch_size: int, seed: int):
         self.prompt_length, self.batch_size, self.seed = prompt_length, batch_size, seed
@@ -92,7 +133,7 @@ class _Usable(Sequence):
         return self.source[self.indices[i]]
 
 
-class TfdsPrompts:
+class TfdsPrompts(PromptSource):
     """Per-host chat prompts of a TFDS math dataset built from a local file (module docstring).
 
     Process 0 builds (or reuses) data_dir/math_source/<name> from `path`; every process then
@@ -102,6 +143,14 @@ class TfdsPrompts:
     """
 
     local = True
+    needs_tokenizer = True
+
+    @classmethod
+    def from_config(cls, data, *, batch_size, seed, vocab_size, tokenizer, data_dir, process_index=0,
+                    process_count=1):
+        return cls(data.path, tokenizer, layout=data.layout, field=data.field, data_dir=data.data_dir or data_dir,
+                   prompt_length=data.prompt_length, batch_size=batch_size, seed=seed,
+                   system_prompt=data.system_prompt, process_index=process_index, process_count=process_count)
 
     def __init__(self, path: str | os.PathLike, tokenizer, *, layout: str, data_dir: str | os.PathLike,
                  prompt_length: int, batch_size: int, seed: int, system_prompt: str | None = None,
@@ -137,9 +186,17 @@ class TfdsPrompts:
         return left_pad(encode_prompts(self.tokenizer, problems, system=self.system_prompt), self.prompt_length)
 
 
-class JsonlPrompts:
+class JsonlPrompts(PromptSource):
     """Chat prompts from the `field` of each JSONL record; batch i takes the global prompt stream
     [i G, (i + 1) G) where epoch e visits the records in permutation(seed, e)."""
+
+    needs_tokenizer = True
+
+    @classmethod
+    def from_config(cls, data, *, batch_size, seed, vocab_size, tokenizer, data_dir, process_index=0,
+                    process_count=1):
+        return cls(data.path, tokenizer, field=data.field, prompt_length=data.prompt_length, batch_size=batch_size,
+                   seed=seed, system_prompt=data.system_prompt)
 
     def __init__(self, path: str | os.PathLike, tokenizer, *, field: str, prompt_length: int, batch_size: int,
                  seed: int, system_prompt: str | None = None):
@@ -185,4 +242,13 @@ class JsonlPrompts:
         return left_pad(picks, self.prompt_length)
 
 
-__all__ = ["JsonlPrompts", "RandomPrompts", "SyntheticPrompts", "TfdsPrompts", "left_pad"]
+# data.source -> its prompt source: the one table the trainer and the config read.
+PROMPT_SOURCES: dict[str, type[PromptSource]] = {
+    "random": RandomPrompts,
+    "synthetic": SyntheticPrompts,
+    "tfds": TfdsPrompts,
+    "jsonl": JsonlPrompts,
+}
+
+__all__ = ["JsonlPrompts", "PROMPT_SOURCES", "PromptSource", "RandomPrompts", "SyntheticPrompts", "TfdsPrompts",
+           "left_pad"]

@@ -1,142 +1,110 @@
-"""The miniature reproduction's pieces: SFT batches, SFT, accuracy, locator scores, the protocol, the tables."""
+"""The protocol: the method table, the carry rule, counted FLOPs, the screen -> sweep -> test
+bookkeeping (runs faked; real runs are the demo's and test_distillation's), the CLI's refusals."""
 
 import json
 
 import numpy as np
 import pytest
 
-from topd_jax import miniature as M
+from topd_jax.experiments import protocol as P
+from topd_jax.experiments.__main__ import main
 from topd_jax.losses.locators import LOCATORS
-from topd_jax.data import synthetic as S
 
 
-def test_sft_batches_put_the_prompt_left_and_train_only_on_the_solution():
-    tokens, mask, loss_mask = M.sft_batch(0, 3, 16, S.TEACHER_STYLE)
-    tok = S.SyntheticTokenizer()
-    assert tokens.shape == (16, S.PROMPT_LENGTH + M.MAX_COMPLETION)
-    wait = S.VOCAB.index("wait")
-    for row, m, lm in zip(tokens, mask, loss_mask):
-        assert m[S.PROMPT_LENGTH - 1] and not lm[:S.PROMPT_LENGTH].any()
-        prompt = tok.decode(row[:S.PROMPT_LENGTH][m[:S.PROMPT_LENGTH]])
-        answer = row[S.PROMPT_LENGTH:][m[S.PROMPT_LENGTH:]]
-        solution = tok.decode(answer, stop_at_eos=False)
-        # Trained on: every solution token but a slipped value (the one before "wait").
-        slipped = np.r_[answer[1:] == wait, False]
-        assert np.array_equal(lm[S.PROMPT_LENGTH:][m[S.PROMPT_LENGTH:]], ~slipped)
-        assert prompt.startswith("find") and solution.endswith("<eos>")
-        problem_digits = [int(w) for w in prompt.split()[1:-4:2]]
-        ops = prompt.split()[2:-4:2]
-        assert S.is_correct(S.Problem(tuple(problem_digits), tuple(ops)), solution)
-    assert np.array_equal(M.sft_batch(0, 3, 16, S.TEACHER_STYLE)[0], tokens) and (~loss_mask & mask).any()
+def test_the_method_table_is_derived_from_the_locator_and_guidance_tables():
+    for locator in LOCATORS:
+        for form in P.GUIDANCE:
+            preset, overrides = P.METHODS[P.method_name(locator, form)]
+            assert preset == "topd" and all(o in overrides for o in P.GUIDANCE[form])
+            assert (f"loss.locator={locator}" in overrides) == (locator != "ot")
+        assert P.METHODS[P.method_name(locator, None)][0] == "opd_suppress"
+    assert P.method_name("ot", "window") == "topd" and P.method_name("oracle", "return") == "topd@oracle/return"
+    assert all(P.method_name(loc, "window") in P.SCREEN for loc in LOCATORS)
+    assert P.oracle_bound("topd/greedy") == "topd@oracle/greedy" and P.oracle_bound("opd") is None
+    assert P.oracle_bound("opd_suppress") == "opd_suppress@oracle"
 
 
-def test_sft_lowers_the_solution_loss():
-    losses = []
-    config = M.SftConfig(M.STUDENT, S.STUDENT_STYLE, steps=25, batch_size=16, learning_rate=4e-3)
-    M.sft(config, progress=lambda i, loss: losses.append(loss))
-    assert len(losses) == 25 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+def test_the_carry_rule_reads_the_screen_only():
+    screen = {m: {"area": a} for m, a in (("opd", 0.7), ("opd_suppress", 0.69), ("topd", 0.4),
+                                          ("topd/return", 0.72), ("topd/greedy", 0.6), ("topd@oracle", 0.9))}
+    assert P.choose_carried(screen, 1) == ["opd", "opd_suppress", "topd", "topd/return", "topd@oracle/return"]
+    assert P.choose_carried(screen, 2)[3:] == ["topd/return", "topd/greedy", "topd@oracle/return",
+                                               "topd@oracle/greedy"]
 
 
-def test_accuracy_is_the_share_of_completions_ending_in_the_right_answer(monkeypatch):
-    problems = [S.Problem((7, 4), ("+",)), S.Problem((2, 3), ("*",)), S.Problem((9, 9), ("-",)),
-                S.Problem((7, 4), ("+",))]
-    tok = S.SyntheticTokenizer()
-    texts = ["7 + 4 = 1 ; answer 1", "2 * 3 = 5 ; answer 5", "9 - 9 makes 0 ; result 0", "7 + 4 = 1 ; answer 1"]
-    ids = np.array([tok.encode(t) + [S.EOS_ID] * (12 - len(tok.encode(t))) for t in texts])
-    ids[3, 5] = S.PAD_ID  # a sampled <pad> inside the completion: wrong, not dropped
-    monkeypatch.setattr(M, "completions", lambda model, ps: ids)
-    assert M.correctness(None, problems).tolist() == [True, False, True, False]
-    assert M.accuracy(None, problems) == pytest.approx(2 / 4)
-    assert M.malformed(None, problems) == pytest.approx(1 / 4)
+def test_counted_flops_by_hand():
+    config = P.distil_config("s", "t", method="opd", seed=0, output_dir="o", batch=2)
+    # B = 2, P = 14, n = 10: 2 N_s B 24 + 2 N_T B 24 + 6 N_s B 24
+    assert P.step_flops(config, 10, 100, 10.0) == pytest.approx(2 * 10 * 48 + 2 * 100 * 48 + 6 * 10 * 48)
+    topd = P.distil_config("s", "t", method="topd", seed=0, output_dir="o", batch=2)  # ot: M + R = 8, K = 8
+    expected = (2 * 10 * 48 + 2 * 100 * 48 + 2 * 100 * 2 * 8 * 8 + 2 * 10 * 2 * 8 * 8 + 6 * 10 * 2 * (24 + 4 * 8))
+    assert P.step_flops(topd, 10, 100, 10.0) == pytest.approx(expected)
+    ret = P.distil_config("s", "t", method="topd@window_kl/return", seed=0, output_dir="o", batch=2)
+    assert P.step_flops(ret, 10, 100, 10.0) == pytest.approx(2 * 10 * 48 + 2 * 100 * 48 + 6 * 10 * 48)
 
 
-def test_precision_and_recall_against_fork_labels():
-    predicted = np.array([1, 1, 0, 0, 1], bool)
-    truth = np.array([1, 0, 1, 0, 1], bool)
-    assert M.precision_recall(predicted, truth) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
-    p, r = M.precision_recall(np.zeros(3, bool), np.zeros(3, bool))
-    assert np.isnan(p) and np.isnan(r)
+def fake_run(task):
+    method, seed, lr, split = task
+    best = {"opd": 1e-3, "topd": 3e-4}.get(method, 3e-3)
+    area = 0.5 - abs(np.log(lr / best)) / 10 + 0.01 * seed + (0.1 if method == "topd/return" else 0)
+    n = 6 if split == "dev" else 12
+    return {"accuracy": [(0, 0.1), (5, area)], "metrics": [{"time_step": 0.01}], "step_time": 0.01,
+            "step_flops": 1e6, "final": area, "area": area, "correct": np.full(n, area), "stopped_at": 5}
 
 
-def test_roc_auc_is_the_probability_a_fork_outscores_a_surface_form():
-    truth = np.array([1, 1, 0, 0], bool)
-    assert M.roc_auc(np.array([0.9, 0.8, 0.1, 0.2]), truth) == 1.0
-    assert M.roc_auc(np.array([0.1, 0.2, 0.9, 0.8]), truth) == 0.0
-    assert M.roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), truth) == 0.5  # ties count 1/2
-    assert M.roc_auc(np.array([0.9, 0.1, 0.5, 0.2]), truth) == 0.5
-    assert np.isnan(M.roc_auc(np.array([0.1, 0.2]), np.array([1, 1], bool)))
-
-
-def test_the_paired_interval_is_the_student_t_interval_of_the_differences():
-    mean, low, high = M.paired_interval([0.1, 0.2, 0.3])
-    assert mean == pytest.approx(0.2) and high - mean == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)
-    assert mean - low == pytest.approx(high - mean)
-    assert np.isnan(M.paired_interval([0.1])[1])
-
-
-def _run(method, seed, score, lr=1e-3, low=None):
-    return {"method": method, "seed": seed, "score": score, "step_time": 0.02 if method == "opd" else 0.03,
-            "learning_rate": lr, "low_divergence_share": low, "accuracy": [(0, 0.1), (10, score)]}
-
-
-def test_the_summary_reports_shares_locators_the_sweep_and_paired_differences():
-    runs = {f"{m}/{s}": _run(m, s, acc, low=low) for m, low, accs in (("opd", None, (0.2, 0.4, 0.3)),
-                                                                     ("topd", 0.3, (0.5, 0.6, 0.4)))
-            for s, acc in enumerate(accs)}
-    locators = {"candidates": 100.0, "cosmetic_share": 0.3, "fork_share": 0.6, "unlabelled_share": 0.1}
-    for name in LOCATORS:
-        locators.update({f"{name}_precision": 0.8, f"{name}_recall": 0.6, f"{name}_auc": 0.7,
-                         f"{name}_low_divergence_share": 0.3})
-    results = {"task_version": 2, "complete": True, "teacher_accuracy": 1.0, "teacher_malformed": 0.0,
-               "student_accuracy": 0.2, "student_malformed": 0.01, "eval_problems": 8, "dev_problems": 4, "steps": 10,
-               "seeds": [0, 1, 2], "dev_seed": 100, "learning_rates": [3e-4, 1e-3],
-               "sweep": {"opd": {"0.0003": {"score": 0.25}, "0.001": {"score": 0.35}}},
-               "chosen_learning_rate": {"opd": 1e-3}, "runs": runs, "locators": locators}
-    text = M.summary(results)
-    assert "30.0% surface forms (cosmetic), 60.0% forks, 10.0% undecidable" in text
-    assert "| ot_coupled | 80.0% | 60.0% | 0.700 | 30.0% |" in text and "| oracle |" in text
-    assert "| opd | 25.0 | 35.0 | 0.001 |" in text
-    assert "| opd | 0.001 | 30.0 +- 10.0 | 20.0, 40.0, 30.0 | - | - | 20 ms (1.00x) |" in text
-    # topd - opd per seed: +0.3, +0.2, +0.1 -> mean +20.0, t-interval +-24.8 points
-    assert "| topd | 0.001 | 50.0 +- 10.0 | 50.0, 60.0, 40.0 | +20.0 [-4.8, +44.8] | 30.0% | 30 ms (1.50x) |" in text
-    assert "PARTIAL" not in text and "PARTIAL" in M.summary({**results, "complete": False})
-
-
-def test_bad_arguments_are_one_line_errors(tmp_path):
-    for argv in (["--seeds", "0,x"], ["--methods", "opd,nope"], ["--dev-seed", "1", "--seeds", "0,1"],
-                 ["--learning-rates", "0"], ["--steps", "0"], ["--evals", "1"]):
-        with pytest.raises(SystemExit):
-            M.main([*argv, "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="development seed 0 must not be a test seed"):
-        M.reproduce(str(tmp_path), seeds=[0], dev_seed=0)
-
-
-def test_the_protocol_chooses_each_rate_on_the_dev_seed_then_runs_every_test_seed_at_it(tmp_path, monkeypatch):
-    """The protocol's bookkeeping with the runs faked (the real runs are the demo's test): the
-    sweep sees only the dev seed and dev problems, each method's best rate is used for every
-    test seed on the test problems, and results.json is rewritten as runs finish."""
+def test_rates_are_chosen_on_the_dev_seed_and_every_test_seed_runs_at_them(tmp_path, monkeypatch):
     calls = []
-    best = {"opd": 3e-4, "oracle": 3e-3}
 
-    def fake_run(student_dir, teacher_dir, method, seed, lr, steps, problems, out_dir, evals):
-        calls.append((method, seed, lr, len(problems)))
-        score = 0.5 - abs(np.log(lr / best[method])) / 10 + 0.01 * seed
-        return {"method": method, "seed": seed, "learning_rate": lr, "accuracy": [(0, 0.1), (steps, score)],
-                "score": score, "step_time": 0.01, "skipped_steps": 0.0, "low_divergence_share": None}
+    class Jobs:
+        def __init__(self, *args):
+            pass
 
-    monkeypatch.setattr(M, "cached_sft", lambda config, cache, name: name)
-    monkeypatch.setattr(M, "load", lambda path: path)
-    monkeypatch.setattr(M, "accuracy", lambda model, problems: 0.5)
-    monkeypatch.setattr(M, "malformed", lambda model, problems: 0.0)
-    monkeypatch.setattr(M, "distil_config", lambda *a, **k: type("C", (), {"loss": None})())
-    monkeypatch.setattr(M, "_run", fake_run)
-    results = M.reproduce(str(tmp_path), seeds=[0, 1, 2], dev_seed=7, learning_rates=[3e-4, 1e-3, 3e-3], steps=5,
-                          methods=["opd", "oracle"], eval_count=12, dev_eval_count=6, locator_batches=0)
-    sweep_calls = calls[:6]
-    assert all(seed == 7 and n == 6 for _, seed, _, n in sweep_calls)
-    assert results["chosen_learning_rate"] == best
-    assert sorted(calls[6:]) == sorted((m, s, best[m], 12) for m in best for s in (0, 1, 2))
-    assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
-    rows = M.comparisons(results)
-    assert rows["opd"]["vs_opd"] is None and rows["oracle"]["vs_opd"][0] == pytest.approx(0.0)
-    assert "| oracle | 0.003 |" in M.summary(results)
+        def map(self, tasks):
+            for task in tasks:
+                calls.append(task)
+                yield task, fake_run(task)
+
+    monkeypatch.setattr(P, "_Jobs", Jobs)
+    monkeypatch.setattr(P.models, "cached_sft", lambda config, cache, name: name)
+    monkeypatch.setattr(P.models, "load", lambda path: path)
+    monkeypatch.setattr(P.models, "accuracy", lambda model, problems: 0.5)
+    monkeypatch.setattr(P.models, "malformed", lambda model, problems: 0.0)
+    protocol = P.Protocol(seeds=(0, 1, 2), dev_seed=7, screen=("opd", "opd_suppress", "topd", "topd/return"),
+                          steps=5, eval_every=5, eval_problems=12, dev_problems=6, locator_batches=0)
+    results = P.reproduce(str(tmp_path), protocol)
+    screen = [c for c in calls if c[1] == 7 and c[2] == 1e-3 and c[0] in protocol.screen][:4]
+    assert [c[0] for c in screen] == list(protocol.screen) and all(c[3] == "dev" for c in screen)
+    assert results["carried"] == ["opd", "opd_suppress", "topd", "topd/return", "topd@oracle/return"]
+    # The screen's run is the sweep's 1e-3 cell; an unscreened bound sweeps every rate.
+    assert sum(1 for c in calls if c[0] == "opd" and c[1] == 7) == 3
+    assert sum(1 for c in calls if c[0] == "topd@oracle/return" and c[1] == 7) == 3
+    assert results["chosen_learning_rate"]["opd"] == 1e-3 and results["chosen_learning_rate"]["topd"] == 3e-4
+    tests = [c for c in calls if c[3] == "test"]
+    assert sorted(tests) == sorted((m, s, results["chosen_learning_rate"][m], "test")
+                                   for m in results["carried"] for s in (0, 1, 2))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is True and len(saved["runs"]["topd|1"]["correct"]) == 12
+    # Resuming the same protocol repeats nothing; another protocol in the folder is refused.
+    calls.clear()
+    P.reproduce(str(tmp_path), protocol)
+    assert calls == []
+    with pytest.raises(ValueError, match="another protocol"):
+        P.reproduce(str(tmp_path), P.Protocol(seeds=(0, 1), dev_seed=7, screen=("opd",), locator_batches=0))
+
+    from topd_jax.experiments.rendering import comparisons, summary
+
+    rows = comparisons(results)
+    assert rows["opd"]["area_vs_opd"] is None and rows["topd/return"]["area_vs_opd"][0] > 0
+    text = summary(results)
+    assert "| topd/return | 0.003 |" in text and "Per unit of compute" in text and "PARTIAL" not in text
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    for argv in (["--seeds", "0,x"], ["--screen", "opd,nope"], ["--dev-seed", "1", "--seeds", "0,1"],
+                 ["--learning-rates", "0"], ["--learning-rates", "3e-4"], ["--steps", "0"], ["--workers", "0"]):
+        with pytest.raises(SystemExit) as err:
+            main(["reproduce", *argv, "--out", str(tmp_path)])
+        assert err.value.code == 2
+    assert capsys.readouterr().err.count("error:") == 7
+    with pytest.raises(ValueError, match="development seed 0 must not be a test seed"):
+        P.Protocol(seeds=(0,), dev_seed=0)

@@ -36,7 +36,9 @@ the chain is followed as the model wrote it; the first token that leaves the for
 operator, equality word or a sampled <pad> included); 0 = a surface choice with an equally right
 alternative (connectives, equality words, spacing, the answer phrase, the first operand of a
 commutative step when it is either operand, EOS); -1 = after the first token that leaves the
-format, or after the answer (not decidable).
+format, or after the answer (not decidable). A token that declines a repair is a fork: after an
+uncorrected wrong value (one that differs from the problem's running value), whatever is written
+where `wait` could go (`;`, usually) decides the answer, since `wait <right value>` would restore it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-VERSION = 2
+VERSION = 3
 MAX_STEPS = 4
 OPS = ("+", "-", "*")
 EQUALS = ("=", "gives", "makes")
@@ -230,6 +232,13 @@ def _read_number(tokens: Sequence[str], i: int) -> tuple[int | None, int]:
 
 
 def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | None]:
+    """Follow a completion through the format: (fork labels [len(tokens)] int8, final answer or
+    None); see `walk`."""
+    labels, answer, _ = walk(problem, tokens)
+    return labels, answer
+
+
+def walk(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | None, np.ndarray]:
     """Follow a completion through the format: (fork labels [len(tokens)] int8, final answer or None).
 
     Labels as in the module docstring. Step s must read `A o B <eq> R [wait R']` (the right
@@ -238,16 +247,24 @@ def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | No
     miscalculation, a wrong operand or a wrong operator is not rejected: it is carried into the
     next step and decides the final answer. The first token that leaves the format is a fork (1):
     changing it could restore a right answer; the tokens after it are -1.
+
+    Also returns the local errors [len(tokens)] bool: a token wrong given the chain as written
+    before it -- an operand that is not the running value or the problem's v_s (a copying error),
+    an operator other than the problem's, a value (or a `wait` value) other than a op b of the
+    operands as written, an answer other than the last value, a token off the format.
     """
     labels = np.full(len(tokens), -1, np.int8)
+    errors = np.zeros(len(tokens), bool)
     i, running = 0, problem.values[0]
+    declined: list[int] = []  # tokens written where `wait` would have repaired a wrong value
 
     def mark(start, stop, value):
         labels[start:stop] = value
 
     def leave(at):  # the first token off the format: a fork; nothing after it is decidable
         mark(at, at + 1, 1)
-        return labels, None
+        errors[at:at + 1] = True
+        return _with_declines(labels, declined), None, errors
 
     for s, (op, v) in enumerate(zip(problem.ops, problem.values[1:])):
         if s:
@@ -266,13 +283,16 @@ def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | No
             return leave(i)
         # The first operand is a surface choice when either operand order is right.
         mark(i, j, 0 if op != "-" and a in (running, v) else 1)
+        errors[i:j] = a not in ((running, v) if op != "-" else (running,))
         if j >= len(tokens) or tokens[j] not in OPS:
             return leave(j)
         mark(j, j + 1, 1)
+        errors[j] = tokens[j] != op
         b, k = _read_number(tokens, j + 1)
         if b is None:
             return leave(j + 1)
         mark(j + 1, k, 1)
+        errors[j + 1:k] = b != (v if a == running or op == "-" else running)
         if k >= len(tokens) or tokens[k] not in EQUALS:
             return leave(k)
         mark(k, k + 1, 0)
@@ -280,13 +300,20 @@ def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | No
         if r is None:
             return leave(k + 1)
         mark(k + 1, i, 1)
+        value = apply(tokens[j], a, b)
         if i < len(tokens) and tokens[i] == "wait":
             mark(i, i + 1, 1)
+            errors[i] = r == value  # `wait` after a right value breaks it
             r, i2 = _read_number(tokens, i + 1)
             if r is None:
                 return leave(i + 1)
             mark(i + 1, i2, 1)
+            errors[i + 1:i2] = r != value
             i = i2
+        else:
+            errors[k + 1:i] = r != value
+            if r != problem.partials[s]:
+                declined.append(i)  # the token after an uncorrected wrong value declines the repair
         running = r
     if i >= len(tokens) or tokens[i] != ";":
         return leave(i)
@@ -303,9 +330,20 @@ def parse(problem: Problem, tokens: Sequence[str]) -> tuple[np.ndarray, int | No
     if answer is None:
         return leave(i)
     mark(i, j, 1)
+    errors[i:j] = answer != running
     if j < len(tokens) and tokens[j] == "<eos>":
         mark(j, j + 1, 0)
-    return labels, answer
+    return _with_declines(labels, declined), answer, errors
+
+
+def _with_declines(labels: np.ndarray, declined: Sequence[int]) -> np.ndarray:
+    """Fork labels with every decidable token that declined a repair marked a fork: after an
+    uncorrected wrong value, writing `wait` (and the right value) would have restored the answer,
+    so choosing anything else there decides it (e.g. `;` where the teacher continues `wait 0`)."""
+    for at in declined:
+        if at < len(labels) and labels[at] != -1:
+            labels[at] = 1
+    return labels
 
 
 def is_correct(problem: Problem, completion: str) -> bool:
@@ -367,4 +405,4 @@ def sft_examples(seed: int, index: int, count: int, style: Style = TEACHER_STYLE
 
 __all__ = ["EOS_ID", "PAD_ID", "Problem", "STUDENT_STYLE", "Style", "SyntheticTokenizer", "TEACHER_STYLE", "VERSION",
            "VOCAB", "candidate_labels", "fork_labels", "is_correct", "is_correct_ids", "parse", "problem_of_prompt",
-           "problems", "sample_problem", "sft_examples", "solution"]
+           "problems", "sample_problem", "sft_examples", "solution", "walk"]

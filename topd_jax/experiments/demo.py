@@ -16,7 +16,8 @@
    and results.json.
 
 One seed: the paired interval covers problem-to-problem noise only, not seed-to-seed; the
-multi-seed comparison with a tuned learning rate per method is `python -m topd_jax.miniature`.
+multi-seed comparison with a tuned learning rate per method is
+`python -m topd_jax.experiments reproduce`.
 
 SIGTERM (or a preemption) stops the current distillation after a saved checkpoint; the demo then
 skips the remaining methods and marks the table and results.json ("partial": true) as partial.
@@ -95,8 +96,8 @@ def plot_locators(tables: list[dict[str, np.ndarray]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from topd_jax.experiments.statistics import roc_auc
     from topd_jax.losses.locators import LOCATORS
-    from topd_jax.miniature import roc_auc
 
     labels = np.concatenate([t["label"] for t in tables])
     fork = labels[labels >= 0] == 1
@@ -124,7 +125,7 @@ def rollout_html(student, teacher, loss, path: str, *, seed: int = 0) -> dict[st
 
     from topd_jax.data import synthetic
     from topd_jax.losses.topd import topd_weights
-    from topd_jax.miniature import located_rollouts
+    from topd_jax.experiments.protocol import located_rollouts
     from topd_jax.trainer.step import StudentLogprobs, experience, loss_inputs
 
     tok = synthetic.SyntheticTokenizer()
@@ -186,32 +187,28 @@ verdict (the colour); the table lists both.</p>
     return {"candidates": int(valid[b].sum()), "divergent": int(divergent[b].sum())}
 
 
-def paired_vs(correct: np.ndarray, baseline: np.ndarray) -> tuple[float, float, float]:
-    """Mean per-problem difference of two runs on the same problems and its 95% normal interval."""
-    x = np.asarray(correct, np.float64) - np.asarray(baseline, np.float64)
-    half = 1.96 * x.std(ddof=1) / np.sqrt(x.size) if x.size > 1 else float("nan")
-    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+DEMO_METHODS = ("opd", "opd_suppress", "topd", "topd@oracle")
+DEMO_STEPS = 100
 
 
-DEMO_METHODS = ("opd", "opd_suppress", "topd", "oracle")
-
-
-def run(out: str, *, cache: str | None = None, steps: int = 150, quick: bool = False,
-        methods: Sequence[str] = DEMO_METHODS) -> dict[str, Any]:
+def run(out: str, *, cache: str | None = None, steps: int = DEMO_STEPS, quick: bool = False,
+        methods: Sequence[str] = DEMO_METHODS, learning_rate: float | None = None) -> dict[str, Any]:
     """Everything the module docstring lists; returns the results written to results.json."""
     from tqdm import tqdm
 
-    from topd_jax import miniature
+    from topd_jax.experiments import models, protocol
+    from topd_jax.experiments.statistics import paired_interval
 
     os.makedirs(out, exist_ok=True)
-    teacher_sft, student_sft = miniature.TEACHER_SFT, miniature.STUDENT_SFT
-    eval_count, locator_batches, locator_batch = 512, 4, 32
+    learning_rate = protocol.DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate
+    teacher_sft, student_sft = models.TEACHER_SFT, models.STUDENT_SFT
+    eval_count, locator_batches, locator_batch, batch = 512, 4, 32, protocol.BATCH
     if quick:
         import dataclasses
 
         teacher_sft = dataclasses.replace(teacher_sft, steps=QUICK_SFT_STEPS[0], batch_size=16)
         student_sft = dataclasses.replace(student_sft, steps=QUICK_SFT_STEPS[1], batch_size=16)
-        eval_count, locator_batches, locator_batch = 32, 1, 8
+        eval_count, locator_batches, locator_batch, batch = 32, 1, 8, 16
     total = teacher_sft.steps + student_sft.steps + steps * len(methods)
     bar = tqdm(total=total, desc="demo", unit="step")
     cache = cache_dir(cache)
@@ -219,48 +216,45 @@ def run(out: str, *, cache: str | None = None, steps: int = 150, quick: bool = F
     def sft(config, name):
         bar.set_description(f"SFT {name}")
         cached = os.path.isfile(os.path.join(cache, f"{name}-{config.key()}", "config.json"))
-        path = miniature.cached_sft(config, cache, name, progress=lambda i, loss: bar.update(1))
+        path = models.cached_sft(config, cache, name, progress=lambda i, loss: bar.update(1))
         if cached:
             bar.update(config.steps)
         return path
 
     teacher_dir, student_dir = sft(teacher_sft, "teacher"), sft(student_sft, "student")
-    problems = miniature.eval_problems(eval_count)
-    teacher, student = miniature.load(teacher_dir), miniature.load(student_dir)
-    results: dict[str, Any] = {"teacher_accuracy": miniature.accuracy(teacher, problems), "methods": {},
-                               "eval_problems": eval_count, "steps": steps, "partial": False,
-                               "learning_rate": miniature.DEFAULT_LEARNING_RATE}
+    problems = models.eval_problems(eval_count)
+    teacher, student = models.load(teacher_dir), models.load(student_dir)
+    results: dict[str, Any] = {"teacher_accuracy": models.accuracy(teacher, problems), "methods": {},
+                               "eval_problems": eval_count, "steps": steps, "batch": batch, "partial": False,
+                               "learning_rate": learning_rate}
     rows_by_method, correct = {}, {}
     for method in methods:
         bar.set_description(f"distil {method}")
-        preset, extra = miniature.METHODS[method]
-        config = miniature.distil_config(student_dir, teacher_dir, preset=preset, seed=0, steps=steps,
-                                         output_dir=os.path.join(out, "runs", method), overrides=extra)
-        run_ = miniature.distil(config, problems, eval_every=max(steps // 4, 1), on_step=lambda s: bar.update(1))
+        config = protocol.distil_config(student_dir, teacher_dir, method=method, seed=0, steps=steps, batch=batch,
+                                        learning_rate=learning_rate, output_dir=os.path.join(out, "runs", method))
+        run_ = protocol.distil(config, problems, eval_every=max(steps // 4, 1), on_step=lambda s: bar.update(1))
         rows_by_method[method], correct[method] = run_["metrics"], run_["correct"]
         low = [r["low_divergence_share"] for r in run_["metrics"] if "low_divergence_share" in r]
-        results["methods"][method] = {"accuracy": run_["accuracy"], "score": run_["score"],
+        results["methods"][method] = {"accuracy": run_["accuracy"], "final": run_["final"], "area": run_["area"],
                                       "step_time": run_["step_time"],
                                       "low_divergence_share": float(np.mean(low)) if low else None}
-        if method != "opd" and "opd" in correct:
-            results["methods"][method]["vs_opd"] = paired_vs(correct[method], correct["opd"])
+        if method != "opd" and "opd" in correct:  # per problem, the same problems: paired
+            results["methods"][method]["vs_opd"] = paired_interval(correct[method] - correct["opd"])
         # The trainer returns early on SIGTERM (after saving): this method's numbers are then
         # from fewer steps than asked, which the table and results.json must say.
-        stopped_at = run_["accuracy"][0][0] + len(run_["metrics"])
-        if stopped_at < steps:
-            results["methods"][method].update(partial=True, stopped_at=stopped_at)
+        if run_["stopped_at"] < steps:
+            results["methods"][method].update(partial=True, stopped_at=run_["stopped_at"])
             results["partial"] = True
             break  # the user asked the demo to stop
     bar.set_description("plots")
     plot_accuracy({m: r["accuracy"] for m, r in results["methods"].items()}, results["teacher_accuracy"],
                   os.path.join(out, "accuracy.png"))
-    topd_rows = rows_by_method.get("topd", [])
+    topd_rows = next((rows for m, rows in rows_by_method.items() if m.startswith("topd") and "@" not in m), [])
     plot_ot_histograms(topd_rows, os.path.join(out, "ot_histograms.png"))
-    loss = miniature.distil_config(student_dir, teacher_dir, preset="topd", seed=0, steps=1,
-                                   output_dir=out).loss
+    loss = protocol.distil_config(student_dir, teacher_dir, method="topd", seed=0, steps=1, output_dir=out).loss
     tables: list = []
-    results["locators"] = miniature.locator_analysis(student, teacher, loss=loss, batches=locator_batches,
-                                                     batch_size=locator_batch, tables=tables)
+    results["locators"] = protocol.locator_analysis(student, teacher, loss=loss, batches=locator_batches,
+                                                    batch_size=locator_batch, tables=tables)
     plot_locators(tables, os.path.join(out, "locators.png"))
     results["rollout"] = rollout_html(student, teacher, loss, os.path.join(out, "rollout.html"))
     bar.close()
@@ -271,54 +265,61 @@ def run(out: str, *, cache: str | None = None, steps: int = 150, quick: bool = F
 def table(results: dict[str, Any]) -> str:
     """The comparison as Markdown; a method cut short (SIGTERM) is marked with the step it reached
     and the step its accuracy was measured at, and methods not run are listed as such."""
+    from topd_jax.experiments.rendering import interval
+    from topd_jax.losses.locators import LOCATORS
+
     base = next(iter(results["methods"].values()))["accuracy"][0][1]
     opd = results["methods"].get("opd", {}).get("step_time")
     lines = [f"teacher {results['teacher_accuracy']:.1%}; student before distillation {base:.1%} "
-             f"(greedy accuracy on {results['eval_problems']} held-out problems); seed 0, learning rate "
-             f"{results.get('learning_rate', float('nan')):g} for every method", "",
-             "| method | score (last two evals) | best along the way | vs OPD, paired [95%] | low-divergence share | "
-             "step time |", "| --- | --- | --- | --- | --- | --- |"]
+             f"(greedy accuracy on {results['eval_problems']} held-out problems); seed 0, {results['steps']} steps of "
+             f"{results['batch']} prompts, learning rate {results['learning_rate']:g} for every method", "",
+             "| method | accuracy along the way | final | area | final vs OPD, paired over problems [95%] | "
+             "low-divergence share | step time |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, r in results["methods"].items():
-        accs = [a for _, a in r["accuracy"]]
+        curve = ", ".join(f"{s}: {100 * a:.1f}" for s, a in r["accuracy"])
         low = "-" if r["low_divergence_share"] is None else f"{r['low_divergence_share']:.1%}"
         ratio = f" ({r['step_time'] / opd:.2f}x OPD)" if opd and method != "opd" else ""
-        vs = ("-" if r.get("vs_opd") is None
-              else "{:+.1f} [{:+.1f}, {:+.1f}] pts".format(*(100 * v for v in r["vs_opd"])))
+        vs = "-" if r.get("vs_opd") is None else interval(r["vs_opd"]) + " pts"
         name = method
         if r.get("partial"):
             name += (f" (PARTIAL: stopped at step {r['stopped_at']} of {results['steps']}, accuracy at step "
                      f"{r['accuracy'][-1][0]})")
-        lines.append(f"| {name} | {r['score']:.1%} | {max(accs):.1%} | {vs} | {low} | "
+        lines.append(f"| {name} | {curve} | {r['final']:.1%} | {r['area']:.1%} | {vs} | {low} | "
                      f"{1e3 * r['step_time']:.0f} ms{ratio} |")
     loc = results.get("locators")
     if loc:
         lines += ["", f"locators on {int(loc['candidates'])} candidates of the SFT'd student "
                   f"({loc['cosmetic_share']:.0%} surface forms, {loc['fork_share']:.0%} forks): " + ", ".join(
-                      f"{name} AUC {loc[f'{name}_auc']:.2f}" for name in ("ot", "ot_coupled", "ot_rollout", "window_kl")
-                      if f"{name}_auc" in loc)]
+                      f"{name} AUC {loc[f'{name}_auc']:.2f}" for name in LOCATORS
+                      if f"{name}_auc" in loc and name != "oracle")]
     if results.get("partial"):
         lines += ["", f"PARTIAL RUN: stopped before {results['steps']} steps; not a result."]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from topd_jax.experiments.protocol import METHODS
+
     parser = argparse.ArgumentParser(prog="python -m topd_jax.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="topd_demo", help="output directory (plots, HTML, results.json)")
     parser.add_argument("--cache", default=None, help="SFT'd models cache (default ~/.cache/topd_jax/miniature)")
-    parser.add_argument("--steps", type=int, default=150, help="distillation steps per method")
-    parser.add_argument("--quick", action="store_true", help="tiny SFT budgets: a smoke run, not a result")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="distillation steps per method")
+    parser.add_argument("--learning-rate", type=float, default=None, help="every method's rate (default 1e-3)")
+    parser.add_argument("--quick", action="store_true", help="tiny SFT budgets and batches: a smoke run, not a result")
     parser.add_argument("--methods", default=",".join(DEMO_METHODS),
-                        help="comma list of miniature.METHODS to distil (opd first for the paired differences)")
+                        help="comma list of experiments.protocol.METHODS to distil (opd first for the paired "
+                             "differences)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    from topd_jax.miniature import METHODS
-
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         parser.error(f"unknown method {(unknown or [''])[0]!r}; choose from {', '.join(METHODS)}")
-    results = run(args.out, cache=args.cache, steps=args.steps, quick=args.quick, methods=methods)
+    results = run(args.out, cache=args.cache, steps=args.steps, quick=args.quick, methods=methods,
+                  learning_rate=args.learning_rate)
     print(table(results))
     print(f"\nplots (accuracy, ot_histograms, locators), rollout.html and results.json in {args.out}/")
     return 0

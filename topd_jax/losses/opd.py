@@ -58,6 +58,7 @@ def opd_loss(
     mask: Array,
     *,
     weights: Array | None = None,
+    advantage: Array | None = None,
     clip_eps: float | None = None,
     agg: Aggregation = "token_mean",
 ) -> tuple[Array, dict[str, Array]]:
@@ -79,6 +80,8 @@ def opd_loss(
     (no gradient beyond). On-policy (s = b) with token_mean aggregation,
     dL/ds_t = -m_t w_t A_t / N, N = sum_t m_t.
     Weights w_t (default 1, no gradient) are how TOPD suppresses tokens; they do not change N.
+    `advantage` [B, T] (no gradient) replaces A_t = -d_t where given: TOPD's near-future return
+    (`topd.near_future_return`) credits a divergent state with the drift that follows it.
     The teacher never receives a gradient.
 
     Returns (loss, metrics) with metrics `loss_opd`, `reverse_kl_sampled` (mean d over valid
@@ -88,14 +91,14 @@ def opd_loss(
     (broadcasting would silently mix rollouts) or clip_eps is not None and not in (0, inf).
     """
     _check_opd_args(student_logprobs, behaviour_logprobs=behaviour_logprobs, teacher_logprobs=teacher_logprobs,
-                    mask=mask, weights=weights)
+                    mask=mask, weights=weights, advantage=advantage)
     if clip_eps is not None and not (0 < clip_eps < float("inf")):
         raise ValueError(f"opd_loss: clip_eps must be None (no clipping) or a finite value > 0, got {clip_eps!r}")
     dtype = student_logprobs.dtype
     mask = mask.astype(dtype)
     behaviour = jax.lax.stop_gradient(behaviour_logprobs)
     divergence = behaviour - jax.lax.stop_gradient(teacher_logprobs)
-    advantage = -divergence
+    advantage = -divergence if advantage is None else jax.lax.stop_gradient(advantage.astype(dtype))
     weights = jnp.ones_like(student_logprobs) if weights is None else weights
     weights = jax.lax.stop_gradient(weights.astype(dtype))
 

@@ -34,6 +34,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "topd": {},
 }
 _LOG_ZERO = -1e30
+TRAJ_FORMS = ("window", "return")
+TRAJ_WINDOWS = ("sampled", "greedy")
+TRAJ_NORMS = ("window", "token", "rollout_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +84,31 @@ class TopdConfig:
     suppress_weight     alpha: OPD weight w_t of non-divergent candidates (C minus R); every other
                         token keeps 1. 0.0 = suppress (the paper's), 1.0 = no suppression.
                         Allowed: a float in [0, 1].
-    traj_weight         lambda: weight of the guidance in L = L_OPD(w) + lambda L_traj; 0.0 = no
-                        guidance. Allowed: a float >= 0.
-    traj_gamma          gamma: per-step weight w_k = gamma^(k-1) along a window (1.0 = uniform).
-                        [reconstruction] Allowed: a float > 0.
+    traj_weight         lambda: weight of the guidance; 0.0 = no guidance. traj_form window: L =
+                        L_OPD(w) + lambda L_traj; traj_form return: the weight of the future
+                        drift in a divergent state's advantage. Allowed: a float >= 0.
+    traj_form           How guidance is spread over future tokens [reconstruction]: window = supervise
+                        the student along the teacher's K-token window from each divergent state
+                        (L_traj, TOPD.md section 5) | return = no window supervision; at each
+                        divergent state t the OPD advantage becomes the near-future return A_t =
+                        -(d_t + lambda sum_{k=1}^{K-1} gamma^k d_{t+k}) over the student's own
+                        rollout (`near_future_return`).
+    traj_gamma          gamma: per-step weight w_k = gamma^(k-1) along a window (1.0 = uniform), the
+                        discount of the return form. [reconstruction] Allowed: a float > 0.
     traj_loss           Per-step loss ell_k of L_traj [reconstruction]: sampled = -log pi_s(v_k |
                         x, y_<t, v_<k) of the teacher's token | topk_fkl = forward KL from the
                         teacher's renormalised top-k distribution to the student.
     traj_top_k          k: the teacher's top-k support of topk_fkl (gathered when branching).
                         [reconstruction] Allowed: an int >= 1.
+    traj_window         How the teacher's guidance window is drawn [reconstruction]: sampled = at the
+                        windows' temperature (the locator's window, reused) | greedy = the
+                        teacher's argmax continuation (a second, deterministic branch when the
+                        locator branches).
+    traj_norm           What L_traj averages over [reconstruction]: window = mean over R of each
+                        window's weighted token mean (every guided window weighs the same as all
+                        of L_OPD's tokens together at lambda = 1) | token = mean over all guided
+                        tokens | rollout_token = sum over guided tokens / the batch's valid
+                        rollout tokens (a guided token weighs what one OPD token weighs).
     -- OT solver (section 4)
     ot_epsilon          Final entropic regularisation of the log-domain Sinkhorn solver (annealed
                         from 1.0 over the first half of the iterations). Allowed: a float > 0.
@@ -108,9 +127,12 @@ class TopdConfig:
     tau: float | None = None
     suppress_weight: float = 0.0
     traj_weight: float = 1.0
+    traj_form: Literal["window", "return"] = "window"
     traj_gamma: float = 1.0
     traj_loss: Literal["sampled", "topk_fkl"] = "sampled"
     traj_top_k: int = 20
+    traj_window: Literal["sampled", "greedy"] = "sampled"
+    traj_norm: Literal["window", "token", "rollout_token"] = "window"
     ot_epsilon: float = DEFAULT_EPSILON
     ot_num_iters: int = DEFAULT_NUM_ITERS
 
@@ -135,7 +157,10 @@ class TopdConfig:
             ("traj_weight", self.traj_weight >= 0.0, ">= 0", self.traj_weight),
             ("traj_gamma", self.traj_gamma > 0.0, "> 0", self.traj_gamma),
             ("traj_loss", self.traj_loss in ("sampled", "topk_fkl"), "'sampled' or 'topk_fkl'", self.traj_loss),
+            ("traj_form", self.traj_form in TRAJ_FORMS, f"one of {TRAJ_FORMS}", self.traj_form),
             ("traj_top_k", self.traj_top_k >= 1, ">= 1", self.traj_top_k),
+            ("traj_window", self.traj_window in TRAJ_WINDOWS, f"one of {TRAJ_WINDOWS}", self.traj_window),
+            ("traj_norm", self.traj_norm in TRAJ_NORMS, f"one of {TRAJ_NORMS}", self.traj_norm),
             ("ot_epsilon", self.ot_epsilon > 0.0, "> 0", self.ot_epsilon),
             ("ot_num_iters", self.ot_num_iters >= 1, ">= 1", self.ot_num_iters),
         )
@@ -164,9 +189,15 @@ class TopdConfig:
         return self.suppress_weight != 1.0 or self.traj_weight != 0.0
 
     @property
+    def guides_windows(self) -> bool:
+        """Whether the loss supervises the student along the teacher's windows (L_traj)."""
+        return self.traj_weight != 0.0 and self.traj_form == "window"
+
+    @property
     def uses_windows(self) -> bool:
-        """Whether both models must branch K-token windows from the candidates."""
-        return self.uses_candidates and (LOCATORS[self.locator].branches or self.traj_weight != 0.0)
+        """Whether the teacher must branch K-token windows from the candidates (a branching
+        locator, or window guidance)."""
+        return self.uses_candidates and (LOCATORS[self.locator].branches or self.guides_windows)
 
 
 YAML_HEADER = """\
@@ -278,16 +309,24 @@ def forward_kl_topk(student_topk_logprobs: Array, teacher_topk_logprobs: Array) 
 
 
 def trajectory_loss(
-    step_loss: Array, window_mask: Array, divergent: Array, *, gamma: float = 1.0
+    step_loss: Array, window_mask: Array, divergent: Array, *, gamma: float = 1.0, norm: str = "window",
+    rollout_tokens: Array | None = None,
 ) -> tuple[Array, Array]:
     """Near-future guidance [reconstruction]: [B, M, K], [B, M, K], [B, M] -> (L_traj, |R|).
 
-        l_r    = sum_k w_k m_k ell_k / sum_k w_k m_k,    w_k = gamma^(k-1)
-        L_traj = sum_{r in R} l_r / max(1, |R|)
+        w_k = gamma^(k-1) / max_k' gamma^(k'-1) (over the window's valid steps)
+        window:        L_traj = sum_{r in R} [sum_k w_k m_k ell_k / sum_k w_k m_k] / max(1, |R|)
+        token:         L_traj = sum_{r in R} sum_k w_k m_k ell_k / max(1, sum_{r in R} sum_k w_k m_k)
+        rollout_token: L_traj = sum_{r in R} sum_k w_k m_k ell_k / max(1, N)
 
-    ell_k is -log pi_s(v_k | ...) for the sampled form or the top-k forward KL; windows with no
-    valid token do not count in |R|.
+    N = rollout_tokens, the batch's valid rollout tokens (OPD's token_mean denominator), so under
+    rollout_token a guided token weighs what one OPD token weighs. ell_k is -log pi_s(v_k | ...)
+    for the sampled form or the top-k forward KL; windows with no valid token do not count in |R|.
     """
+    if norm not in TRAJ_NORMS:
+        raise ValueError(f"trajectory_loss: norm must be one of {TRAJ_NORMS}, got {norm!r}")
+    if norm == "rollout_token" and rollout_tokens is None:
+        raise ValueError("trajectory_loss: norm='rollout_token' needs rollout_tokens (N)")
     k = step_loss.shape[-1]
     if k == 0:  # K = 0: no window token to guide along, like M = 0
         return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
@@ -300,8 +339,32 @@ def trajectory_loss(
     per_window = jnp.sum(w * jnp.where(mask > 0, step_loss, 0.0), axis=-1) / jnp.where(total_w > 0, total_w, 1.0)
     counted = (divergent > 0) & (total_w > 0)
     count = jnp.sum(counted)
-    loss = jnp.sum(jnp.where(counted, per_window, 0.0)) / jnp.maximum(count, 1)
-    return loss, count
+    if norm == "window":
+        return jnp.sum(jnp.where(counted, per_window, 0.0)) / jnp.maximum(count, 1), count
+    guided = jnp.where(counted[..., None] & (mask > 0), w, 0.0)  # [B, M, K]
+    total = jnp.sum(guided * jnp.where(mask > 0, step_loss, 0.0))
+    denominator = jnp.sum(guided) if norm == "token" else jnp.asarray(rollout_tokens, jnp.float32)
+    return total / jnp.maximum(denominator, 1.0), count
+
+
+def near_future_return(divergence: Array, mask: Array, *, window: int, gamma: float = 1.0) -> Array:
+    """The near-future return of every token of the student's own rollout [reconstruction]:
+    [B, T] -> [B, T].
+
+        F_t = sum_{k=1}^{K-1} gamma^k m_{t+k} d_{t+k}      (0 past the rollout's end)
+
+    At a divergent state the advantage becomes A_t = -(d_t + lambda F_t): the teacher's
+    disagreement with the drift that follows the fork is credited to the fork itself, spreading
+    its guidance over the next K tokens without supervising any window.
+    """
+    if window < 1:
+        raise ValueError(f"near_future_return: window must be >= 1, got {window}")
+    d = jnp.where(mask > 0, divergence.astype(jnp.float32), 0.0)
+    t = d.shape[-1]
+    out = jnp.zeros_like(d)
+    for k in range(1, min(window, t)):  # K shifted adds: exact, no cumulative-sum cancellation
+        out = out + (gamma ** k) * jnp.pad(d[:, k:], [(0, 0), (0, k)])
+    return out
 
 
 # The named axes of every TopdInputs field, in order (shapes as in the module docstring).
@@ -440,28 +503,42 @@ def topd_weights(inputs: TopdInputs, config: TopdConfig) -> Selection:
 
 def topd_objective(inputs: TopdInputs, config: TopdConfig,
                    selection: Selection | None) -> tuple[Array, dict[str, Array]]:
-    """The objective part: L = L_OPD(w) + lambda * L_traj(R).
+    """The objective part, by traj_form:
 
-        L_OPD  = opd_loss(s, b, q, m; w)                               (w = 1 without a selection)
-        L_traj = trajectory_loss(ell, window_mask, R; gamma)           (0 when lambda = 0)
+        window: L = L_OPD(w) + lambda L_traj(R)
+                L_OPD  = opd_loss(s, b, q, m; w)                       (w = 1 without a selection)
+                L_traj = trajectory_loss(ell, window_mask, R; gamma, norm)   (0 when lambda = 0)
+        return: L = opd_loss(s, b, q, m; w, A),  A_t = -(d_t + lambda F_t [t in R]),
+                F = near_future_return(d, m; K, gamma); loss_traj reports the mean F_t over R
 
     Returns (L, terms): loss_opd, loss_traj and opd_loss's own metrics.
     """
     loss_traj = jnp.zeros((), jnp.float32)
-    if selection is not None and config.traj_weight != 0.0:
+    advantage = None
+    guided = selection is not None and config.traj_weight != 0.0
+    if guided and config.traj_form == "window":
         window_mask = require(inputs.window_mask, "window_mask", "when traj_weight > 0")
         step_loss = _window_step_loss(inputs, config, window_mask)
-        loss_traj, _ = trajectory_loss(step_loss, window_mask, selection.divergent, gamma=config.traj_gamma)
+        loss_traj, _ = trajectory_loss(step_loss, window_mask, selection.divergent, gamma=config.traj_gamma,
+                                       norm=config.traj_norm, rollout_tokens=jnp.sum(inputs.mask > 0))
+    if guided and config.traj_form == "return":
+        divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
+        at_divergent = jnp.any((selection.positions[..., None] == jnp.arange(divergence.shape[-1]))
+                               & (selection.valid & selection.divergent)[..., None], axis=1)  # [B, T]
+        future = near_future_return(divergence, inputs.mask, window=config.window, gamma=config.traj_gamma)
+        advantage = -(divergence + jnp.where(at_divergent, config.traj_weight * future, 0.0))
+        loss_traj = _mean_where(future, at_divergent & (inputs.mask > 0))  # the mean credited drift F_t
     loss_opd, terms = opd_loss(
         inputs.student_logprobs,
         inputs.behaviour_logprobs,
         inputs.teacher_logprobs,
         inputs.mask,
         weights=None if selection is None else selection.weights,
+        advantage=advantage,
         clip_eps=config.clip_eps,
         agg=config.agg,
     )
-    loss = loss_opd + config.traj_weight * loss_traj
+    loss = loss_opd + (config.traj_weight * loss_traj if config.traj_form == "window" else 0.0)
     return loss, {**terms, "loss_traj": loss_traj}
 
 

@@ -42,11 +42,12 @@ def score_phase(graphdef, params, rollout, *, chunk_size, return_cache):
     return score_teacher(nnx.merge(graphdef, params), rollout, chunk_size=chunk_size, return_cache=return_cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "loss", "options"))
-def locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key, *, loss, options):
-    """`step.locate` of student and teacher: the `time_branch` phase."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "loss", "options", "labeller"))
+def locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key, *, loss, options,
+                 labeller=None):
+    """`step.locate` of student and teacher (labeller: the prompt source's): the `time_branch` phase."""
     return locate(nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params), rollout, scores, key,
-                  loss, options)
+                  loss, options, labeller)
 
 
 def model_config(spec: ModelSpec, num_layers: int | None = None,

@@ -24,14 +24,14 @@ R reference positions, K window tokens, k the teacher's top-k (topk_fkl guidance
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from topd_jax.data import synthetic
 from topd_jax.losses.candidates import reference_positions, select_candidates
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.losses.topd import TopdConfig, TopdInputs, topd_loss
@@ -41,6 +41,9 @@ from topd_jax.scoring import Scores, packed_logprobs, score, score_rollout
 from topd_jax.trainer.config import RolloutConfig
 
 Array = jax.Array
+# A prompt source's fork labeller: prompt ids [B, P], completion ids [B, N], positions [B, M] ->
+# labels int32 [B, M] (1 fork, 0 surface form, -1 undecidable); numpy in, numpy out.
+Labeller = Callable[[Any, Any, Any], Any]
 
 
 @jax.tree_util.register_dataclass
@@ -123,7 +126,8 @@ def score_teacher(teacher: CausalLM, rollout: Rollout, *, chunk_size: int, retur
                          chunk_size=chunk_size, top_k=1, return_cache=return_cache)
 
 
-def candidates(rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig) -> Located:
+def candidates(rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig,
+               labeller: Labeller | None = None) -> Located:
     """C and the reference positions, before any branching.
 
         d_t = b_t - q_t;   C = select_candidates(d)                         [B, M]
@@ -131,8 +135,8 @@ def candidates(rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig) -
 
     References are drawn when the threshold needs them (reference mode) or the locator branches
     (their D is reported as a diagnostic in every mode). A locator that reads fork labels (the
-    oracle) gets them here, from the synthetic task's labeller on the host (`pure_callback`;
-    the problem is read from the prompt tokens).
+    oracle) gets them here from `labeller(prompt_tokens [B, P], tokens [B, N], positions [B, M])
+    -> int32 [B, M]`, the prompt source's labeller, run on the host (`pure_callback`).
     """
     divergence = rollout.logprobs - scores.logprobs
     positions, valid = select_candidates(divergence, rollout.mask, quantile=loss.candidate_quantile,
@@ -142,7 +146,10 @@ def candidates(rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig) -
         ref_positions, ref_valid = reference_positions(key, rollout.mask, loss.num_reference)
     labels = None
     if LOCATORS[loss.locator].labels:
-        labels = jax.pure_callback(synthetic.candidate_labels, jax.ShapeDtypeStruct(positions.shape, jnp.int32),
+        if labeller is None:
+            raise ValueError(f"loss.locator {loss.locator!r} reads fork labels, but no labeller was given "
+                             "(only a prompt source with labels, e.g. data.source synthetic, has one)")
+        labels = jax.pure_callback(labeller, jax.ShapeDtypeStruct(positions.shape, jnp.int32),
                                    rollout.prompt_tokens, rollout.tokens, positions)
     return Located(positions, valid, ref_positions, ref_valid, labels=labels)
 
@@ -174,7 +181,9 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
                              rollout  its rollout's continuation y_t..y_{t+K-1} (no decode);
                            D = locator.window_scores(E[student window], E[teacher window]),
                            E the student's or the teacher's table (locator.embedding)
-        guidance:          the teacher's windows at C (with its top-k per step for topk_fkl)
+        guidance:          the teacher's windows at C (with its top-k per step for topk_fkl):
+                           the locator's sampled windows, or (traj_window greedy) a second,
+                           argmax decode from the same cache
 
     E_s, the student's input embedding table, is the paper's (TOPD.md section 4). The teacher
     branches from its scoring cache, the student from its rollout cache; neither prefix is
@@ -191,13 +200,16 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
     window_options = dict(window=loss.window, top_p=options.top_p, top_k=options.top_k, eos_ids=options.eos_ids,
                           temperature=options.temperature if options.window_temperature is None
                           else options.window_temperature)
-    guided = loss.traj_weight != 0.0
+    guided = loss.guides_windows
+    greedy = guided and loss.traj_window == "greedy"
     teacher_points = points if locator.branches else located.positions
-    teacher_windows = branch(teacher, scores.cache, teacher_points, key=k_teacher,
-                             prompt_len=rollout.prompt_tokens.shape[1],
-                             tokens=jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1),
-                             top_k_logprobs=loss.traj_top_k if guided and loss.traj_loss == "topk_fkl" else 0,
-                             **window_options)
+    teacher_branch = functools.partial(branch, teacher, scores.cache, key=k_teacher,
+                                       prompt_len=rollout.prompt_tokens.shape[1],
+                                       tokens=jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1))
+    top_k = loss.traj_top_k if guided and loss.traj_loss == "topk_fkl" else 0
+    teacher_windows = None
+    if locator.branches or not greedy:
+        teacher_windows = teacher_branch(teacher_points, top_k_logprobs=0 if greedy else top_k, **window_options)
     ot = reference_ot = None
     if locator.branches:
         if locator.student_window == "rollout":
@@ -209,19 +221,23 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
                                          window_embeddings(table, teacher_windows.tokens),
                                          student_windows.mask, teacher_windows.mask, loss)
         ot, reference_ot = distance[:, :m], (distance[:, m:] if located.reference_positions is not None else None)
-    at_candidates = jax.tree.map(lambda x: x[:, :m], teacher_windows) if guided else None
-    return dataclasses.replace(located, ot=ot, reference_ot=reference_ot, teacher_windows=at_candidates)
+    guidance = None
+    if greedy:  # the teacher's argmax continuation at C, apart from the locator's sampled windows
+        guidance = teacher_branch(located.positions, top_k_logprobs=top_k, **{**window_options, "temperature": 0.0})
+    elif guided:
+        guidance = jax.tree.map(lambda x: x[:, :m], teacher_windows)
+    return dataclasses.replace(located, ot=ot, reference_ot=reference_ot, teacher_windows=guidance)
 
 
 def locate(student: CausalLM, teacher: CausalLM, rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig,
-           options: RolloutConfig) -> Located | None:
+           options: RolloutConfig, labeller: Labeller | None = None) -> Located | None:
     """`candidates`, then `branch_windows` when the config branches (a branching locator, or
     guidance). Only what the config uses is computed: nothing for `opd` (returns None); no
     branches for a non-branching locator without guidance."""
     if not loss.uses_candidates:
         return None
     k_ref, k_student, k_teacher = jax.random.split(key, 3)
-    located = candidates(rollout, scores, k_ref, loss)
+    located = candidates(rollout, scores, k_ref, loss, labeller)
     if not loss.uses_windows:
         return located
     return branch_windows(student, teacher, rollout, scores, located, (k_student, k_teacher), loss, options)

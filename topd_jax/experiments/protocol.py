@@ -1,0 +1,487 @@
+"""The paper's experiment in miniature (version 3): distillation runs, the locator analysis, and
+the screen -> sweep -> test protocol.
+
+    teacher, student = models.TEACHER_SFT, models.STUDENT_SFT         (cached, `models`)
+    locator_analysis(student, teacher)      every locator of LOCATORS against the fork labels
+    screen:  SCREEN methods at DEFAULT_LEARNING_RATE, development seed, development problems
+    sweep:   the carried methods x LEARNING_RATES on the development seed (each method's rate
+             is the best dev `area`, chosen before any test seed runs)
+    test:    the carried methods at their rates x test seeds, 1,024 held-out problems
+
+The regime (v3): BATCH = 256 prompts per step, so a step's sampled reverse-KL gradient averages
+~7,500 completion tokens; at 16 prompts (v2, ~480 tokens) plain OPD could not learn. Every run
+evaluates greedy accuracy at step 0 and every EVAL_EVERY steps; a run is summarised by its
+accuracy at each budget, its `area` (mean accuracy over the budget, `statistics.curve_area`)
+and its final accuracy, per step, per second of wall-clock and per counted FLOP (`step_flops`).
+Distillation runs the real `Trainer` on `data.source: synthetic` with the SFT'd models loaded
+from Hugging Face checkpoints, so the miniature exercises exactly the code of a real run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from topd_jax import fileio
+from topd_jax.data import synthetic
+from topd_jax.experiments import models
+from topd_jax.experiments.statistics import accuracy_at, curve_area, precision_recall, roc_auc, share
+from topd_jax.losses.locators import LOCATORS
+from topd_jax.losses.topd import TopdConfig, topd_weights
+from topd_jax.models.decoder import CausalLM
+from topd_jax.prompts import left_pad
+from topd_jax.trainer.config import RolloutConfig, TrainConfig, load_config
+from topd_jax.trainer.loop import Trainer
+from topd_jax.trainer.step import StudentLogprobs, experience, locate, loss_inputs, sample, score_teacher
+
+BATCH = 256  # prompts per step: the regime where OPD learns (16 could not: too few tokens per step)
+STEPS = 100
+EVAL_EVERY = 25  # evaluations at 0, 25, 50, 75, 100: the budgets
+DISTIL = ("data.source=synthetic", f"data.prompt_length={synthetic.PROMPT_LENGTH}",
+          f"rollout.prompts_per_step={BATCH}", f"rollout.max_new_tokens={models.MAX_COMPLETION}",
+          f"rollout.eos_ids=[{synthetic.EOS_ID}]", "loss.window=8", "loss.max_candidates=4", "loss.num_reference=4",
+          "checkpoint.resume=false", "optimizer.max_grad_norm=1.0", "checkpoint.every=0", "logging.progress=false",
+          "logging.tensorboard=false")
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)
+DEFAULT_LEARNING_RATE = 1e-3
+
+# Guidance forms (TOPD.md section 5 and its other readings): name -> loss overrides. "window" is
+# the paper's form as we reconstruct it (sampled teacher window, per-window mean, lambda = 1).
+GUIDANCE: dict[str, tuple[str, ...]] = {
+    "window": (),
+    "greedy": ("loss.traj_window=greedy",),
+    "topk_fkl": ("loss.traj_loss=topk_fkl",),
+    "token": ("loss.traj_norm=token",),
+    "rollout_token": ("loss.traj_norm=rollout_token",),
+    "lambda0.1": ("loss.traj_weight=0.1",),
+    "return": ("loss.traj_form=return",),
+    "unsuppressed": ("loss.suppress_weight=1.0",),  # guidance alone, alpha = 1
+}
+BASELINES = ("opd", "opd_suppress", "topd")
+
+
+def method_name(locator: str, guidance: str | None) -> str:
+    """topd (the paper's: ot, window), topd/<guidance>, topd@<locator>[/<guidance>]; guidance None
+    is opd_suppress (no guidance) at that locator."""
+    base = "opd_suppress" if guidance is None else "topd"
+    at = "" if locator == "ot" else f"@{locator}"
+    form = "" if guidance in (None, "window") else f"/{guidance}"
+    return f"{base}{at}{form}"
+
+
+def _methods() -> dict[str, tuple[str, tuple[str, ...]]]:
+    table = {"opd": ("opd", ())}
+    for locator in LOCATORS:  # every locator of the one table, with every guidance form
+        where = () if locator == "ot" else (f"loss.locator={locator}",)
+        table[method_name(locator, None)] = ("opd_suppress", where)
+        for form, overrides in GUIDANCE.items():
+            table[method_name(locator, form)] = ("topd", (*where, *overrides))
+    return table
+
+
+# method -> (preset, overrides), derived from LOCATORS x GUIDANCE.
+METHODS: dict[str, tuple[str, tuple[str, ...]]] = _methods()
+# What the development seed screens at DEFAULT_LEARNING_RATE: the baselines, every locator with
+# the paper's guidance, every guidance form but rollout_token (a rescaled lambda) with the paper's
+# locator, the return form with the two zero-cost or best-ranked locators, and the oracle's bounds.
+SCREEN = tuple(dict.fromkeys(
+    [*BASELINES, *(method_name(loc, "window") for loc in LOCATORS),
+     *(method_name("ot", form) for form in GUIDANCE if form != "rollout_token"),
+     method_name("window_kl", "return"), method_name("ot_rollout", "return"), method_name("oracle", None),
+     method_name("oracle", "return")]))
+
+
+def oracle_bound(method: str) -> str | None:
+    """The same guidance with the oracle locator (its bound), or None for OPD."""
+    if method == "opd":
+        return None
+    base, _, form = method.partition("/")
+    return method_name("oracle", form or ("window" if base.startswith("topd") else None))
+
+
+def distil_config(student_dir: str, teacher_dir: str, *, method: str, seed: int, output_dir: str,
+                  steps: int = STEPS, learning_rate: float = DEFAULT_LEARNING_RATE, batch: int = BATCH,
+                  overrides: Sequence[str] = ()) -> TrainConfig:
+    """The trainer config of one distillation run of the miniature (overrides go last)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    preset, extra = METHODS[method]
+    return load_config(None, [f"output_dir={output_dir}", f"steps={steps}", f"preset={preset}", f"seed={seed}",
+                              f"student.path={student_dir}", f"teacher.path={teacher_dir}", *DISTIL,
+                              f"rollout.prompts_per_step={batch}", f"optimizer.learning_rate={learning_rate}",
+                              *extra, *overrides])
+
+
+def step_flops(config: TrainConfig, student_params: int, teacher_params: int, rollout_tokens: float) -> float:
+    """Counted FLOPs of one training step: 2 N per token a model reads without a gradient, 6 N per
+    token of the update (forward and backward), N its parameter count; attention (short here) and
+    the OT solve are left out. With B rollouts of P prompt + `rollout_tokens` (mean) completion
+    tokens, M candidates, R references and K window tokens:
+
+        sample 2 N_s B (P + n);  score 2 N_T B (P + n);
+        branch (teacher) 2 N_T B P_T K, P_T = M + R (branching locator) or M (guidance only),
+               + 2 N_T B M K for a separate greedy guidance window;
+        branch (student) 2 N_s B (M + R) K when the locator decodes a student window;
+        update 6 N_s B (P + n [+ M K with window guidance])
+
+    Windows are counted at their full K (the decode runs K steps unless every branch ended)."""
+    loss, rollout = config.loss, config.rollout
+    b = rollout.prompts_per_step * rollout.num_samples
+    seq = config.data.prompt_length + rollout_tokens
+    flops = 2 * student_params * b * seq + 2 * teacher_params * b * seq
+    k, m, r = loss.window, loss.max_candidates, loss.num_reference
+    locator = LOCATORS[loss.locator]
+    if loss.uses_windows:
+        greedy = loss.guides_windows and loss.traj_window == "greedy"
+        teacher_points = (m + r) if locator.branches else (0 if greedy else m)
+        flops += 2 * teacher_params * b * (teacher_points + (m if greedy else 0)) * k
+        if locator.branches and locator.student_window != "rollout":
+            flops += 2 * student_params * b * (m + r) * k
+    flops += 6 * student_params * b * (seq + (m * k if loss.uses_candidates and loss.guides_windows else 0))
+    return float(flops)
+
+
+def _count(params) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def distil(config: TrainConfig, problems: Sequence[synthetic.Problem], *, eval_every: int = EVAL_EVERY,
+           on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the trainer; evaluate greedy accuracy at step 0 and every `eval_every` steps.
+
+    Returns {"accuracy": [(step, acc), ...], "metrics": [per-step metrics rows], "step_time":
+    median seconds per step (after the first, compiling, step), "step_flops": counted FLOPs per
+    step (`step_flops`), "final": the last evaluation's accuracy, "area": `curve_area`,
+    "correct": per problem, the last evaluation's correctness (float [n], for paired comparisons),
+    "stopped_at": the step the run reached (< config.steps when a SIGTERM stopped it)}.
+    """
+    curve, rows, correct = [], [], []
+
+    def evaluate(trainer, step):
+        c = models.correctness(nnx.merge(trainer.graphdef, trainer.state.params), problems)
+        curve.append((step, float(np.mean(c))))
+        correct.append(c)
+
+    def callback(trainer, step, metrics):
+        rows.append({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in metrics.items()})
+        if step % eval_every == 0 or step == config.steps:
+            evaluate(trainer, step)
+        if on_step is not None:
+            on_step(step)
+
+    trainer = Trainer(config, callbacks=[callback])
+    evaluate(trainer, trainer.step)
+    teacher_params = _count(nnx.state(trainer.teacher, nnx.Param)) if getattr(trainer, "teacher", None) else 0
+    trainer.run()
+    trainer.close()
+    times = [float(r["time_step"]) for r in rows[1:]] or [float(rows[0]["time_step"])] if rows else [float("nan")]
+    lengths = [float(r["rollout_length_mean"]) for r in rows if "rollout_length_mean" in r] or [0.0]
+    flops = step_flops(config, _count(trainer.state.params), teacher_params, float(np.mean(lengths)))
+    return {"accuracy": curve, "metrics": rows, "step_time": float(np.median(times)), "step_flops": flops,
+            "final": curve[-1][1], "area": curve_area(curve), "correct": np.asarray(correct[-1], np.float64),
+            "stopped_at": curve[0][0] + len(rows)}
+
+
+# ---------------------------------------------------------------------------- locator analysis
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef"))
+def _rollouts(graphdef, params, teacher_graphdef, teacher_params, prompts, mask, key):
+    """sample -> score of the student's rollouts at temperature 1, one program."""
+    student, teacher = nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params)
+    rollout = sample(student, prompts, mask, key, _OPTIONS)
+    return rollout, score_teacher(teacher, rollout, chunk_size=1024, return_cache=True)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "loss"))
+def _locate(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key, *, loss):
+    student, teacher = nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params)
+    return locate(student, teacher, rollout, scores, key, loss, _OPTIONS, labeller=synthetic.candidate_labels)
+
+
+_OPTIONS = RolloutConfig(max_new_tokens=models.MAX_COMPLETION, eos_ids=(synthetic.EOS_ID,))
+
+
+def located_rollouts(student: CausalLM, teacher: CausalLM, loss: TopdConfig, problems, key,
+                     locators: Sequence[str] | None = None):
+    """(rollout, teacher scores, {locator: Located}) of the student's rollouts of `problems`
+    (temperature 1), located by each of `locators` (default: loss.locator) from the same rollout
+    and the same candidate/reference key, so every locator scores the same candidates."""
+    tok = synthetic.SyntheticTokenizer()
+    prompts, mask = left_pad([tok.encode(p.prompt()) for p in problems], synthetic.PROMPT_LENGTH)
+    graphdef, params = nnx.split(student, nnx.Param)
+    teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    k_sample, k_locate = jax.random.split(key)
+    rollout, scores = _rollouts(graphdef, params, teacher_graphdef, teacher_params, prompts, mask, k_sample)
+    located = {name: _locate(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, k_locate,
+                             loss=dataclasses.replace(loss, locator=name))
+               for name in (locators or (loss.locator,))}
+    return rollout, scores, located
+
+
+def candidate_table(student, teacher, loss: TopdConfig, problems, key) -> dict[str, np.ndarray]:
+    """Every valid candidate of one batch of student rollouts, as flat arrays: `d` (its token
+    loss), `label` (its fork label: 1 fork, 0 surface form, -1 undecidable) and, for every
+    locator of `LOCATORS`, its score (`<locator>`, e.g. `ot`, `window_kl`) and verdict
+    (`<locator>_divergent`) under the training rule itself (`topd_weights` with the run's config
+    and that locator, each locator locating the same candidates); plus the batch's valid OT
+    reference scores (`reference_ot`) and each locator's threshold (`<locator>_tau`, one value)."""
+    rollout, scores, located = located_rollouts(student, teacher, loss, problems, key, locators=tuple(LOCATORS))
+    any_located = located[loss.locator]
+    tokens, positions, valid = (np.asarray(x) for x in (rollout.tokens, any_located.positions, any_located.valid))
+    labels = np.stack([synthetic.fork_labels(p, row)[pos] for p, row, pos in zip(problems, tokens, positions)])
+    d = np.take_along_axis(np.asarray(rollout.logprobs - scores.logprobs), positions, axis=1)
+    out = {"d": d[valid], "label": labels[valid]}
+    for name, at in located.items():
+        inputs = loss_inputs(experience(rollout, scores, at), StudentLogprobs(rollout.logprobs))
+        selection = topd_weights(inputs, dataclasses.replace(loss, locator=name))
+        out[name] = np.asarray(selection.scores)[valid]
+        out[f"{name}_divergent"] = np.asarray(selection.divergent)[valid]
+        out[f"{name}_tau"] = np.asarray(selection.tau)
+    if any_located.reference_ot is not None:
+        out["reference_ot"] = np.asarray(any_located.reference_ot)[np.asarray(any_located.reference_valid)]
+    return out
+
+
+
+def locator_analysis(student: CausalLM, teacher: CausalLM, *, loss: TopdConfig, batches: int = 4,
+                     batch_size: int = 32, seed: int = 0, tables: list | None = None) -> dict[str, float]:
+    """How well each locator finds the real forks among the high-loss candidates.
+
+    Over `batches` batches of student rollouts (temperature 1), every valid candidate (top 20% of
+    d_t, at most M per rollout) is one sample. Reported: candidates, the shares of candidates
+    that are surface forms (cosmetic_share), forks (fork_share) and undecidable (unlabelled_share);
+    and, for every locator of `LOCATORS`, over the labelled candidates, <locator>_precision /
+    _recall of "divergent" against "fork", <locator>_auc (ROC AUC of its score) and its
+    low-divergence share, all under the threshold rule of `loss` (`divergent_states`). `tables`
+    (a list) receives the per-batch `candidate_table`s (for plots).
+    """
+    parts = [candidate_table(student, teacher, loss, synthetic.problems(seed + 20_000, i, batch_size),
+                             jax.random.PRNGKey(seed * 1000 + i)) for i in range(batches)]
+    if tables is not None:
+        tables.extend(parts)
+    labels = np.concatenate([p["label"] for p in parts])
+    labelled = labels >= 0
+    fork = labels[labelled] == 1
+    out = {"candidates": float(labels.size), "cosmetic_share": share(labels == 0), "fork_share": share(labels == 1),
+           "unlabelled_share": share(labels < 0)}
+    for name in LOCATORS:
+        divergent = np.concatenate([p[f"{name}_divergent"] for p in parts])
+        out[f"{name}_precision"], out[f"{name}_recall"] = precision_recall(divergent[labelled], fork)
+        out[f"{name}_auc"] = roc_auc(np.concatenate([p[name] for p in parts])[labelled], fork)
+        out[f"{name}_low_divergence_share"] = 1.0 - share(divergent)
+    return out
+
+
+
+
+# ---------------------------------------------------------------------------- the protocol
+
+def run_record(method: str, seed: int, learning_rate: float, run: dict[str, Any]) -> dict[str, Any]:
+    """What results.json keeps of one `distil` run (per problem correctness only as the test
+    runs' paired material)."""
+    rows = run["metrics"]
+
+    def mean(key):
+        values = [float(r[key]) for r in rows if key in r]
+        return float(np.mean(values)) if values else None
+
+    def at(key, where):  # the metric's mean over the first (where=0) or last 10 steps
+        values = [float(r[key]) for r in rows if key in r]
+        part = values[:10] if where == 0 else values[-10:]
+        return float(np.mean(part)) if part else None
+
+    return {"method": method, "seed": seed, "learning_rate": learning_rate, "accuracy": run["accuracy"],
+            "final": run["final"], "area": run["area"], "step_time": run["step_time"],
+            "step_flops": run["step_flops"], "stopped_at": run["stopped_at"],
+            "skipped_steps": float(sum(float(r.get("skipped", 0.0)) for r in rows)),
+            "low_divergence_share": mean("low_divergence_share"),
+            "loss_traj": [at("loss_traj", 0), at("loss_traj", 1)],
+            "reverse_kl_sampled": [at("reverse_kl_sampled", 0), at("reverse_kl_sampled", 1)],
+            "teacher_agreement": [at("teacher_agreement", 0), at("teacher_agreement", 1)],
+            "grad_norm": mean("grad_norm")}
+
+
+def choose_carried(screen: dict[str, dict[str, Any]], carry: int) -> list[str]:
+    """The methods the test seeds run, from the development screen only:
+
+        BASELINES + the `carry` best other screened methods by dev area (oracle-locator methods
+        excluded: they are bounds) + the oracle bound of each of those `carry` methods.
+    """
+    others = [m for m in screen if m not in BASELINES and "@oracle" not in m]
+    best = sorted(others, key=lambda m: -screen[m]["area"])[:carry]
+    bounds = [oracle_bound(m) for m in best]
+    return list(dict.fromkeys([m for m in BASELINES if m in screen] + best + [b for b in bounds if b in METHODS]))
+
+
+def _distil_task(protocol: "Protocol", student_dir: str, teacher_dir: str, out_dir: str,
+                 task: tuple[str, int, float, str]) -> dict[str, Any]:
+    """One run of the protocol: task = (method, seed, learning rate, "dev" | "test")."""
+    method, seed, lr, split = task
+    problems = (models.eval_problems(protocol.dev_problems, models.DEV_EVAL_SEED) if split == "dev"
+                else models.eval_problems(protocol.eval_problems))
+    config = distil_config(student_dir, teacher_dir, method=method, seed=seed, steps=protocol.steps,
+                           learning_rate=lr, batch=protocol.batch,
+                           output_dir=os.path.join(out_dir, "runs", split, f"{method.replace('/', '+')}-{seed}-{lr:g}"))
+    run = distil(config, problems, eval_every=protocol.eval_every)
+    return run
+
+
+class _Jobs:
+    """Runs protocol tasks in this process (workers = 1) or in `workers` spawned processes, and
+    yields (task, run) as each ends."""
+
+    def __init__(self, protocol, student_dir, teacher_dir, out_dir, workers: int):
+        self.call = functools.partial(_distil_task, protocol, student_dir, teacher_dir, out_dir)
+        self.workers = workers
+
+    def map(self, tasks):
+        if self.workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                yield task, self.call(task)
+            return
+        import concurrent.futures
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds a JAX runtime
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+            futures = {pool.submit(self.call, task): task for task in tasks}
+            for future in concurrent.futures.as_completed(futures):
+                yield futures[future], future.result()
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """Everything that decides the protocol's numbers (results.json records it; a results.json of
+    another protocol in the same folder is refused, one of the same protocol is resumed)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    dev_seed: int = models.DEV_SEED
+    screen: tuple[str, ...] = SCREEN
+    carry: int = 1
+    learning_rates: tuple[float, ...] = LEARNING_RATES
+    steps: int = STEPS
+    eval_every: int = EVAL_EVERY
+    batch: int = BATCH
+    eval_problems: int = 1024
+    dev_problems: int = 512
+    locator_batches: int = 8
+
+    def __post_init__(self):
+        if self.dev_seed in self.seeds:
+            raise ValueError(f"the development seed {self.dev_seed} must not be a test seed {list(self.seeds)}")
+        unknown = [m for m in self.screen if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if DEFAULT_LEARNING_RATE not in self.learning_rates:
+            raise ValueError(f"the learning rates {list(self.learning_rates)} must include the screen's "
+                             f"{DEFAULT_LEARNING_RATE:g}")
+
+
+def reproduce(out_dir: str, protocol: Protocol = Protocol(), *, cache_dir: str | None = None, workers: int = 1,
+              progress: Callable[[str], None] | None = None, teacher_sft: models.SftConfig = models.TEACHER_SFT,
+              student_sft: models.SftConfig = models.STUDENT_SFT) -> dict[str, Any]:
+    """The protocol, in order; writes out_dir/results.json after every run ("complete": false until
+    the end) and resumes from it (runs already recorded are not repeated).
+
+    1. SFT teacher and student (cached); their greedy accuracy and malformed share on the test
+       problems; `locator_analysis` of the SFT'd pair (skipped with locator_batches = 0).
+    2. Screen: every method of protocol.screen at DEFAULT_LEARNING_RATE, dev seed, dev problems.
+    3. Carry (`choose_carried`, from the screen alone) and sweep: each carried method at every
+       other rate on the dev seed; its rate is the best dev area (ties: the lower rate).
+    4. Test: every carried method at its rate for every test seed, on the held-out problems.
+
+    workers > 1 runs that many distillations at once, each in its own process (`_Jobs`); every
+    run is a pure function of its (method, seed, rate), so the numbers do not depend on it.
+    """
+    say = progress or (lambda text: None)
+    path = os.path.join(out_dir, "results.json")
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(protocol).items()}
+    cache_dir = cache_dir or os.path.join(out_dir, "models")
+    teacher_dir = models.cached_sft(teacher_sft, cache_dir, "teacher")
+    student_dir = models.cached_sft(student_sft, cache_dir, "student")
+    problems = models.eval_problems(protocol.eval_problems)
+    dev_problems = models.eval_problems(protocol.dev_problems, models.DEV_EVAL_SEED)
+    results: dict[str, Any] | None = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        if results.get("protocol") != settings or results.get("task_version") != synthetic.VERSION:
+            raise ValueError(f"{path} holds the results of another protocol; use another --out to keep both")
+        say(f"resuming {path}")
+    if results is None:
+        teacher, student = models.load(teacher_dir), models.load(student_dir)
+        results = {"task_version": synthetic.VERSION, "protocol": settings, "complete": False,
+                   "teacher_accuracy": models.accuracy(teacher, problems),
+                   "student_accuracy": models.accuracy(student, problems),
+                   "teacher_malformed": models.malformed(teacher, problems),
+                   "student_malformed": models.malformed(student, problems),
+                   "screen": {}, "sweep": {}, "carried": None, "chosen_learning_rate": {}, "runs": {}}
+        if protocol.locator_batches:
+            loss = distil_config(student_dir, teacher_dir, method="topd", seed=0, output_dir=out_dir).loss
+            results["locators"] = locator_analysis(student, teacher, loss=loss, batches=protocol.locator_batches,
+                                                   batch_size=32)
+            say(f"locator analysis: {results['locators']['cosmetic_share']:.1%} of candidates are surface forms")
+
+    def save():
+        fileio.write_file(path, json.dumps(results, indent=1))
+
+    save()
+
+    jobs = _Jobs(protocol, student_dir, teacher_dir, out_dir, workers)
+
+    def each(tasks, record):  # run tasks (method, seed, lr, split) and record each as it ends
+        for task, run_ in jobs.map(tasks):
+            record(task, run_)
+            save()
+
+    def screened(task, run_):
+        method, seed, lr, _ = task
+        results["screen"][method] = run_record(method, seed, lr, run_)
+        say(f"screen {method}: area {run_['area']:.3f}, final {run_['final']:.3f}")
+
+    each([(m, protocol.dev_seed, DEFAULT_LEARNING_RATE, "dev") for m in protocol.screen
+          if m not in results["screen"]], screened)  # 2. the screen (dev seed, the default rate)
+    if results["carried"] is None:
+        results["carried"] = choose_carried(results["screen"], protocol.carry)
+        save()
+    for method in results["carried"]:  # the screen's run is the sweep's default-rate cell
+        screened_run = results["screen"].get(method)
+        results["sweep"].setdefault(method, {} if screened_run is None else
+                                    {f"{DEFAULT_LEARNING_RATE:g}": screened_run})
+
+    def swept(task, run_):
+        method, seed, lr, _ = task
+        results["sweep"][method][f"{lr:g}"] = run_record(method, seed, lr, run_)
+        say(f"sweep {method} lr {lr:g}: area {run_['area']:.3f}")
+
+    each([(m, protocol.dev_seed, lr, "dev") for m in results["carried"] for lr in protocol.learning_rates
+          if f"{lr:g}" not in results["sweep"][m]], swept)  # 3. the sweep of the carried methods
+    for method in results["carried"]:
+        sweep = results["sweep"][method]
+        results["chosen_learning_rate"][method] = float(
+            max(protocol.learning_rates, key=lambda lr: (sweep[f"{lr:g}"]["area"], -lr)))
+    save()
+
+    def tested(task, run_):
+        method, seed, lr, _ = task
+        results["runs"][f"{method}|{seed}"] = {**run_record(method, seed, lr, run_), "correct": run_["correct"].tolist()}
+        say(f"test {method} seed {seed}: area {run_['area']:.3f}, final {run_['final']:.3f}")
+
+    each([(m, seed, results["chosen_learning_rate"][m], "test") for m in results["carried"] for seed in protocol.seeds
+          if f"{m}|{seed}" not in results["runs"]], tested)  # 4. the test seeds
+    results["complete"] = True
+    save()
+    return results
+
+
+__all__ = ["BASELINES", "BATCH", "DEFAULT_LEARNING_RATE", "DISTIL", "EVAL_EVERY", "GUIDANCE", "LEARNING_RATES",
+           "METHODS", "Protocol", "SCREEN", "STEPS", "candidate_table", "choose_carried", "distil", "distil_config",
+           "located_rollouts", "locator_analysis", "method_name", "oracle_bound", "reproduce", "run_record",
+           "step_flops"]
