@@ -59,9 +59,10 @@ class RunLock:
         """Take the lock of `output_dir`, creating the folder if needed.
 
         Refused with a one-line ConfigError when another process holds it (naming that process)
-        or when the folder holds a run file no run wrote (`foreign_files`). A refused or
-        released lock of a folder this call created leaves no folder behind. `primary=False`
-        (hosts > 0 of a multi-host run) takes nothing.
+        or when the folder holds a run file no run wrote (`foreign_files`); either leaves
+        nothing behind. `release(refused=True)` (the run was refused later in its start-up)
+        removes the lock file and folders this call created. `primary=False` (hosts > 0 of a
+        multi-host run) takes nothing.
         """
         output_dir = os.fspath(output_dir)
         path = os.path.join(output_dir, LOCK_FILE)
