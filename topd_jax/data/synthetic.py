@@ -1,4 +1,4 @@
-"""The synthetic reasoning task (version 2): seeded multi-step arithmetic, a chain of thought with
+"""The synthetic reasoning task (version 3): seeded multi-step arithmetic, a chain of thought with
 self-corrections, and exact fork labels.
 
 A problem asks for a left-to-right expression of digits modulo 10, so every value is one digit
@@ -24,10 +24,10 @@ after a student's slip the teacher's continuation ("wait 1 ; then , 1 - 6 ...") 
 student's ("; next 2 - 6 ...") for several tokens (short-horizon drift), while after a surface
 choice both continue alike.
 
-Styles: both models have strong but different preferences (~0.8 for their favourite form), and
-every form appears with p >= 0.1 in both, so neither model is out of distribution on the other's
-style: after supervised training, a student's favourite surface form costs d ~ log(0.8 / 0.1) ~ 2
-under the teacher, a high-loss token whose future does not diverge.
+Styles: both models have clear but different preferences (0.7 for their favourite form, 0.6 for
+the connective), and every form appears with p >= 0.13 in both, so neither model is out of
+distribution on the other's style: after supervised training, a student's favourite surface form
+costs d ~ log(0.7 / 0.15) ~ 1.5 under the teacher, a high-loss token whose future does not diverge.
 
 Being synthetic, every completion token the format decides can be labelled (`fork_labels`): 1 = a
 fork, changing the token changes whether the final answer is right (operator, operands,
@@ -62,7 +62,7 @@ PAD_ID, EOS_ID = 0, 1
 MODULUS = 10
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
 PROMPT_LENGTH = 14  # the longest prompt (4 steps) in tokens
-MIN_STEPS, DEFAULT_MAX_STEPS = 3, 4  # the problems of version 2
+MIN_STEPS, DEFAULT_MAX_STEPS = 3, 4  # the problems of versions 2 and 3
 
 
 class SyntheticTokenizer:
@@ -140,10 +140,17 @@ class Style:
     slip: float = 0.0
 
 
-TEACHER_STYLE = Style(equals=(0.8, 0.1, 0.1), connectives=(0.7, 0.1, 0.1, 0.1), comma=0.8,
-                      answer=(0.8, 0.1, 0.1), swap=0.8, slip=0.2)
-STUDENT_STYLE = Style(equals=(0.1, 0.8, 0.1), connectives=(0.1, 0.1, 0.7, 0.1), comma=0.2,
-                      answer=(0.1, 0.1, 0.8), swap=0.2, slip=0.0)
+def favour(index: int, p: float, n: int) -> tuple[float, ...]:
+    """n surface forms, the one at `index` with probability p, the others sharing 1 - p."""
+    return tuple(p if i == index else (1 - p) / (n - 1) for i in range(n))
+
+
+# Version 3: favourite forms at 0.7 (connectives 0.6), so ~28% of the SFT'd student's high-loss
+# candidates are surface forms (the paper reports ~30%; at 0.8 / 0.7 it was 40-45%).
+TEACHER_STYLE = Style(equals=favour(0, 0.7, 3), connectives=favour(0, 0.6, 4), comma=0.7,
+                      answer=favour(0, 0.7, 3), swap=0.7, slip=0.2)
+STUDENT_STYLE = Style(equals=favour(1, 0.7, 3), connectives=favour(2, 0.6, 4), comma=1 - 0.7,
+                      answer=favour(2, 0.7, 3), swap=1 - 0.7, slip=0.0)
 
 
 @dataclasses.dataclass(frozen=True)

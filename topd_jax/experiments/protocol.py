@@ -177,10 +177,12 @@ def distil(config: TrainConfig, problems: Sequence[synthetic.Problem], *, eval_e
             on_step(step)
 
     trainer = Trainer(config, callbacks=[callback])
-    evaluate(trainer, trainer.step)
-    teacher_params = _count(nnx.state(trainer.teacher, nnx.Param)) if getattr(trainer, "teacher", None) else 0
-    trainer.run()
-    trainer.close()
+    try:
+        evaluate(trainer, trainer.step)
+        teacher_params = _count(trainer.teacher_params)
+        trainer.run()
+    finally:
+        trainer.close()  # releases output_dir's run lock even when the run raised
     times = [float(r["time_step"]) for r in rows[1:]] or [float(rows[0]["time_step"])] if rows else [float("nan")]
     lengths = [float(r["rollout_length_mean"]) for r in rows if "rollout_length_mean" in r] or [0.0]
     flops = step_flops(config, _count(trainer.state.params), teacher_params, float(np.mean(lengths)))
