@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from topd_jax.errors import CheckpointError, ConfigError, TrainingError, is_disk_full, one_line
+from topd_jax.losses.locators import LOCATORS
 from topd_jax.losses.topd import TopdConfig
 from topd_jax.models.checkpoint import load_pretrained
 from topd_jax.models.config import DTYPES
@@ -41,7 +42,7 @@ from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import config_to_hf
 from topd_jax.models.sharding import param_shardings
 from topd_jax.models.tokenizer import has_tokenizer, load_tokenizer
-from topd_jax.prompts import JsonlPrompts, RandomPrompts, SyntheticPrompts, TfdsPrompts
+from topd_jax.prompts import PROMPT_SOURCES
 from topd_jax.trainer import placement, rundir
 from topd_jax.trainer.checkpointing import CHECKPOINT_DIR, Checkpointer
 from topd_jax.trainer.config import ComputeConfig, ModelSpec, TrainConfig, resume_changes, save_config
@@ -259,23 +260,19 @@ class Trainer:
     # ------------------------------------------------------------------ data and checkpoints
 
     def _prompt_source(self):
-        d, r = self.config.data, self.config.rollout
-        if d.source == "random":
-            return RandomPrompts(vocab_size=self.student.config.vocab_size, prompt_length=d.prompt_length,
-                                 batch_size=r.prompts_per_step, seed=self.config.seed)
-        if d.source == "synthetic":
-            return SyntheticPrompts(prompt_length=d.prompt_length, batch_size=r.prompts_per_step, seed=self.config.seed)
-        if self.tokenizer is None:
+        """The `data.source` entry of `prompts.PROMPT_SOURCES`, built from the config."""
+        d = self.config.data
+        source = PROMPT_SOURCES[d.source]
+        if source.needs_tokenizer and self.tokenizer is None:
             raise ConfigError(f"data.source {d.source!r} needs a tokenizer: set student.path to a checkpoint "
                               "directory with tokenizer files")
-        if d.source == "tfds":
-            return TfdsPrompts(d.path, self.tokenizer, layout=d.layout, field=d.field,
-                               data_dir=d.data_dir or os.path.join(self.config.output_dir, "data"),
-                               prompt_length=d.prompt_length, batch_size=r.prompts_per_step, seed=self.config.seed,
-                               system_prompt=d.system_prompt, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-        return JsonlPrompts(d.path, self.tokenizer, field=d.field, prompt_length=d.prompt_length,
-                            batch_size=r.prompts_per_step, seed=self.config.seed, system_prompt=d.system_prompt)
+        if LOCATORS[self.loss.locator].labels and source.labeller is None:
+            raise ConfigError(f"loss.locator {self.loss.locator!r} reads fork labels, but data.source {d.source!r} "
+                              "has none (only: " + ", ".join(n for n, s in PROMPT_SOURCES.items() if s.labeller) + ")")
+        return source.from_config(d, batch_size=self.config.rollout.prompts_per_step, seed=self.config.seed,
+                                  vocab_size=self.student.config.vocab_size, tokenizer=self.tokenizer,
+                                  data_dir=os.path.join(self.config.output_dir, "data"),
+                                  process_index=jax.process_index(), process_count=jax.process_count())
 
     @property
     def step(self) -> int:
@@ -347,7 +344,7 @@ class Trainer:
         step = self.step
         key = jax.random.fold_in(self.state.key, step)
         k_sample, k_locate = jax.random.split(key)
-        put = placement.put_local_batch if getattr(self.prompts, "local", False) else placement.put_batch
+        put = placement.put_local_batch if self.prompts.local else placement.put_batch
         prompt_tokens, prompt_mask = put(self.prompts.batch(self.data_position), self.mesh)
         params, teacher = self.state.params, self.teacher_params
         with jax.set_mesh(self.mesh):  # decode loops pin their carries to the batch axes
@@ -361,7 +358,8 @@ class Trainer:
             with timer.phase("branch"):
                 located = jax.block_until_ready(_locate(self.graphdef, params, self.teacher_graphdef, teacher,
                                                         rollout, scores, k_locate, loss=self.loss,
-                                                        options=self.rollout_config))
+                                                        options=self.rollout_config,
+                                                        labeller=self.prompts.labeller))
         batch = experience(rollout, scores, located)
         del rollout, scores, located  # the caches are the largest buffers of the step
         batch = placement.place(batch, placement.experience_shardings(batch, self.mesh))
@@ -429,7 +427,7 @@ class Trainer:
         for notice in self.notices:
             logger.warn(notice)
         self.notices = []
-        skipped = dict(getattr(self.prompts, "skipped", {}) or {})
+        skipped = dict(self.prompts.skipped)
         if skipped:
             logger.warn(f"data: skipped {sum(skipped.values())} records of {cfg.data.path or cfg.data.source} ("
                         + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) + ")")
