@@ -168,6 +168,8 @@ def test_changing_only_steps_compute_or_logging_resumes_without_a_flag(trained, 
     (["optimizer.learning_rate=.nan"], "optimizer.learning_rate must be > 0, got nan"),
     (["optimizer.learning_rate=0"], "optimizer.learning_rate must be > 0, got 0.0"),
     (["student.path=/no/such/model"], "student.path /no/such/model: "),
+    (["loss.locator=oracle"], "loss.locator 'oracle' reads fork labels, but data.source 'random' has none "
+                              "(sources with labels: synthetic)"),
 ])
 def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys, overrides, message):
     out = tmp_path / "run"

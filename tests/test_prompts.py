@@ -102,3 +102,22 @@ def test_the_trainer_reports_skipped_prompt_records_at_start_up(hf_dir, problems
            "missing or empty 'problem': 1, not valid UTF-8 JSON: 1)"
     assert line in (tmp_path / "events.log").read_text()
     assert line in capsys.readouterr().out  # printed at start-up too
+
+
+def test_every_data_source_is_one_entry_of_the_prompt_source_table():
+    from typing import get_args, get_type_hints
+
+    from topd_jax.prompts import PROMPT_SOURCES, PromptSource
+    from topd_jax.trainer.config import DataConfig
+
+    assert set(PROMPT_SOURCES) == set(get_args(get_type_hints(DataConfig)["source"]))  # the config's choices
+    assert all(issubclass(s, PromptSource) for s in PROMPT_SOURCES.values())
+    # Only the synthetic task can label forks (the oracle locator's input); it brings its tokenizer.
+    assert [n for n, s in PROMPT_SOURCES.items() if s.labeller is not None] == ["synthetic"]
+    source = PROMPT_SOURCES["synthetic"].from_config(DataConfig(source="synthetic", prompt_length=14), batch_size=2,
+                                                     seed=0, vocab_size=64, tokenizer=None, data_dir="unused")
+    tokens, mask = source.batch(0)
+    positions = np.array([[0, 1], [2, 99]])
+    labels = source.labeller(tokens, np.zeros((2, 4), np.int32), positions)
+    assert labels.shape == (2, 2) and labels.dtype == np.int32 and labels[1, 1] == -1
+    assert source.tokenizer is not None and PROMPT_SOURCES["random"].tokenizer is None

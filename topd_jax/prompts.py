@@ -55,12 +55,15 @@ class PromptSource(abc.ABC):
     labeller         fork labels of candidates, (prompt ids [B, P], completion ids [B, N],
                      positions [B, M]) -> int32 [B, M], for locators that read labels (the
                      oracle); None: the source has none
+    tokenizer        the source's own tokenizer when it brings its vocabulary (synthetic), else
+                     None (the run uses the student's)
     skipped          records that could not be used, counted by reason
     """
 
     needs_tokenizer = False
     local = False
     labeller = None
+    tokenizer = None
     skipped: Counter
 
     @classmethod
@@ -179,11 +182,11 @@ class TfdsPrompts(PromptSource):
                               f"(skipped: {dict(self.skipped)})")
         self.reader = tfds_sources.ShardedReader(_Usable(source, usable), batch_size=batch_size, seed=seed,
                                                  process_index=process_index, process_count=process_count)
-        self.tokenizer, self.prompt_length, self.system_prompt = tokenizer, prompt_length, system_prompt
+        self.encoder, self.prompt_length, self.system_prompt = tokenizer, prompt_length, system_prompt
 
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         problems = [record["problem"] for record in self.reader.batch(index)]
-        return left_pad(encode_prompts(self.tokenizer, problems, system=self.system_prompt), self.prompt_length)
+        return left_pad(encode_prompts(self.encoder, problems, system=self.system_prompt), self.prompt_length)
 
 
 class JsonlPrompts(PromptSource):

@@ -212,6 +212,11 @@ class Trainer:
         config, r = self.config, self.config.rollout
         # one-line reports (tokenizers not compared, the resume), written to events.log by run()
         self.notices: list[str] = check_inputs(config)  # before any weight is read
+        source = PROMPT_SOURCES[config.data.source]
+        if LOCATORS[self.loss.locator].labels and source.labeller is None:
+            raise ConfigError(f"loss.locator {self.loss.locator!r} reads fork labels, but data.source "
+                              f"{config.data.source!r} has none (sources with labels: "
+                              + ", ".join(n for n, s in PROMPT_SOURCES.items() if s.labeller) + ")")
         models = {}
         for role in ("student", "teacher"):
             spec = getattr(config, role)
@@ -223,11 +228,11 @@ class Trainer:
         vocab_s = self.student.config.vocab_size
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         self.prompts = self._prompt_source()
-        if config.data.source == "synthetic":
+        if self.prompts.tokenizer is not None:  # a source with its own vocabulary (synthetic)
             self.tokenizer = self.prompts.tokenizer
             if vocab_s < self.tokenizer.vocab_size:
-                raise ConfigError(f"data.source 'synthetic' has {self.tokenizer.vocab_size} tokens; the models' "
-                                 f"vocab_size {vocab_s} is smaller")
+                raise ConfigError(f"data.source {config.data.source!r} has {self.tokenizer.vocab_size} tokens; the "
+                                  f"models' vocab_size {vocab_s} is smaller")
         eos = r.eos_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = (int(self.tokenizer.eos_token_id),)
@@ -266,9 +271,6 @@ class Trainer:
         if source.needs_tokenizer and self.tokenizer is None:
             raise ConfigError(f"data.source {d.source!r} needs a tokenizer: set student.path to a checkpoint "
                               "directory with tokenizer files")
-        if LOCATORS[self.loss.locator].labels and source.labeller is None:
-            raise ConfigError(f"loss.locator {self.loss.locator!r} reads fork labels, but data.source {d.source!r} "
-                              "has none (only: " + ", ".join(n for n, s in PROMPT_SOURCES.items() if s.labeller) + ")")
         return source.from_config(d, batch_size=self.config.rollout.prompts_per_step, seed=self.config.seed,
                                   vocab_size=self.student.config.vocab_size, tokenizer=self.tokenizer,
                                   data_dir=os.path.join(self.config.output_dir, "data"),
