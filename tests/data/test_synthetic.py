@@ -131,17 +131,17 @@ def test_the_problem_stream_is_a_pure_function_of_seed_and_index():
 def test_the_styles_prefer_different_forms_and_every_form_is_seen_by_both():
     for field in ("equals", "connectives", "answer"):
         t, s = getattr(S.TEACHER_STYLE, field), getattr(S.STUDENT_STYLE, field)
-        assert min(t) >= 0.1 and min(s) >= 0.1 and max(t) >= 0.7 and max(s) >= 0.7
+        assert min(t) >= 0.13 and min(s) >= 0.13 and max(t) >= 0.6 and max(s) >= 0.6
         assert int(np.argmax(t)) != int(np.argmax(s))
     for field in ("comma", "swap"):
         t, s = getattr(S.TEACHER_STYLE, field), getattr(S.STUDENT_STYLE, field)
-        assert 0.1 <= min(t, s) and max(t, s) <= 0.9 and abs(t - s) >= 0.5
+        assert 0.1 <= min(t, s) and max(t, s) <= 0.9 and abs(t - s) >= 0.39
     rng = np.random.default_rng(2)
     p = S.Problem((7, 4, 6, 2), ("+", "-", "+"))
     student = [S.solution(p, rng, S.STUDENT_STYLE) for _ in range(400)]
     teacher = [S.solution(p, rng, S.TEACHER_STYLE) for _ in range(400)]
     count = lambda texts, word: np.mean([t.split().count(word) for t in texts]) / 2  # noqa: E731  (2 connectives)
-    assert count(student, "next") > 0.6 and 0.05 < count(teacher, "next") < 0.2
+    assert 0.5 < count(student, "next") < 0.7 and 0.05 < count(teacher, "next") < 0.25  # 0.6 vs 0.13
 
 
 def test_the_tokenizer_round_trips_and_refuses_unknown_words():
@@ -152,3 +152,43 @@ def test_the_tokenizer_round_trips_and_refuses_unknown_words():
         TOK.encode("find x")
     with pytest.raises(ValueError, match="min_steps"):
         S.sample_problem(np.random.default_rng(0), min_steps=3, max_steps=2)
+
+
+def words(text):
+    return S.SyntheticTokenizer().tokenize(text)
+
+
+def test_a_token_that_declines_a_repair_is_a_fork():
+    p = S.Problem((7, 4, 6), ("+", "-"))  # partials 1, 5
+    # After the uncorrected wrong value 2, `;` declines the `wait 1` that would repair it: a fork.
+    declined = words("7 + 4 = 2 ; then , 2 - 6 = 6 ; answer 6")
+    labels, answer = S.parse(p, declined)
+    assert declined[5] == ";" and labels[5] == 1 and answer == 6
+    assert declined[13] == ";" and labels[13] == 1  # 6 is not the running value 5 either
+    assert labels[6] == 0  # the connective after it is still a surface form
+    # An accepted repair: `wait` and its value are forks, the `;` after the repaired value is not.
+    accepted = words("7 + 4 = 2 wait 1 ; then , 1 - 6 = 5 ; answer 5")
+    labels, answer = S.parse(p, accepted)
+    assert labels[5] == 1 and labels[6] == 1 and labels[7] == 0 and answer == 5
+    # A right value: the `;` after it declines nothing (a surface choice); a "repair" of a right
+    # value (wait + a wrong one) is a fork, and the `;` after the now-wrong value declines again.
+    right = words("7 + 4 = 1 ; then , 1 - 6 = 5 ; answer 5")
+    assert S.parse(p, right)[0][5] == 0
+    broken = words("7 + 4 = 1 wait 2 ; then , 2 - 6 = 6 ; answer 6")
+    labels, _ = S.parse(p, broken)
+    assert labels[5] == 1 and labels[7] == 0 and labels[15] == 1
+
+
+def test_walk_marks_local_errors_given_the_chain_as_written():
+    p = S.Problem((7, 4, 6), ("+", "-"))
+
+    def errors(text):
+        tokens = words(text)
+        return [f"{w}@{i}" for i, (w, e) in enumerate(zip(tokens, S.walk(p, tokens)[2])) if e]
+
+    assert errors("4 + 7 = 1 ; then , 1 - 6 = 5 ; answer is 5") == []  # either order of a + b
+    assert errors("7 + 4 = 2 ; then , 2 - 6 = 6 ; answer 6") == ["2@4"]  # then followed as written
+    assert errors("7 + 4 = 2 wait 1 ; then , 1 - 4 = 7 ; answer 5") == ["4@12", "5@17"]  # copy, answer
+    assert errors("7 + 4 = 1 ; 1 * 6 = 6 ; answer 6") == ["*@7"]  # the problem's operator is -
+    assert errors("7 + 7 = 4") == ["7@2"]
+
