@@ -54,7 +54,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     anatomy.add_argument("--out", default="results/anatomy", help="output directory (anatomy.json, anatomy.md)")
     anatomy.add_argument("--batch", type=int, default=proto.BATCH, help="prompts in the measured batch")
     anatomy.add_argument("--cache", default=None, help="SFT'd models cache (default ~/.cache/topd_jax/miniature)")
+    errors = sub.add_parser("errors", help="what each trained student gets wrong (first local error by kind)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    errors.add_argument("runs", nargs="+", help="run directories (their newest checkpoint is exported and evaluated) "
+                        "or model directories with a config.json")
+    errors.add_argument("--problems", type=int, default=1024, help="held-out test problems")
     args = parser.parse_args(argv)
+
+    if args.command == "errors":
+        import tempfile
+
+        from topd_jax.experiments import anatomy as anat, models
+        from topd_jax.export import export
+
+        problems = models.eval_problems(args.problems)
+        rows = {}
+        for run in args.runs:
+            if os.path.isfile(os.path.join(run, "config.json")):  # an exported / SFT'd model directory
+                rows[os.path.basename(os.path.normpath(run))] = anat.first_errors(models.load(run), problems)
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    step = export(run, os.path.join(tmp, "student"))
+                except Exception as err:  # noqa: BLE001  (a bad run directory is a one-line error)
+                    print(f"error: {run}: {err}", file=sys.stderr)
+                    return 2
+                rows[f"{os.path.basename(os.path.normpath(run))} (step {step})"] = anat.first_errors(
+                    models.load(os.path.join(tmp, "student")), problems)
+        print(anat.error_table(rows))
+        return 0
 
     if args.command == "anatomy":
         from topd_jax.experiments import anatomy as anat

@@ -162,4 +162,51 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FORMS", "measure", "table", "window_faults"]
+ERROR_KINDS = ("operand", "operator", "value", "answer", "format")
+
+
+def first_errors(model, problems) -> dict[str, float]:
+    """What a student gets wrong: over greedy completions of `problems`, the share that are right,
+    and the share whose first local error (`synthetic.walk`) is each of ERROR_KINDS -- a copied
+    operand that is neither the running value nor the problem's, an operator other than the
+    problem's, a value other than a op b as written (arithmetic), an answer other than the last
+    value, or a token off the format."""
+    counts = dict.fromkeys(("right", *ERROR_KINDS), 0)
+    for problem, ids in zip(problems, models.completions(model, problems)):
+        ids = [int(i) for i in ids]
+        ids = ids[:ids.index(synthetic.EOS_ID)] if synthetic.EOS_ID in ids else ids
+        words = [synthetic.VOCAB[i] for i in ids]
+        _, answer, errors = synthetic.walk(problem, words)
+        if answer == problem.answer and not errors.any():
+            counts["right"] += 1
+            continue
+        at = int(np.argmax(errors)) if errors.any() else len(words)
+        counts[_error_kind(words, at, answer is None)] += 1
+    return {k: v / len(problems) for k, v in counts.items()}
+
+
+def _error_kind(words: list[str], at: int, off_format: bool) -> str:
+    if at >= len(words):
+        return "format" if off_format else "answer"
+    word, before = words[at], words[at - 1] if at else ""
+    if word in synthetic.OPS:
+        return "operator"
+    if not word.isdigit():
+        return "format"
+    if before in (*synthetic.EQUALS, "wait"):
+        return "value"
+    if before in ("answer", "is", "result"):
+        return "answer"
+    return "operand"
+
+
+def error_table(rows: dict[str, dict[str, float]]) -> str:
+    """`first_errors` of several students as Markdown."""
+    lines = ["| student | right | " + " | ".join(f"first error: {k}" for k in ERROR_KINDS) + " |",
+             "| --- | --- |" + " --- |" * len(ERROR_KINDS)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['right']:.1%} | " + " | ".join(f"{r[k]:.1%}" for k in ERROR_KINDS) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["ERROR_KINDS", "FORMS", "error_table", "first_errors", "measure", "table", "window_faults"]
