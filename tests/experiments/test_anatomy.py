@@ -25,7 +25,7 @@ def test_first_errors_classify_each_wrong_completion_by_its_first_local_error(mo
              "7 + 4 = 1 ; then , then"]                   # off the format
     monkeypatch.setattr(anatomy.models, "completions", lambda model, problems: np.array([ids(t) for t in texts]))
     shares = anatomy.first_errors(None, [p] * len(texts))
-    assert shares == pytest.approx({"right": 1 / 6, "operand": 1 / 6, "operator": 1 / 6, "value": 1 / 6,
+    assert shares == pytest.approx({"flawless": 1 / 6, "operand": 1 / 6, "operator": 1 / 6, "value": 1 / 6,
                                     "answer": 1 / 6, "format": 1 / 6})
     assert "| a | 16.7% |" in anatomy.error_table({"a": shares})
 

@@ -166,19 +166,20 @@ ERROR_KINDS = ("operand", "operator", "value", "answer", "format")
 
 
 def first_errors(model, problems) -> dict[str, float]:
-    """What a student gets wrong: over greedy completions of `problems`, the share that are right,
+    """What a student gets wrong: over greedy completions of `problems`, the share that are flawless
+    (the right answer and no local error on the way; an answer can be right by two cancelling errors),
     and the share whose first local error (`synthetic.walk`) is each of ERROR_KINDS -- a copied
     operand that is neither the running value nor the problem's, an operator other than the
     problem's, a value other than a op b as written (arithmetic), an answer other than the last
     value, or a token off the format."""
-    counts = dict.fromkeys(("right", *ERROR_KINDS), 0)
+    counts = dict.fromkeys(("flawless", *ERROR_KINDS), 0)
     for problem, ids in zip(problems, models.completions(model, problems)):
         ids = [int(i) for i in ids]
         ids = ids[:ids.index(synthetic.EOS_ID)] if synthetic.EOS_ID in ids else ids
         words = [synthetic.VOCAB[i] for i in ids]
         _, answer, errors = synthetic.walk(problem, words)
         if answer == problem.answer and not errors.any():
-            counts["right"] += 1
+            counts["flawless"] += 1
             continue
         at = int(np.argmax(errors)) if errors.any() else len(words)
         counts[_error_kind(words, at, answer is None)] += 1
@@ -202,10 +203,10 @@ def _error_kind(words: list[str], at: int, off_format: bool) -> str:
 
 def error_table(rows: dict[str, dict[str, float]]) -> str:
     """`first_errors` of several students as Markdown."""
-    lines = ["| student | right | " + " | ".join(f"first error: {k}" for k in ERROR_KINDS) + " |",
+    lines = ["| student | flawless | " + " | ".join(f"first error: {k}" for k in ERROR_KINDS) + " |",
              "| --- | --- |" + " --- |" * len(ERROR_KINDS)]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['right']:.1%} | " + " | ".join(f"{r[k]:.1%}" for k in ERROR_KINDS) + " |")
+        lines.append(f"| {name} | {r['flawless']:.1%} | " + " | ".join(f"{r[k]:.1%}" for k in ERROR_KINDS) + " |")
     return "\n".join(lines)
 
 
