@@ -293,13 +293,13 @@ def test_export_refuses_weights_that_are_not_finite(trained, tmp_path, capsys):
     assert export.main(["--checkpoint", str(out), "--out", str(tmp_path / "hf"), "--step", "2"]) == 0
 
 
-def test_miniature_help_describes_every_option_with_its_default(capsys):
+def test_experiments_help_describes_every_option_with_its_default(capsys):
     import re
 
-    from topd_jax import miniature
+    from topd_jax.experiments.__main__ import main
 
     with pytest.raises(SystemExit):
-        miniature.main(["--help"])
+        main(["reproduce", "--help"])
     options = capsys.readouterr().out.split("options:", 1)[1]
     entries = [e for e in re.split(r"\n  (?=-)", options) if e.strip() and not e.lstrip().startswith("-h")]
     assert len(entries) >= 4

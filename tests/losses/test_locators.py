@@ -103,7 +103,10 @@ def test_rollout_and_teacher_embedding_locators_branch_the_teacher_only_where_as
 def test_the_oracles_labels_are_the_tasks_fork_labels_at_the_candidates(model_and_rollout):
     _, problems, rollout, scores = model_and_rollout
     loss = TopdConfig.preset("opd_suppress", locator="oracle", max_candidates=3)
-    located = jax.jit(lambda r, s: candidates(r, s, jax.random.PRNGKey(1), loss))(rollout, scores)
+    located = jax.jit(lambda r, s: candidates(r, s, jax.random.PRNGKey(1), loss, S.candidate_labels))(rollout, scores)
     tokens, positions = np.asarray(rollout.tokens), np.asarray(located.positions)
     expected = np.stack([S.fork_labels(p, row)[pos] for p, row, pos in zip(problems, tokens, positions)])
     assert np.array_equal(np.asarray(located.labels), expected)
+    # The labels come from the prompt source's labeller; without one the oracle cannot run.
+    with pytest.raises(ValueError, match="reads fork labels, but no labeller was given"):
+        candidates(rollout, scores, jax.random.PRNGKey(1), loss)

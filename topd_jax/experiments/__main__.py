@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="non-baseline methods carried to the test seeds (best development area), with their oracle bounds")
     run.add_argument("--learning-rates", default=",".join(f"{lr:g}" for lr in defaults.learning_rates),
                      help="the sweep's grid (must include 1e-3, the screen's rate)")
-    run.add_argument("--steps", type=int, default=defaults.steps)
+    run.add_argument("--steps", type=int, default=defaults.steps, help="distillation steps per run")
     run.add_argument("--eval-every", type=int, default=defaults.eval_every, help="evaluation interval (the budgets)")
     run.add_argument("--batch", type=int, default=defaults.batch, help="prompts per step")
     run.add_argument("--eval-problems", type=int, default=defaults.eval_problems, help="held-out test problems")
