@@ -56,6 +56,11 @@ def test_refuses_to_replace_a_file_before_any_work(tmp_path):
 
 
 def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    """The two-rename fallback (file systems without renameat2's exchange): a failed second
+    rename puts the old version back."""
+    from topd_jax import fileio
+
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
     out = tmp_path / "out"
     out.mkdir()
     (out / "weights").write_text("old")
