@@ -234,7 +234,7 @@ def run(out: str, *, cache: str | None = None, steps: int = DEMO_STEPS, quick: b
         bar.set_description(f"distil {method}")
         config = protocol.distil_config(student_dir, teacher_dir, method=method, seed=0, steps=steps, batch=batch,
                                         learning_rate=learning_rate, output_dir=os.path.join(out, "runs", method))
-        run_ = protocol.distil(config, problems, eval_every=max(steps // 4, 1), on_step=lambda s: bar.update(1))
+        run_ = protocol.distil(config, problems, eval_every=protocol.EVAL_EVERY, on_step=lambda s: bar.update(1))
         rows_by_method[method], correct[method] = run_["metrics"], run_["correct"]
         low = [r["low_divergence_share"] for r in run_["metrics"] if "low_divergence_share" in r]
         results["methods"][method] = {"accuracy": run_["accuracy"], "final": run_["final"], "area": run_["area"],
