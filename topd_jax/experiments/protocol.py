@@ -181,6 +181,8 @@ def distil(config: TrainConfig, problems: Sequence[synthetic.Problem], *, eval_e
         evaluate(trainer, trainer.step)
         teacher_params = _count(trainer.teacher_params)
         trainer.run()
+        if curve[-1][0] != trainer.step:  # stopped early (SIGTERM): the accuracy where it stopped
+            evaluate(trainer, trainer.step)
     finally:
         trainer.close()  # releases output_dir's run lock even when the run raised
     times = [float(r["time_step"]) for r in rows[1:]] or [float(rows[0]["time_step"])] if rows else [float("nan")]
