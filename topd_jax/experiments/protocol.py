@@ -185,7 +185,7 @@ def distil(config: TrainConfig, problems: Sequence[synthetic.Problem], *, eval_e
             evaluate(trainer, trainer.step)
     finally:
         trainer.close()  # releases output_dir's run lock even when the run raised
-    times = [float(r["time_step"]) for r in rows[1:]] or [float(rows[0]["time_step"])] if rows else [float("nan")]
+    times = [float(r["time_step"]) for r in (rows[1:] or rows)] or [float("nan")]  # the first step compiles
     lengths = [float(r["rollout_length_mean"]) for r in rows if "rollout_length_mean" in r] or [0.0]
     flops = step_flops(config, _count(trainer.state.params), teacher_params, float(np.mean(lengths)))
     return {"accuracy": curve, "metrics": rows, "step_time": float(np.median(times)), "step_flops": flops,
