@@ -146,7 +146,7 @@ def table(result: dict[str, Any]) -> str:
     """`measure`'s result as Markdown."""
     lines = [f"One batch of {result['batch']} rollouts of the SFT'd student ({result['rollout_tokens']} completion "
              "tokens), gradients at its starting parameters:", "",
-             "| locator / guidance | |g_guide| / |g_opd| | cos(g_guide, g_ref) | cos(g_opd, g_ref) | "
+             "| locator / guidance | norm(g_guide) / norm(g_opd) | cos(g_guide, g_ref) | cos(g_opd, g_ref) | "
              "cos(g_opd + g_guide, g_ref) | cos(g_guide, redraw) | divergent states | guided tokens: surface "
              "forms | windows from a broken prefix | faulty windows: clean prefix | broken prefix |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
