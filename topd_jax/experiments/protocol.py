@@ -410,8 +410,6 @@ def reproduce(out_dir: str, protocol: Protocol = Protocol(), *, cache_dir: str |
     cache_dir = cache_dir or os.path.join(out_dir, "models")
     teacher_dir = models.cached_sft(teacher_sft, cache_dir, "teacher")
     student_dir = models.cached_sft(student_sft, cache_dir, "student")
-    problems = models.eval_problems(protocol.eval_problems)
-    dev_problems = models.eval_problems(protocol.dev_problems, models.DEV_EVAL_SEED)
     results: dict[str, Any] | None = None
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -421,6 +419,7 @@ def reproduce(out_dir: str, protocol: Protocol = Protocol(), *, cache_dir: str |
         say(f"resuming {path}")
     if results is None:
         teacher, student = models.load(teacher_dir), models.load(student_dir)
+        problems = models.eval_problems(protocol.eval_problems)
         results = {"task_version": synthetic.VERSION, "protocol": settings, "complete": False,
                    "teacher_accuracy": models.accuracy(teacher, problems),
                    "student_accuracy": models.accuracy(student, problems),

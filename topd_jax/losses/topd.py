@@ -450,6 +450,13 @@ class Selection:
     weights: Array
 
 
+def tokens_at(positions: Array, slots: Array, t: int) -> Array:
+    """[B, M] positions and a [B, M] bool choice of slots -> [B, T] bool: the tokens the chosen
+    slots point at. A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B
+    as is."""
+    return jnp.any((positions[..., None] == jnp.arange(t)) & slots[..., None], axis=1)
+
+
 def candidate_slots(inputs: TopdInputs, config: TopdConfig, divergence: Array) -> tuple[Array, Array]:
     """C: positions [B, M] int32 and valid [B, M] bool.
 
@@ -492,10 +499,7 @@ def topd_weights(inputs: TopdInputs, config: TopdConfig) -> Selection:
                                                                          tau=locator.threshold)
     divergent, tau, tau_defined = divergent_states(scores, valid, rule, reference=reference,
                                                    reference_valid=reference_valid)
-    low = valid & ~divergent
-    # A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B as is.
-    at_position = positions[..., None] == jnp.arange(mask.shape[-1])
-    suppressed = jnp.any(at_position & low[..., None], axis=1) & (mask > 0)
+    suppressed = tokens_at(positions, valid & ~divergent, mask.shape[-1]) & (mask > 0)
     weights = jnp.where(suppressed, config.suppress_weight, 1.0)
     return Selection(positions, valid, scores, reference, reference_valid, tau, tau_defined,
                      gather_tokens(divergence, positions), divergent, suppressed, weights)
@@ -523,8 +527,7 @@ def topd_objective(inputs: TopdInputs, config: TopdConfig,
                                        norm=config.traj_norm, rollout_tokens=jnp.sum(inputs.mask > 0))
     if guided and config.traj_form == "return":
         divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
-        at_divergent = jnp.any((selection.positions[..., None] == jnp.arange(divergence.shape[-1]))
-                               & (selection.valid & selection.divergent)[..., None], axis=1)  # [B, T]
+        at_divergent = tokens_at(selection.positions, selection.valid & selection.divergent, divergence.shape[-1])
         future = near_future_return(divergence, inputs.mask, window=config.window, gamma=config.traj_gamma)
         advantage = -(divergence + jnp.where(at_divergent, config.traj_weight * future, 0.0))
         loss_traj = _mean_where(future, at_divergent & (inputs.mask > 0))  # the mean credited drift F_t
