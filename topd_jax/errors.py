@@ -48,6 +48,13 @@ def one_line(err: BaseException) -> str:
     return " ".join(lines) if len(lines) <= 3 else lines[0]
 
 
+def first_line(err: BaseException) -> str:
+    """Only the error's first line: XLA's compile errors run over many, the rest context (the
+    plan's table cells). A user error for the command line is `one_line`."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0].strip()
+
+
 def is_disk_full(err: BaseException) -> bool:
     """Whether `err` or what caused it is ENOSPC; TensorStore (Orbax's array writes) reports it as
     a ValueError whose text carries the OS message, not as an OSError."""
@@ -126,4 +133,4 @@ def exit_quietly(code: int) -> None:
 
 
 __all__ = ["CheckpointError", "ConfigError", "DEBUG_ENV", "TrainingError", "USER_ERRORS", "debug_requested",
-           "exit_quietly", "is_disk_full", "one_line", "run_cli"]
+           "exit_quietly", "first_line", "is_disk_full", "one_line", "run_cli"]

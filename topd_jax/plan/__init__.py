@@ -3,10 +3,9 @@
     python -m topd_jax.plan --config CONFIG --topology v5p:4x4x2 [key=value ...]
 
 Modules (import them directly; this package imports none of them, so `--help` starts fast):
-  chips    the known TPU chips (HBM, peak FLOP/s, HBM and ICI bandwidth) and a topology's devices
-  measure  the trainer's phases compiled on abstract inputs: per-device memory, FLOPs, bytes
-  hlo      per-device FLOPs, HBM bytes and collective bytes read from the optimised HLO text,
-           loops counted per iteration
-  report   the printed table, the JSON and the fit check
-  cli      the command line (docs/plan.md)
+  topology  a TPU topology's compile-only devices and their chip (`topd_jax.hardware.chips`)
+  measure   the trainer's phases compiled on abstract inputs: per-device memory, FLOPs, bytes
+            (read from the HLO text by `topd_jax.hardware.hlo`, loops counted per iteration)
+  report    the printed table, the JSON and the fit check
+  cli       the command line (docs/plan.md)
 """

@@ -71,16 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, OSError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    from topd_jax.plan import chips, measure, report
+    from topd_jax.plan import measure, report, topology
 
     try:
-        devices, chip = chips.topology_devices(args.topology)
+        devices, chip = topology.topology_devices(args.topology)
         plan = measure.plan_step(config, devices, student_layers=args.student_layers,
                                  teacher_layers=args.teacher_layers, decode_steps=not args.no_decode_steps,
                                  buffers=args.buffers, only=phases,
                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ConfigError, ValueError, OSError) as err:
-        print(f"error: {chips.first_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(report.format_table(plan, chip, args.topology, args.headroom))
     if args.json:

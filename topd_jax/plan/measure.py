@@ -58,9 +58,9 @@ from flax import nnx
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.models.decoder import init_branch_cache
 from topd_jax.models.sharding import batch_sharding
-from topd_jax.plan import hlo
-from topd_jax.plan.chips import first_line
-from topd_jax.plan.hlo import KINDS
+from topd_jax.errors import first_line
+from topd_jax.hardware import hlo
+from topd_jax.hardware.hlo import KINDS
 from topd_jax.trainer import placement, phases
 from topd_jax.trainer.config import TrainConfig
 from topd_jax.trainer.runtime import mesh_from_config

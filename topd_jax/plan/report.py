@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from topd_jax.plan.chips import GIB, Chip
-from topd_jax.plan.hlo import KINDS
+from topd_jax.hardware.chips import GIB, Chip
+from topd_jax.hardware.hlo import KINDS
 from topd_jax.plan.measure import PhaseFigures, StepPlan
 
 _SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A"}

@@ -3,8 +3,9 @@
     MFU = FLOPs of one step / (step seconds * peak FLOP/s per device * devices)
 
 FLOPs come from the compiled step's HLO, loops counted per iteration (`compiled_flops`), or else from the
-6 N T rule of thumb (`transformer_train_flops`); the peak from a table of dense bf16 figures
-(`device_peak_flops`), or where the chip is unknown, a measured matmul (`measure_matmul_peak`).
+6 N T rule of thumb (`transformer_train_flops`); the peak from the chip table's dense bf16 figures
+(`device_peak_flops`, `topd_jax.hardware.chips`), or where the chip is unknown, a measured matmul
+(`measure_matmul_peak`).
 """
 
 from __future__ import annotations
@@ -18,32 +19,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from topd_jax.plan import hlo  # pure HLO-text parsing (the plan package's __init__ imports nothing)
-
-# Dense bf16 peak FLOP/s per chip, matched in order as a lowercase substring of
-# `device.device_kind`: more specific names first ("h100 pcie" before "h100", "l40s" before "l4").
-PEAK_FLOPS_BY_KIND: tuple[tuple[str, float], ...] = (
-    ("tpu7x", 2307e12),
-    ("v6 lite", 918e12),
-    ("v6e", 918e12),
-    ("v5 lite", 197e12),
-    ("v5e", 197e12),
-    ("v5p", 459e12),
-    ("tpu v5", 459e12),  # v5p reports itself as "TPU v5"
-    ("tpu v4", 275e12),
-    ("tpu v3", 123e12),
-    ("tpu v2", 45e12),
-    ("b200", 2250e12),
-    ("h200", 989e12),  # also GH200
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),  # SXM
-    ("h800", 989e12),
-    ("a100", 312e12),
-    ("a800", 312e12),
-    ("l40s", 362e12),
-    ("nvidia l4", 121e12),
-    ("a10g", 70e12),
-)
+from topd_jax.hardware import chips, hlo
 
 
 class PhaseTimer:
@@ -89,7 +65,7 @@ class PhaseTimer:
 def measure_matmul_peak(*, size: int = 1024, dtype: Any = jnp.float32, repeats: int = 5, device: jax.Device | None = None) -> float:
     """The measured matmul peak of one device: FLOP/s of a jitted [size, size] x [size, size]
     matmul, 2 size^3 FLOPs over the best of `repeats` timed runs (after a compiling warm-up).
-    A stand-in peak for chips missing from PEAK_FLOPS_BY_KIND (e.g. CPUs)."""
+    A stand-in peak for chips missing from the chip table (e.g. CPUs)."""
     if size < 1 or repeats < 1:
         raise ValueError(f"size ({size}) and repeats ({repeats}) must be positive")
     device = jax.devices()[0] if device is None else device
@@ -107,18 +83,15 @@ def measure_matmul_peak(*, size: int = 1024, dtype: Any = jnp.float32, repeats: 
 
 
 def device_peak_flops(device: Any) -> float | None:
-    """Dense bf16 peak FLOP/s of one chip, looked up by `device.device_kind` in
-    PEAK_FLOPS_BY_KIND; None for an unknown kind (e.g. CPU)."""
-    kind = str(getattr(device, "device_kind", "")).lower()
-    for name, peak in PEAK_FLOPS_BY_KIND:
-        if name in kind:
-            return peak
-    return None
+    """Dense bf16 peak FLOP/s of one chip, looked up by `device.device_kind` in the chip table
+    (`topd_jax.hardware.chips.chip_of_device`); None for an unknown kind (e.g. CPU)."""
+    chip = chips.chip_of_device(device)
+    return None if chip is None else chip.peak_flops
 
 
 def compiled_flops(compiled: Any) -> float | None:
     """FLOPs of one execution of a compiled JAX executable (`jax.jit(f).lower(...).compile()`),
-    per device, with every fixed-length loop counted once per iteration: `plan.hlo.flops` of its
+    per device, with every fixed-length loop counted once per iteration: `hardware.hlo.flops` of its
     optimised HLO (matmuls and convolutions; the scanned layers are a loop, which XLA's own
     `cost_analysis()` counts once). None where the program has no matmul FLOPs or no HLO text."""
     try:

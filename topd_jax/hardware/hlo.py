@@ -21,7 +21,7 @@ loop's structure, as XLA's own `ComputeWhileLoopTripCount` does for the canonica
 constant N (`i < N`, `<=`, `>`, `>=`, `!=`; through copies, bitcasts and fusions), the loop's
 initial tuple holds a constant c0 there and the body adds a constant step s to it; then
 n = ceil((N - c0) / s). A loop of any other form (the decode loops, `i < N and any(alive)`) has
-no known trip count and counts once, as in XLA; `measure.DecodeStep` covers those.
+no known trip count and counts once, as in XLA; the plan's `measure.DecodeStep` covers those.
 
 **FLOPs** (`flops`), per chip: 2 x multiply-adds of every `dot` (prod(result dims) x
 prod(lhs contracting dims)) and `convolution` (XLA's `GetConvolutionFlops`: input features /

@@ -1,0 +1,9 @@
+"""What the chips are and what a compiled program asks of them: a leaf package (jax, numpy and
+the standard library only) that both the plan and the trainer import.
+
+Modules (import them directly; this package imports none of them):
+  chips  the one table of known chips (HBM, peak bf16 FLOP/s, HBM and ICI bandwidth) and the
+         lookup of a device's chip by its `device_kind`
+  hlo    per-device FLOPs, HBM bytes and collective bytes read from the optimised HLO text,
+         loops counted per iteration
+"""
