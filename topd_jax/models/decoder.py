@@ -90,15 +90,19 @@ class DecoderLayer(nnx.Module):
         self.mlp = mlp(cfg, dtype=dtype, rngs=rngs)
         self.impl, self.block = cfg.attention, cfg.attention_block
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, impl=self.impl, block=self.block)
+    def __call__(self, x, cos, sin, mask, cache=None, layer=None, index=None):
+        """x [B, T, D] -> ([B, T, D], cache): the stacked cache (Attention.__call__) with this layer's
+        keys and values written at slots [index, index + T), or None without one."""
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, index, impl=self.impl,
+                                  block=self.block)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
-    def branch_step(self, x, cos, sin, prefix_kv, prefix_mask, branch_kv, step):
-        """x [B, M, D] -> [B, M, D] for one lockstep token per branch (Attention.branch_step)."""
+    def branch_step(self, x, cos, sin, prefix_kv, prefix_mask, branch_kv, layer, step):
+        """x [B, M, D] -> [B, M, D] for one lockstep token per branch (Attention.branch_step);
+        branch_kv: the stacked [B, L, M, W, K, H] branch cache, layer `layer` written in place."""
         h, branch_kv = self.self_attn.branch_step(self.input_layernorm(x), cos, sin, prefix_kv, prefix_mask,
-                                                  branch_kv, step)
+                                                  branch_kv, layer, step)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), branch_kv
 
@@ -118,14 +122,6 @@ def _stacked(layers: list[DecoderLayer]) -> DecoderLayer:
 
 def _layer_slice(tree, layer):
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer, axis=1, keepdims=False), tree)
-
-
-def _write_layer(tree, update, layer, start):
-    """tree [B, L, ...] with update [B, ...] written at layer `layer`, offset `start` on axis 2."""
-    def one(x, u):
-        index = (0, layer, start) + (0,) * (x.ndim - 3)
-        return jax.lax.dynamic_update_slice(x, u[:, None].astype(x.dtype), index)
-    return jax.tree.map(one, tree, update)
 
 
 class LayerStack(nnx.Module):
@@ -156,24 +152,17 @@ class LayerStack(nnx.Module):
         def body(layer, carry, i):
             # Activations stay split along the batch (under a context mesh): with FSDP the
             # partitioner then gathers each layer's weights instead of replicating the batch.
-            x, kv = constrain_batch(carry[0]), carry[1]
-            if kv is None:
-                return layer(x, cos, sin, mask)[0], None
-            x, new = layer(x, cos, sin, mask, _layer_slice(kv, i), index)
-            return x, _write_layer(kv, new, i, index)
+            # The whole cache is the carry and layer i writes its slots in place (Attention).
+            return layer(constrain_batch(carry[0]), cos, sin, mask, carry[1], i, index)
 
         return self._scan(body, (x, cache_kv))
 
     def branch_step(self, x, cos, sin, prefix_kv, prefix_mask, branch_kv, step):
         """One lockstep token per branch through the stack (DecoderLayer.branch_step); prefix_kv
-        [B, L, S, K, H] read in place, branch_kv [B, L, M, W, K, H] updated."""
+        [B, L, S, K, H] read in place, branch_kv [B, L, M, W, K, H] updated in place (the carry)."""
 
         def body(layer, carry, i):
-            x, kv = carry
-            x, new = layer.branch_step(x, cos, sin, _layer_slice(prefix_kv, i), prefix_mask, _layer_slice(kv, i),
-                                       step)
-            return x, jax.tree.map(lambda whole, one: jax.lax.dynamic_update_index_in_dim(whole, one, i, axis=1),
-                                   kv, new)
+            return layer.branch_step(carry[0], cos, sin, _layer_slice(prefix_kv, i), prefix_mask, carry[1], i, step)
 
         return self._scan(body, (x, branch_kv))
 
