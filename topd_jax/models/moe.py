@@ -16,7 +16,7 @@ CPU the FLOPs are those of all E experts — same results, slower.)
 
 from __future__ import annotations
 
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +39,11 @@ def route(logits: Array, k: int, normalize: bool) -> tuple[Array, Array]:
     return weights, experts.astype(jnp.int32)
 
 
-def grouped_swiglu(x: Array, experts: Array, gate: Array, up: Array, down: Array) -> Array:
+def grouped_swiglu(x: Array, experts: Array, gate: Array, up: Array, down: Array, groups: int | None = None) -> Array:
     """Every token through each of its experts: x [N, D], expert ids [N, k] -> [N, k, D].
 
-    Expert weights: gate and up [E, D, I], down [E, I, D].
+    Expert weights: gate and up [E, D, I], down [E, I, D]. With `groups` = E, an id >= E (an
+    expert another device holds) sorts after every real group and gets zeros.
     """
     n, k = experts.shape
     flat = experts.reshape(-1)  # assignment a = n * k + j
@@ -51,6 +52,8 @@ def grouped_swiglu(x: Array, experts: Array, gate: Array, up: Array, down: Array
     xs = x[order // k]  # [N*k, D]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
     ys = jax.lax.ragged_dot(h, down, sizes)
+    if groups is not None:  # rows past the real groups: zero whatever the kernel left there
+        ys = jnp.where((flat[order] < groups)[:, None], ys, 0)
     return jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
 
 
@@ -67,18 +70,77 @@ class MoEBlock(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         params = (self.router[...], self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-        local = functools.partial(moe_forward, top_k=self.top_k, normalize=self.norm_topk_prob)
         mesh = context_mesh()
-        split = None if mesh is None else logical_to_spec(("batch", None, None), x.shape, mesh)[0]
-        if split is None:
-            return local(x, *params)
-        # Under a mesh whose batch axes split x: route and sort each device's own tokens. A
-        # global sort by expert would gather the whole batch's assignments [B T k, D] onto every
-        # device; here each device gathers the expert weights instead (as FSDP does for a dense
-        # layer) and its activations stay split along the batch.
-        axes = (split,) if isinstance(split, str) else tuple(split)
-        return jax.shard_map(local, mesh=mesh, in_specs=(P(split),) + (P(),) * 4, out_specs=P(split),
-                             axis_names=set(axes), check_vma=False)(x, *params)
+        if mesh is None:
+            return moe_forward(x, *params, top_k=self.top_k, normalize=self.norm_topk_prob)
+        return expert_parallel(x, *params, mesh=mesh, top_k=self.top_k, normalize=self.norm_topk_prob)
+
+
+def _axis(spec_entry) -> tuple[str, ...]:
+    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+# Tokens per device routed at once by `expert_parallel` (gathered over the expert axis): bounds the
+# [tokens x k, D] assignment buffers of a long prefill; a decode step is one chunk.
+EP_CHUNK_TOKENS = 4096
+
+
+def expert_parallel(x: Array, router: Array, gate: Array, up: Array, down: Array, *, mesh, top_k: int,
+                    normalize: bool) -> Array:
+    """The block under a mesh, each device computing only its own experts' share (`jax.shard_map`).
+
+    Shardings come from the logical-axis rules: x's batch axes (data, fsdp, expert), the experts'
+    `expert` axis (E / e per device) and `expert_mlp` axis (I / t per device, tensor). The embed
+    axis of the weights is gathered at entry, as FSDP gathers a dense layer's. Per device, with
+    x_d its own tokens:
+
+        x_g = all_gather(x_d over expert)           tokens of the devices sharing its experts
+        y_g = sum_{j: e_nj local} w_nj down_e(silu(gate_e(x)) * up_e(x))   local experts, I / t
+        y   = psum(y_g over tensor);  y_d = psum_scatter(y over expert)     back to x_d's rows
+
+    so decoding moves only activations (all-gather and reduce-scatter of [tokens, D]), never an
+    expert's weights, and each device reads 1 / (e t) of the expert weights. Without expert or
+    tensor axes this is the batch-split routing of each device's own tokens with the experts
+    gathered (FSDP). Tokens are routed EP_CHUNK_TOKENS at a time (`lax.map`), so a long prefill's
+    assignment buffers stay bounded. Equals `moe_forward` on the whole batch.
+    """
+    batch = logical_to_spec(("batch", None, None), x.shape, mesh)[0]
+    w_spec = logical_to_spec(("expert", "embed", "expert_mlp"), gate.shape, mesh)
+    expert_axes, mlp_axes = _axis(w_spec[0]), _axis(w_spec[2])
+    gathered = tuple(a for a in expert_axes if a in _axis(batch))  # tokens to collect from peers
+    replicated_tokens = tuple(a for a in expert_axes if a not in gathered)
+    n_local = gate.shape[0] // math.prod(mesh.shape[a] for a in expert_axes)
+
+    def local(x, router, gate, up, down):
+        b, t, d = x.shape
+        first = 0
+        for a in expert_axes:  # the index of this device's first expert
+            first = first * mesh.shape[a] + jax.lax.axis_index(a)
+        first = first * n_local
+
+        def route_chunk(flat):  # [C, D] own tokens -> [C, D] their outputs
+            tokens = jax.lax.all_gather(flat, gathered, axis=0, tiled=True) if gathered else flat
+            weights, experts = route(tokens @ router, top_k, normalize)
+            own = experts - first
+            mine = (own >= 0) & (own < n_local)
+            ys = grouped_swiglu(tokens, jnp.where(mine, own, n_local), gate, up, down, groups=n_local)
+            y = jnp.einsum("nkd,nk->nd", ys, jnp.where(mine, weights, 0.0).astype(x.dtype))
+            if mlp_axes or replicated_tokens:
+                y = jax.lax.psum(y, mlp_axes + replicated_tokens)
+            return jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True) if gathered else y
+
+        flat = x.reshape(b * t, d)
+        chunk = EP_CHUNK_TOKENS
+        if b * t <= chunk:
+            return route_chunk(flat).reshape(b, t, d)
+        pad = (-(b * t)) % chunk
+        chunks = jnp.pad(flat, [(0, pad), (0, 0)]).reshape(-1, chunk, d)
+        return jax.lax.map(route_chunk, chunks).reshape(-1, d)[:b * t].reshape(b, t, d)
+
+    w_in = P(w_spec[0], None, w_spec[2])
+    w_out = P(w_spec[0], w_spec[2], None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(batch), P(), w_in, w_in, w_out), out_specs=P(batch),
+                         check_vma=False)(x, router, gate, up, down)
 
 
 def moe_forward(x: Array, router: Array, gate: Array, up: Array, down: Array, *, top_k: int,

@@ -138,7 +138,8 @@ def context_mesh() -> jax.sharding.AbstractMesh | None:
 
 def constrain_batch(tree: Any, rules: Rules | Mapping[str, MeshAxes] | None = None) -> Any:
     """Inside `jax.set_mesh(mesh)`: split the leading B axis of every array of `tree` by the
-    batch rule, other axes left to the partitioner; without a context mesh, `tree` unchanged.
+    batch rule, other axes left to the partitioner (`PartitionSpec.UNCONSTRAINED`: a KV cache keeps
+    its kv heads split over `tensor`); without a context mesh, `tree` unchanged.
 
     Decode loops start from zero-filled carries (caches, token buffers) that carry no sharding,
     so without this the partitioner may replicate a whole loop on every device.
@@ -150,7 +151,8 @@ def constrain_batch(tree: Any, rules: Rules | Mapping[str, MeshAxes] | None = No
     def one(x):
         if not hasattr(x, "ndim") or x.ndim == 0:
             return x
-        spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+        batch = logical_to_spec(("batch",), x.shape[:1], mesh, rules)[0]
+        spec = PartitionSpec(batch, *(PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1))
         return jax.lax.with_sharding_constraint(x, spec)
 
     return jax.tree.map(one, tree)
