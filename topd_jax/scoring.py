@@ -61,8 +61,10 @@ def _row_logprobs(model: CausalLM, hidden: Array, ids: Array, *, chunk_size: int
     than one [chunk_size, V] logits slab; the log-softmax itself is never materialised at all.
     """
 
+    head = model.head()  # gathered once, outside the chunk loop
+
     def per_chunk(h, i):
-        logits = model.logits(h)  # [C, V] float32
+        logits = model.logits(h, head)  # [C, V] float32
         lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         gathered = jnp.take_along_axis(logits, i, axis=-1) - lse
         if not top_k:

@@ -37,7 +37,7 @@ from topd_jax.models.config import ModelConfig
 from topd_jax.models.layers import MLP, Attention, RMSNorm, param, rope_angles
 from topd_jax.models.masks import Visibility, causal_visibility, explicit_mask, positions_from_padding
 from topd_jax.models.moe import MoEBlock
-from topd_jax.models.sharding import constrain_batch
+from topd_jax.models.sharding import constrain_batch, context_mesh, logical_to_spec
 
 Array = jax.Array
 
@@ -187,11 +187,26 @@ class CausalLM(nnx.Module):
                 return nnx.merge(graphdef, jax.tree.map(lambda x: x[i - stack.first], state))
         raise IndexError(f"layer {i} out of range [0, {self.config.num_layers})")
 
-    def logits(self, hidden: Array) -> Array:
-        """[..., D] final hidden states -> [..., V] float32 logits (tied or separate LM head)."""
+    def head(self) -> Array:
+        """The LM head's weight: embed_tokens [V, D] when tied, else lm_head [D, V]. Under a context
+        mesh its embed axis is gathered (its vocab axis keeps its rule): each device multiplies its
+        own rows by the whole hidden size, so logits are never partial sums reduced across devices.
+        Read it once outside a chunk loop and pass it to every chunk's `logits`: the gather
+        (FSDP's) then happens once per program, not once per chunk."""
+        tied = self.config.tie_word_embeddings
+        weight, axes = (self.embed_tokens[...], ("vocab", "embed")) if tied else (self.lm_head[...], ("embed", "vocab"))
+        mesh = context_mesh()
+        if mesh is None:
+            return weight
+        return jax.lax.with_sharding_constraint(weight, logical_to_spec(axes, weight.shape, mesh, {"embed": None}))
+
+    def logits(self, hidden: Array, head: Array | None = None) -> Array:
+        """[..., D] final hidden states -> [..., V] float32 logits (tied or separate LM head);
+        head: `self.head()`, when the caller read it already (a chunk loop)."""
+        head = self.head() if head is None else head
         if self.config.tie_word_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+            return jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: Array, *, positions: Array | None = None,
                  attention_mask: Array | Visibility | None = None, cache: KVCache | None = None,
