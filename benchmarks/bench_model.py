@@ -91,7 +91,7 @@ def attention_benchmark(lengths, *, rounds: int, steps: int, block: int, dense_m
     import jax
     import jax.numpy as jnp
 
-    from topd_jax.models.layers import attention
+    from topd_jax.models.attention import attention
     from topd_jax.models.masks import causal_visibility
 
     b, n, kv, h = 1, 8, 2, 128
@@ -142,7 +142,7 @@ def tpu_attention_compile(topology: str) -> None:
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from topd_jax.models.layers import attention
+    from topd_jax.models.attention import attention
     from topd_jax.models.masks import causal_visibility
     from topd_jax.models.sharding import make_mesh
 

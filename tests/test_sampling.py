@@ -8,7 +8,7 @@ from flax import nnx
 from scipy import stats
 
 from topd_jax.models import CausalLM, KVCache, ModelConfig, attend, init_cache
-from topd_jax.models.layers import attend_branches
+from topd_jax.models.attention import attend_branches
 from topd_jax.sampling import Rollout, Windows, branch, generate, sample_tokens, window_embeddings
 
 V, P, N, K = 64, 6, 8, 5

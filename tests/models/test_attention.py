@@ -17,9 +17,10 @@ import pytest
 from flax import nnx
 
 from topd_jax.models import load_pretrained
-from topd_jax.models.config import ATTENTION_IMPLS
+from topd_jax.models.attention import ATTENTION_BACKENDS, ATTENTION_CHOICES, attend, attention, blockwise_attend
+from topd_jax.models.config import ModelConfig
 from topd_jax.models.decoder import REMAT_POLICIES
-from topd_jax.models.layers import ATTENTION_BACKENDS, attend, attention, blockwise_attend, rope_angles
+from topd_jax.models.layers import rope_angles
 from topd_jax.models.masks import (causal_mask, causal_visibility, dense_mask, positions_from_padding,
                                    tree_attention_mask, tree_visibility)
 
@@ -53,7 +54,14 @@ def assert_same_forward_and_grad(vis, q, k, v, block, impl="blockwise"):
 
 
 def test_the_attention_table_is_the_config_choice():
-    assert set(ATTENTION_IMPLS) == {"auto", *ATTENTION_BACKENDS}
+    assert ATTENTION_CHOICES == ("auto", *ATTENTION_BACKENDS)
+    assert set(ATTENTION_BACKENDS) == {"dense", "blockwise", "splash", "cudnn"}
+    sizes = dict(family="qwen3", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                 num_kv_heads=1, head_dim=4)
+    for impl in ATTENTION_CHOICES:  # ModelConfig checks against the table itself
+        assert ModelConfig(**sizes, attention=impl).attention == impl
+    with pytest.raises(ValueError, match=f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got 'flash'"):
+        ModelConfig(**sizes, attention="flash")
     assert set(REMAT_POLICIES) == {"none", "dots", "full"}
 
 
@@ -232,7 +240,7 @@ def test_auto_picks_the_platform_kernel_and_splash_compiles_for_a_tpu_topology()
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from topd_jax.models.layers import auto_backend, target_platform
+    from topd_jax.models.attention import auto_backend, target_platform
     from topd_jax.models.sharding import make_mesh
 
     assert target_platform() == "cpu"

@@ -1,7 +1,9 @@
 """TrainConfig: the YAML configs, dotted overrides, one-line errors, optimizer, mesh and runtime."""
 
+import dataclasses
 import math
 import pathlib
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +12,13 @@ import pytest
 import yaml
 from flax import nnx
 
-from topd_jax.configuration import ConfigError
+from topd_jax.configuration import ConfigError, describe_keys
 from topd_jax.losses import TopdConfig
+from topd_jax.models.attention import ATTENTION_CHOICES
 from topd_jax.models.decoder import CausalLM
 from topd_jax.trainer import runtime
-from topd_jax.trainer.config import (DistributedConfig, MeshConfig, OptimizerConfig, RandomModelConfig, TrainConfig,
-                                     load_config, save_config)
+from topd_jax.trainer.config import (ComputeConfig, DistributedConfig, MeshConfig, OptimizerConfig, RandomModelConfig,
+                                     TrainConfig, load_config, save_config)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
@@ -198,6 +201,41 @@ def test_bad_loss_key_or_value_fails_at_load():
 ])
 def test_out_of_range_value_names_the_dotted_key(override, message):
     assert error(None, [override]) == message
+
+
+# ---------------------------------------------------------------- model.attention: the models' table
+
+
+@pytest.mark.parametrize("impl", ["splash", "cudnn"])
+def test_every_model_backend_loads_from_the_yaml_and_from_an_override(tmp_path, impl):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  attention: {impl}\n", encoding="utf-8")
+    assert load_config(path).model.attention == impl
+    config = load_config(PAPER, [f"model.attention={impl}"])
+    assert config.model.attention == impl
+    # ... and reaches the models' own config, which checks against the same table.
+    model = dataclasses.replace(RandomModelConfig().model_config(), **config.model.overrides())
+    assert model.attention == impl
+
+
+def test_unknown_backend_is_one_line_naming_the_key_and_the_tables_choices():
+    message = error(None, ["model.attention=flash"])
+    assert message == "model.attention must be one of auto, dense, blockwise, splash, cudnn, got 'flash'"
+    assert message == f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got 'flash'"
+
+
+def test_the_configs_attention_choices_are_exactly_the_models_table():
+    # One list: the field is a plain str checked against ATTENTION_CHOICES (no Literal copy of it).
+    assert typing.get_type_hints(ComputeConfig)["attention"] is str
+    accepted = [impl for impl in ATTENTION_CHOICES if ComputeConfig(attention=impl).attention == impl]
+    assert accepted == list(ATTENTION_CHOICES)
+    with pytest.raises(ConfigError):
+        ComputeConfig(attention="")
+    # The documented choices (--help, the paper config's comment) name the same table.
+    lines = describe_keys(ComputeConfig)
+    doc = lines[lines.index("  attention: str = 'auto'") + 1].strip()
+    assert doc.split(" (")[0].split(" | ") == list(ATTENTION_CHOICES)
+    assert f"({' | '.join(ATTENTION_CHOICES[1:])} force one)" in PAPER.read_text(encoding="utf-8")
 
 
 def test_two_automatic_mesh_sizes_are_an_error():

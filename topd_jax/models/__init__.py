@@ -8,7 +8,7 @@ from topd_jax.models.checkpoint import CheckpointError, checkpoint_files, load_p
 from topd_jax.models.config import ModelConfig, RopeConfig
 from topd_jax.models.decoder import CausalLM, KVCache, init_branch_cache, init_cache
 from topd_jax.models.families import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf, read_config
-from topd_jax.models.layers import attend, attend_branches
+from topd_jax.models.attention import attend, attend_branches
 from topd_jax.models.masks import causal_mask, positions_from_padding, tree_attention_mask
 from topd_jax.models.sharding import (
     CACHE_AXES,

@@ -19,12 +19,13 @@ from typing import Any, Literal, Mapping
 import jax.numpy as jnp
 
 from topd_jax.configuration import ConfigError, check
+from topd_jax.models.attention import ATTENTION_CHOICES
 
 Family = Literal["qwen3", "qwen3_moe", "qwen2", "llama"]
 FAMILY_NAMES = ("qwen3", "qwen3_moe", "qwen2", "llama")
-# How a model may compute: attention backends (layers.ATTENTION_BACKENDS plus `auto`) and the
-# rematerialisation policies of the scanned layers (decoder.REMAT_POLICIES).
-ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
+# How a model may compute: attention backends (attention.ATTENTION_CHOICES, imported above: the
+# table's backends plus `auto`) and the rematerialisation policies of the scanned layers
+# (decoder.REMAT_POLICIES).
 REMAT_POLICIES = ("none", "dots", "full")
 # The one table of parameter / compute dtypes a config names (training, export, eval).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -87,7 +88,7 @@ class ModelConfig:
     # The source config.json without its RoPE keys, written back by save_pretrained (JSON text),
     # and the layout its RoPE keys came in ("v5": rope_parameters, "v4": rope_theta/rope_scaling).
     # How the model computes (not read from or written to config.json; static like the rest):
-    # attention backend (layers.ATTENTION_BACKENDS, or auto), its block size, and the
+    # attention backend (attention.ATTENTION_CHOICES), its block size, and the
     # rematerialisation policy of the scanned layers in the backward pass.
     attention: str = "auto"
     attention_block: int = 512
@@ -110,7 +111,8 @@ class ModelConfig:
                    f"in [1, num_experts={self.num_experts}]", self.num_experts_per_tok),
                   ("moe_intermediate_size", self.moe_intermediate_size > 0, "> 0", self.moe_intermediate_size),
                   ("decoder_sparse_step", self.decoder_sparse_step > 0, "> 0", self.decoder_sparse_step))
-        check(("attention", self.attention in ATTENTION_IMPLS, f"one of {', '.join(ATTENTION_IMPLS)}", self.attention),
+        check(("attention", self.attention in ATTENTION_CHOICES, f"one of {', '.join(ATTENTION_CHOICES)}",
+               self.attention),
               ("attention_block", _is_int(self.attention_block) and self.attention_block >= 1, "an int >= 1",
                self.attention_block),
               ("remat", self.remat in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}", self.remat))

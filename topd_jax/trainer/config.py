@@ -22,6 +22,7 @@ import yaml
 from topd_jax import configuration, fileio
 from topd_jax.configuration import ConfigError
 from topd_jax.losses.topd import TopdConfig
+from topd_jax.models.attention import ATTENTION_CHOICES
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.sharding import MESH_AXES
 
@@ -117,20 +118,25 @@ def _default_teacher() -> ModelSpec:
 class ComputeConfig:
     """How both models compute (not what they are; config.json is never changed by these).
 
-    attention        auto | dense | blockwise: the attention backend (models.layers.ATTENTION_BACKENDS);
-                     auto = exact dense attention while the score matrix is small (T x S <= 2^20),
-                     memory-efficient blockwise attention above that
-    attention_block  query and key block size of blockwise attention (>= 1)
+    attention        auto | dense | blockwise | splash | cudnn (models.attention.ATTENTION_CHOICES,
+                     the table it is checked against): the attention backend; auto = exact dense
+                     attention while the score matrix is small (T x S <= 2^20), above that the
+                     platform's fused kernel (splash on TPU, cudnn on GPU for bfloat16) for prompt
+                     + rollout and blockwise for the look-ahead windows, else blockwise; the
+                     others force one
+    attention_block  query and key block size of blockwise attention and the splash kernel (>= 1)
     remat            none | dots | full: rematerialisation of each scanned decoder layer in the
                      backward pass (dots keeps matmul outputs; full keeps only each layer's input)
     """
 
-    attention: Literal["auto", "dense", "blockwise"] = "auto"
+    attention: str = "auto"  # checked against ATTENTION_CHOICES, the one list of backends
     attention_block: int = 512
     remat: Literal["none", "dots", "full"] = "none"
 
     def __post_init__(self):
-        _check(("attention_block", self.attention_block >= 1, ">= 1", self.attention_block))
+        _check(("attention", self.attention in ATTENTION_CHOICES, f"one of {', '.join(ATTENTION_CHOICES)}",
+                self.attention),
+               ("attention_block", self.attention_block >= 1, ">= 1", self.attention_block))
 
     def overrides(self) -> dict[str, Any]:
         """The ModelConfig fields these set (`dataclasses.replace(model_config, **overrides())`)."""
