@@ -3,14 +3,17 @@
     report = plan_step(config, devices)      # devices: a TPU topology's compile-only devices
     [p.phase for p in report.phases]         # ["sample", "score", "branch", "train"]
 
-The phases are the trainer's own jitted functions with the trainer's shardings: `phases.sample_phase`,
-`phases.score_phase`, `phases.locate_phase` (lowered under `jax.set_mesh(mesh)`, as `Trainer.train_step`
-runs them) and `placement.jit_update`. Their inputs are abstract (`jax.ShapeDtypeStruct` with a
-sharding) and chained as the trainer chains the real ones: the models from `config.json` alone
+The phases are the trainer's own: `phases.no_gradient_phases`, the chain `Trainer.train_step` runs,
+is called here with a `run` that lowers and compiles each phase under `jax.set_mesh(inference mesh)`
+instead of running it, then `placement.jit_update` on the training mesh. The meshes are the
+trainer's (`runtime.mesh_from_config`, `runtime.inference_mesh`). Their inputs are abstract
+(`jax.ShapeDtypeStruct` with a sharding): the models from `config.json` alone
 (`phases.abstract_model`), the state from `jax.eval_shape(init_state, ...)` on
-`placement.state_shardings`, the prompts on the batch sharding, each phase's outputs (shapes from
-the lowering, shardings from the compiled program) feeding the next, and the update's batch from
-`jax.eval_shape(step.experience, rollout, scores, located)` on `placement.experience_shardings`.
+`placement.state_shardings`, the student's parameters resharded to the inference mesh
+(`Trainer.inference_params`), the teacher's on it, the prompts on its batch sharding, each phase's
+outputs (shapes from the lowering, shardings from the compiled program) feeding the next, and the
+update's batch from `jax.eval_shape(step.experience, rollout, scores, located)` on
+`placement.experience_shardings` of the training mesh.
 
 Figures of a phase, all per device (the compiled program is the partitioned one):
   args, out, alias, temp   `compiled.memory_analysis()`: argument, output, aliased (donated
@@ -42,7 +45,6 @@ the cache, `CausalLM.branch_step`) and reported with the number of steps the pha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -54,6 +56,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.models.decoder import init_branch_cache
@@ -61,12 +64,17 @@ from topd_jax.models.sharding import batch_sharding
 from topd_jax.errors import first_line
 from topd_jax.hardware import hlo
 from topd_jax.hardware.hlo import KINDS
+from topd_jax.plan.bound import Bound, sample_bound, score_bound, update_bound, window_bound
 from topd_jax.trainer import placement, phases
 from topd_jax.trainer.config import TrainConfig
-from topd_jax.trainer.runtime import mesh_from_config
+from topd_jax.trainer.runtime import inference_mesh, mesh_from_config
 from topd_jax.trainer.step import experience, init_state
 
 PHASES = ("sample", "score", "branch", "train")  # the trainer's time keys, in step order
+
+
+class _ChainStopped(Exception):
+    """A phase did not lower or compile to outputs: the phases after it cannot be lowered."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +106,9 @@ def program_figures(compiled: Any, module: hlo.Module | None = None) -> ProgramF
 class DecodeStep:
     """One step of a decode loop compiled alone: its model, FLOPs and HBM bytes per device
     (`ProgramFigures`: the step's scanned layers per iteration; xla_*: XLA's cost analysis), and
-    the number of steps the phase runs at most (max_new_tokens or the window K)."""
+    the number of steps the phase runs at most (max_new_tokens or the window K). weight_bytes and
+    cache_bytes: the device's share of the model's weights and of the KV cache slots the step
+    attends to, the bytes it must read (the plan prints hbm_bytes / their sum)."""
 
     model: str
     steps: int
@@ -109,6 +119,8 @@ class DecodeStep:
     xla_flops: float = 0.0
     xla_hbm_bytes: float = 0.0
     uncounted: dict[str, int] = dataclasses.field(default_factory=dict)
+    weight_bytes: float = 0.0
+    cache_bytes: float = 0.0
 
     @property
     def loop_flops(self) -> float:
@@ -143,6 +155,7 @@ class PhaseFigures:
     error: str | None = None
     oom_used: float | None = None
     largest: tuple[tuple[int, str, str, str], ...] = ()  # hlo.largest_arrays, when asked for
+    bound: Bound | None = None  # what the phase must cost at least (`bound`)
 
     @property
     def peak(self) -> float:
@@ -160,6 +173,7 @@ class StepPlan:
     num_devices: int
     student_layers: tuple[int, int]  # (compiled, in config.json)
     teacher_layers: tuple[int, int]
+    inference_mesh_shape: dict[str, int] = dataclasses.field(default_factory=dict)  # sample, score, branch
 
 
 def per_device_bytes(tree: Any) -> float:
@@ -214,12 +228,12 @@ def _figures(phase: str, compiled: Any, held: float, seconds: float, buffers: in
         **dataclasses.asdict(program))
 
 
-def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: bool, buffers: int
+def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, buffers: int
              ) -> tuple[PhaseFigures, Any]:
     """Lower and compile one phase: (figures, its abstract outputs with their shardings or None)."""
     begin = time.perf_counter()
     try:
-        with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+        with jax.set_mesh(mesh):
             lowered = lower()
     except Exception as err:  # a trace error of this config: nothing downstream can be lowered
         return PhaseFigures(phase, held=held, error=f"did not lower: {first_line(err)}"), None
@@ -240,18 +254,33 @@ def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, context: b
     return _figures(phase, compiled, held, time.perf_counter() - begin, buffers), out
 
 
-# One loop step alone, for its FLOPs and bytes (the cache donated: updated in place, as in the loop).
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(4,))
 def _generate_step(graphdef, params, tokens, alive, cache):
     return nnx.merge(graphdef, params)(tokens[:, None], attention_mask=alive[:, None], cache=cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(6,))
 def _branch_step(graphdef, params, fed, positions, cache, last, branch_kv, step):
     return nnx.merge(graphdef, params).branch_step(fed, positions, cache, last, branch_kv, step)
 
 
-def _decode_step(model: str, steps: int, lower: Callable[[], Any], mesh) -> DecodeStep | None:
+def _lower_step(step, graphdef, *args, carried: int):
+    """Lower one loop step alone, for its FLOPs and bytes, as the loop runs it: the carried buffers
+    (args[carried]: the cache, or the branches' cache) donated and in a layout the compiler picks,
+    in and out. In the loop the carry keeps one layout from step to step; a step compiled alone
+    with the caller's default layout would copy the whole cache into and out of its preferred one,
+    a conversion the loop never makes."""
+    fn = functools.partial(step, graphdef)
+    shardings = [jax.tree.map(lambda x: x.sharding, a) for a in args]
+    layout = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding) if x.ndim >= 3 else x.sharding, args[carried])
+    shardings[carried] = layout
+    out = jax.eval_shape(fn, *args)
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(args))
+    logits = jax.tree.map(lambda x: batch_sharding(mesh, x.shape), out[0])
+    return jax.jit(fn, in_shardings=tuple(shardings), out_shardings=(logits, layout),
+                   donate_argnums=carried).lower(*args)
+
+
+def _decode_step(model: str, steps: int, lower: Callable[[], Any], mesh, weight_bytes: float,
+                 cache_bytes: float) -> DecodeStep | None:
     begin = time.perf_counter()
     try:
         with jax.set_mesh(mesh), warnings.catch_warnings():
@@ -261,7 +290,8 @@ def _decode_step(model: str, steps: int, lower: Callable[[], Any], mesh) -> Deco
         return None
     p = program_figures(compiled)
     return DecodeStep(model, steps, p.flops, p.hbm_bytes, p.collectives, time.perf_counter() - begin,
-                      xla_flops=p.xla_flops, xla_hbm_bytes=p.xla_hbm_bytes, uncounted=p.uncounted)
+                      xla_flops=p.xla_flops, xla_hbm_bytes=p.xla_hbm_bytes, uncounted=p.uncounted,
+                      weight_bytes=weight_bytes, cache_bytes=cache_bytes)
 
 
 def _abstract_params(cfg, dtype: str, mesh):
@@ -289,46 +319,54 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
     placement.batch_size_divides(r.prompts_per_step * r.num_samples, mesh)
     s_full = phases.model_config(config.student, compute=config.model)
     t_full = phases.model_config(config.teacher, compute=config.model)
+    inf_mesh = inference_mesh(config.inference, mesh, s_full, t_full)
+    placement.batch_size_divides(r.prompts_per_step * r.num_samples, inf_mesh)
     s_cfg = phases.model_config(config.student, student_layers, compute=config.model)
     t_cfg = phases.model_config(config.teacher, teacher_layers, compute=config.model)
     if s_cfg.vocab_size != t_cfg.vocab_size:
         raise ValueError(f"student vocab_size {s_cfg.vocab_size} != teacher vocab_size {t_cfg.vocab_size}; TOPD "
                          "compares the two models' tokens, so they must share a tokenizer")
     graphdef, s_params = _abstract_params(s_cfg, config.student.dtype, mesh)
-    t_graphdef, t_params = _abstract_params(t_cfg, config.teacher.dtype, mesh)
+    t_graphdef, t_params = _abstract_params(t_cfg, config.teacher.dtype, inf_mesh)  # lives there
     loss = config.loss
     optimizer = config.optimizer.build(config.steps)
     init = functools.partial(init_state, optimizer=optimizer)
     state = jax.eval_shape(init, s_params, key=jax.ShapeDtypeStruct((2,), jnp.uint32))
     state = with_shardings(state, placement.state_shardings(state, mesh))
-    replicated = placement.replicated(mesh)
+    # The student's parameters as the no-gradient phases read them (Trainer.inference_params).
+    params = state.params if inf_mesh is mesh else \
+        with_shardings(state.params, placement.tree_shardings(state.params, inf_mesh))
+    replicated = placement.replicated(inf_mesh)
     keys = jax.eval_shape(lambda k: jax.random.split(jax.random.fold_in(k, 0)), state.key)
     k_sample = k_locate = jax.ShapeDtypeStruct(keys.shape[1:], keys.dtype, sharding=replicated)
     shape = (r.prompts_per_step, config.data.prompt_length)
-    prompt_tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
-    prompt_mask = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=batch_sharding(mesh, shape))
+    prompt_tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(inf_mesh, shape))
+    prompt_mask = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=batch_sharding(inf_mesh, shape))
     sampling = r  # the rollout options are the static options of sampling and branching
-    held = {"sample": per_device_bytes((state.opt_state, t_params)),
+    # With a separate inference mesh the training state's parameters stay in HBM beside the
+    # resharded copy the phases take as an argument.
+    train_params = () if inf_mesh is mesh else state.params
+    held = {"sample": per_device_bytes((train_params, state.opt_state, t_params)),
             "score": per_device_bytes((state.params, state.opt_state)),
-            "branch": per_device_bytes(state.opt_state), "train": per_device_bytes(t_params)}
+            "branch": per_device_bytes((train_params, state.opt_state)), "train": per_device_bytes(t_params)}
 
     results: list[PhaseFigures] = []
     wanted = set(PHASES if only is None else only)
     failed: set[str] = set()
 
-    def run(phase, lower, context=True):
+    def run(phase, lower, on=inf_mesh):
         if phase not in wanted:  # lowered for its outputs' shapes only
             progress(f"lowering {phase} (not compiled) ...")
             try:
-                with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+                with jax.set_mesh(on):
                     lowered = lower()
             except Exception as err:
                 results.append(PhaseFigures(phase, held=held[phase], error=f"did not lower: {first_line(err)}"))
                 failed.add(phase)
                 return None
-            return with_shardings(lowered.out_info, _batch_split(lowered.out_info, mesh))
+            return with_shardings(lowered.out_info, _batch_split(lowered.out_info, on))
         progress(f"compiling {phase} ...")
-        figures, out = _compile(phase, lower, held[phase], mesh, context, buffers)
+        figures, out = _compile(phase, lower, held[phase], on, buffers)
         progress(f"  {phase}: {figures.compile_s:.1f} s" + (f" ({figures.error})" if figures.error else ""))
         results.append(figures)
         if figures.error is not None and out is None:
@@ -339,21 +377,21 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
         results.append(PhaseFigures(phase, held=held[phase], error=f"not compiled: needs the outputs of {needs}"))
         failed.add(phase)
 
-    rollout = run("sample", lambda: phases.sample_phase.lower(graphdef, state.params, prompt_tokens, prompt_mask,
-                                                              k_sample, options=sampling))
-    scores = located = None
-    if "sample" in failed:
-        missing("score", "sample")
-    else:
-        scores = run("score", lambda: phases.score_phase.lower(t_graphdef, t_params, rollout,
-                                                               chunk_size=config.chunk_size,
-                                                               return_cache=loss.uses_windows))
-    if failed & {"sample", "score"}:
-        missing("branch", "score" if "score" in failed else "sample")
-    else:
-        located = run("branch", lambda: phases.locate_phase.lower(graphdef, state.params, t_graphdef, t_params,
-                                                                  rollout, scores, k_locate, loss=loss,
-                                                                  options=sampling))
+    outputs = {}
+
+    def chained(name, phase, *args, **static):  # the trainer's chain, each phase lowered (and compiled)
+        outputs[name] = run(name, lambda: phase.lower(*args, **static))
+        if name in failed:
+            raise _ChainStopped(name)
+        return outputs[name]
+
+    try:
+        phases.no_gradient_phases(chained, graphdef, params, t_graphdef, t_params, prompt_tokens, prompt_mask,
+                                  k_sample, k_locate, options=sampling, loss=loss, chunk_size=config.chunk_size)
+    except _ChainStopped as stop:
+        for later in PHASES[PHASES.index(stop.args[0]) + 1:-1]:
+            missing(later, stop.args[0])
+    rollout, scores, located = (outputs.get(name) for name in ("sample", "score", "branch"))
     if failed:
         missing("train", ", ".join(sorted(failed)))
     else:
@@ -361,14 +399,55 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
         batch = with_shardings(batch, placement.experience_shardings(batch, mesh))
         jitted = placement.jit_update(state, batch, mesh, graphdef=graphdef, optimizer=optimizer, loss=loss,
                                       chunk_size=config.chunk_size)
-        run("train", lambda: jitted.lower(state, batch))  # under the mesh, as Trainer._compile_update
+        run("train", lambda: jitted.lower(state, batch), on=mesh)  # as Trainer._compile_update
     results = [r for r in results if r.phase in wanted or r.error is not None]
 
+    bounds = _bounds(config, loss, rollout, scores, located, params, t_params, state.params, s_cfg, t_cfg, len(devices))
+    results = [dataclasses.replace(r, bound=bounds.get(r.phase)) for r in results]
     if decode_steps and rollout is not None and wanted & {"sample", "branch"}:
-        results = _with_decode_steps(results, rollout, scores, located, graphdef, state.params, t_graphdef, t_params,
-                                     s_cfg, t_cfg, config, loss, mesh, progress)
+        results = _with_decode_steps(results, rollout, scores, located, graphdef, params, t_graphdef, t_params,
+                                     s_cfg, t_cfg, config, loss, inf_mesh, progress)
     return StepPlan(tuple(results), dict(mesh.shape), len(devices), (s_cfg.num_layers, s_full.num_layers),
-                    (t_cfg.num_layers, t_full.num_layers))
+                    (t_cfg.num_layers, t_full.num_layers), dict(inf_mesh.shape))
+
+
+def _bounds(config, loss, rollout, scores, located, params, t_params, train_params, s_cfg, t_cfg, n) -> dict:
+    """Each phase's first-principles `Bound` from the shapes (per device: the weights' and caches'
+    shares as the phases hold them; None where a phase's inputs are unknown)."""
+    r = config.rollout
+    b, p, new = r.prompts_per_step * r.num_samples, config.data.prompt_length, r.max_new_tokens
+    out = {"score": score_bound(t_cfg, rows=b, length=p + new, scored=new, devices=n,
+                                weight_bytes=per_device_bytes(t_params))}
+    if rollout is None:
+        return out
+    slots = rollout.cache.max_len
+    s_slot = per_device_bytes((rollout.cache.keys, rollout.cache.values)) / slots
+    out["sample"] = sample_bound(s_cfg, rows=b, prompt=p, new=new, devices=n, weight_bytes=per_device_bytes(params),
+                                 slot_bytes=s_slot)
+    guided = located is not None and located.teacher_windows is not None
+    m = 0 if located is None else located.positions.shape[1]
+    packed = p + new + (m * loss.window if guided else 0)
+    out["train"] = update_bound(s_cfg, rows=b, length=packed, scored=packed - p, devices=n,
+                                weight_bytes=per_device_bytes(train_params))
+    if located is None or not loss.uses_windows or scores is None or scores.cache is None:
+        return out
+    locator = LOCATORS[loss.locator]
+    points = m + (located.reference_positions.shape[1]
+                  if locator.branches and located.reference_positions is not None else 0)
+    t_slot = per_device_bytes((scores.cache.keys, scores.cache.values)) / scores.cache.max_len
+    prefix = p + new / 2
+    parts = []
+    if locator.branches or loss.traj_window != "greedy":
+        parts.append(window_bound(t_cfg, rows=b, points=points, window=loss.window, prefix=prefix, devices=n,
+                                  weight_bytes=per_device_bytes(t_params), slot_bytes=t_slot))
+    if locator.branches and locator.student_window != "rollout":
+        parts.append(window_bound(s_cfg, rows=b, points=points, window=loss.window, prefix=prefix, devices=n,
+                                  weight_bytes=per_device_bytes(params), slot_bytes=s_slot))
+    if guided and loss.traj_window == "greedy":
+        parts.append(window_bound(t_cfg, rows=b, points=m, window=loss.window, prefix=prefix, devices=n,
+                                  weight_bytes=per_device_bytes(t_params), slot_bytes=t_slot))
+    out["branch"] = Bound(tuple(parts))
+    return out
 
 
 def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_graphdef, t_params, s_cfg, t_cfg,
@@ -379,7 +458,8 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
     alive = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sharding(mesh, (b,)))
     progress("compiling one decode step of sample ...")
     sample_step = _decode_step("student", config.rollout.max_new_tokens,
-                               lambda: _generate_step.lower(graphdef, params, rows, alive, rollout.cache), mesh)
+                               lambda: _lower_step(_generate_step, graphdef, params, rows, alive, rollout.cache, carried=3), mesh,
+                               per_device_bytes(params), per_device_bytes((rollout.cache.keys, rollout.cache.values)))
     branch_steps = []
     if located is not None and loss.uses_windows and scores is not None and scores.cache is not None:
         points = located.positions.shape[1]
@@ -397,7 +477,9 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
             kv = with_shardings(kv, _batch_split(kv, mesh))
             progress(f"compiling one window step of branch ({name}) ...")
             found = _decode_step(name, loss.window, functools.partial(
-                _branch_step.lower, gd, ps, index, index, cache, index, kv, step), mesh)
+                _lower_step, _branch_step, gd, ps, index, index, cache, index, kv, step, carried=5), mesh,
+                per_device_bytes(ps),
+                per_device_bytes((cache.keys, cache.values, kv)))
             if found is not None:
                 branch_steps.append(found)
     out = []

@@ -9,13 +9,16 @@ compiled program with every counted loop (scanned layers, chunked losses, the OT
 iteration (`hlo`). The decode loops have no trip count (they stop at EOS) and their body counts
 once, so for sample and branch each separately compiled loop step adds its figures (steps - 1)
 more times: the loops run at most max_new_tokens (K) steps, fewer when every row has sampled an EOS.
-The table also shows XLA's own FLOPs (`cost_analysis`, every loop body once) for comparison.
+The table also shows XLA's own FLOPs (`cost_analysis`, every loop body once) for comparison, and
+beside the estimate the phase's first-principles bound (`plan.bound`: what the shapes need at least),
+the step's totals of both, and the sampling loop's decode tokens/s per device by each.
 
 A phase does not fit when its peak exceeds headroom x the chip's HBM, or when it did not compile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -43,6 +46,20 @@ def roofline_seconds(p: PhaseFigures, chip: Chip | None) -> float | None:
         return None
     flops, hbm, coll = loop_totals(p)
     return max(flops / chip.peak_flops, hbm / chip.hbm_bandwidth, coll / chip.ici_bandwidth)
+
+
+def bound_seconds(p: PhaseFigures, chip: Chip | None) -> float | None:
+    """The first-principles bound of phase `p` on `chip` (`plan.bound`); None without one."""
+    if chip is None or p.bound is None or p.error is not None:
+        return None
+    return p.bound.seconds(chip)
+
+
+def decode_tokens_per_s(p: PhaseFigures, seconds: float | None) -> float | None:
+    """Tokens the sample phase writes per device per second, if it took `seconds`."""
+    if p.bound is None or not p.bound.decode_tokens or not seconds:
+        return None
+    return p.bound.decode_tokens / seconds
 
 
 def failures(plan: StepPlan, chip: Chip | None, headroom: float) -> list[str]:
@@ -76,7 +93,8 @@ def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: flo
     """The plan as printed by `python -m topd_jax.plan` (figures per device)."""
     s_used, s_all = plan.student_layers
     t_used, t_all = plan.teacher_layers
-    lines = [f"topology {topology}: {plan.num_devices} devices, mesh {plan.mesh_shape}"]
+    lines = [f"topology {topology}: {plan.num_devices} devices, mesh {plan.mesh_shape} (train), "
+             f"{plan.inference_mesh_shape} (sample, score, branch)"]
     if chip is None:
         lines.append("chip: unknown (no HBM, % HBM or roofline; known chips: v4, v5e, v5p, v6e)")
     else:
@@ -86,19 +104,23 @@ def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: flo
     if (s_used, t_used) != (s_all, t_all):
         lines.append(f"LAYERS CUT: student {s_used} of {s_all}, teacher {t_used} of {t_all} layers (not the full models)")
     header = ["phase", "args GiB", "out GiB", "temp GiB", "held GiB", "peak GiB", "% HBM", "TFLOP", "XLA TFLOP",
-              "HBM GB", "AG / RS / AR / A2A GB", "roofline s (est.)", "compile s"]
+              "HBM GB", "AG / RS / AR / A2A GB", "roofline s (est.)", "bound s", "compile s"]
     rows = []
+    totals = [0.0, 0.0]
     for p in plan.phases:
         share = "-" if chip is None or math.isnan(p.peak) else f"{100 * p.peak / chip.hbm_bytes:.0f}%"
-        roof = roofline_seconds(p, chip)
+        roof, bound = roofline_seconds(p, chip), bound_seconds(p, chip)
         if p.error is not None:
             rows.append([p.phase, "-", "-", "-", _gib(p.held), ">= " + _gib(p.peak) if p.oom_used else "-",
-                         share if p.oom_used else "-", "-", "-", "-", "-", "-", f"{p.compile_s:.1f}"])
+                         share if p.oom_used else "-", "-", "-", "-", "-", "-", "-", f"{p.compile_s:.1f}"])
             continue
+        totals = [totals[0] + (roof or 0.0), totals[1] + (bound or 0.0)]
         coll = " / ".join(_num(p.collectives[k] / 1e9) for k in KINDS)
         rows.append([p.phase, _gib(p.args), _gib(p.out), _gib(p.temp), _gib(p.held), _gib(p.peak), share,
                      _num(p.flops / 1e12), _num(p.xla_flops / 1e12), _num(p.hbm_bytes / 1e9), coll,
-                     "-" if roof is None else _num(roof), f"{p.compile_s:.1f}"])
+                     "-" if roof is None else _num(roof), "-" if bound is None else _num(bound), f"{p.compile_s:.1f}"])
+    if chip is not None and len(rows) > 1:
+        rows.append(["step"] + [""] * 10 + [_num(totals[0]), _num(totals[1]), ""])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -106,7 +128,15 @@ def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: flo
     lines.append("held: the step's other long-lived arrays in HBM during the phase; peak = args + out - alias + "
                  "temp + held; TFLOP, HBM GB, collectives: counted loops per iteration (XLA TFLOP: XLA's cost "
                  "analysis, every loop body once); roofline = max(FLOP / peak, HBM bytes / HBM bw, collective "
-                 "bytes / ICI bw) with every decode loop run to its full step count.")
+                 "bytes / ICI bw) with every decode loop run to its full step count; bound = what the shapes "
+                 "need at least (matmul FLOPs / peak; a decode step: its weights' and KV cache's shares / HBM bw; "
+                 "docs/plan.md); step = the phases' sum.")
+    for p in plan.phases:
+        roof, bound = roofline_seconds(p, chip), bound_seconds(p, chip)
+        est, ideal = decode_tokens_per_s(p, roof), decode_tokens_per_s(p, bound)
+        if est is not None and ideal is not None:
+            lines.append(f"  {p.phase}: {p.bound.decode_tokens:.0f} tokens per device; decode tokens/s per device "
+                         f"{_num(est)} (estimate), {_num(ideal)} (bound)")
     for p in plan.phases:
         if p.error is None and p.loops:
             parts = []
@@ -119,9 +149,13 @@ def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: flo
         lines.append("Decode loops (no trip count: they stop at EOS) counted once; one loop step, compiled alone:")
     for p in plan.phases:
         for d in p.decode:
+            need = d.weight_bytes + d.cache_bytes
             lines.append(f"  {p.phase} ({d.model}): one step {_num(d.flops / 1e12)} TFLOP, {_num(d.hbm_bytes / 1e9)} GB "
                          f"HBM, {_num(sum(d.collectives.values()) / 1e9)} GB collectives; x {d.steps} steps = "
                          f"{_num(d.loop_flops / 1e12)} TFLOP, {_num(d.loop_hbm_bytes / 1e9)} GB HBM (compiled in {d.compile_s:.1f} s)")
+            if need:
+                lines.append(f"    must read: weights {_num(d.weight_bytes / 1e9)} GB + KV cache {_num(d.cache_bytes / 1e9)} GB"
+                             f" = {_num(need / 1e9)} GB; reads {d.hbm_bytes / need:.2f} x that")
     for p in plan.phases:
         uncounted = dict(p.uncounted)
         for d in p.decode:  # the phase's program runs one step of each loop, the step (steps - 1) more
@@ -158,11 +192,15 @@ def to_json(plan: StepPlan, chip: Chip | None, topology: str, headroom: float) -
             "xla_tflop": p.xla_flops / 1e12, "xla_hbm_bytes": p.xla_hbm_bytes, "loop_trip_counts": list(p.loops),
             "uncounted_kernels": dict(p.uncounted),
             "with_loops": {"tflop": flops / 1e12, "hbm_bytes": hbm, "collective_bytes": coll},
-            "roofline_s": roofline_seconds(p, chip), "compile_s": p.compile_s, "error": p.error,
+            "roofline_s": roofline_seconds(p, chip), "bound_s": bound_seconds(p, chip),
+            "bound_parts": None if p.bound is None else [dataclasses.asdict(part) for part in p.bound.parts],
+            "decode_tokens_per_device": None if p.bound is None else p.bound.decode_tokens,
+            "compile_s": p.compile_s, "error": p.error,
             "decode_steps": [{"model": d.model, "steps": d.steps, "step_tflop": d.flops / 1e12,
                               "step_hbm_bytes": d.hbm_bytes, "step_collective_bytes": d.collectives,
                               "step_xla_tflop": d.xla_flops / 1e12, "step_xla_hbm_bytes": d.xla_hbm_bytes,
-                              "uncounted_kernels": dict(d.uncounted), "compile_s": d.compile_s} for d in p.decode],
+                              "uncounted_kernels": dict(d.uncounted), "compile_s": d.compile_s,
+                              "weight_bytes": d.weight_bytes, "cache_bytes": d.cache_bytes} for d in p.decode],
             "largest_arrays": [{"bytes": size, "type": kind, "op": op, "op_name": name}
                                for size, kind, op, name in p.largest],
         })
@@ -171,9 +209,15 @@ def to_json(plan: StepPlan, chip: Chip | None, topology: str, headroom: float) -
         "ici_bandwidth": chip.ici_bandwidth}
     return {"topology": topology, "chip": None if chip is None else chip.name,
             "hbm_gib": None if chip is None else chip.hbm_bytes / GIB, "chip_figures": chip_figures,
-            "devices": plan.num_devices, "mesh": plan.mesh_shape, "headroom": headroom,
+            "devices": plan.num_devices, "mesh": plan.mesh_shape, "inference_mesh": plan.inference_mesh_shape, "headroom": headroom,
             "layers": {"student": list(plan.student_layers), "teacher": list(plan.teacher_layers)},
-            "fits": not failures(plan, chip, headroom), "phases": phases}
+            "fits": not failures(plan, chip, headroom), "phases": phases,
+            "step": {"roofline_s": _total(phases, "roofline_s"), "bound_s": _total(phases, "bound_s")}}
+
+
+def _total(phases: list[dict[str, Any]], key: str) -> float | None:
+    values = [p[key] for p in phases]
+    return None if not values or any(v is None for v in values) else sum(values)
 
 
 __all__ = ["failures", "format_table", "loop_totals", "roofline_seconds", "to_json"]

@@ -325,6 +325,25 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """Where the no-gradient phases (sample, score, branch) run: a second mesh over the same devices.
+
+    layout  auto: tensor parallel over both models' kv heads (up to 8 devices), expert parallel
+            over an MoE teacher's experts, data parallel over the rest, no fsdp
+            (`runtime.auto_inference_sizes`) | train: the training mesh as it is (no reshard) |
+            mesh: the sizes below
+    mesh    the inference mesh's sizes for layout mesh (a MeshConfig: data, fsdp, tensor, expert)
+    Each step the student's parameters are resharded once from the training mesh to this one
+    (`jax.device_put`) and read by every no-gradient phase of the step; the teacher's live here
+    from the start. Results equal the training layout's (up to float summation order); only the
+    speed changes.
+    """
+
+    layout: Literal["auto", "train", "mesh"] = "auto"
+    mesh: MeshConfig = MeshConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """Multi-process (multi-host) start-up, see topd_jax.trainer.runtime.initialize_distributed.
 
@@ -403,7 +422,7 @@ class TrainConfig:
     student      ModelSpec of the student (trained)
     teacher      ModelSpec of the teacher (frozen); its vocabulary must match the student's
     model        ComputeConfig of both models: attention backend, its block size, remat policy
-    rollout, data, optimizer, mesh, distributed, checkpoint, logging: the sections above
+    rollout, data, optimizer, mesh, inference, distributed, checkpoint, logging: the sections above
     """
 
     output_dir: str = "runs/topd"
@@ -419,6 +438,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
+    inference: InferenceConfig = InferenceConfig()
     distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -43,17 +43,14 @@ from topd_jax.models.families import config_to_hf
 from topd_jax.models.sharding import param_shardings
 from topd_jax.models.tokenizer import has_tokenizer, load_tokenizer
 from topd_jax.prompts import PROMPT_SOURCES
-from topd_jax.trainer import placement, rundir
+from topd_jax.trainer import phases, placement, rundir
 from topd_jax.trainer.checkpointing import CHECKPOINT_DIR, Checkpointer
 from topd_jax.trainer.config import ComputeConfig, ModelSpec, TrainConfig, resume_changes, save_config
 from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
 from topd_jax.trainer.inputs import check_inputs
 from topd_jax.trainer.metrics import MetricsLogger
 from topd_jax.trainer.rundir import RunLock
-from topd_jax.trainer.runtime import initialize_distributed, mesh_from_config
-from topd_jax.trainer.phases import locate_phase as _locate
-from topd_jax.trainer.phases import sample_phase as _sample
-from topd_jax.trainer.phases import score_phase as _score_teacher
+from topd_jax.trainer.runtime import inference_mesh, initialize_distributed, mesh_from_config
 from topd_jax.trainer.step import TrainState, experience, init_state
 
 
@@ -217,11 +214,25 @@ class Trainer:
             raise ConfigError(f"loss.locator {self.loss.locator!r} reads fork labels, but data.source "
                               f"{config.data.source!r} has none (sources with labels: "
                               + ", ".join(n for n, s in PROMPT_SOURCES.items() if s.labeller) + ")")
-        models = {}
+        shapes = {}
         for role in ("student", "teacher"):
             spec = getattr(config, role)
             try:
-                models[role] = build_model(spec, self.mesh, compute=config.model)
+                shapes[role] = phases.model_config(spec, compute=config.model)  # config.json only
+            except (OSError, CheckpointError, ConfigError, ValueError) as err:
+                raise ConfigError(f"{role}.path {spec.path}: {one_line(err)}") from err
+        # The no-gradient phases' mesh: the teacher lives there, the student is resharded there per step.
+        self.inference_mesh = inference_mesh(config.inference, self.mesh, shapes["student"], shapes["teacher"])
+        try:
+            placement.batch_size_divides(self.rollouts_per_step, self.inference_mesh)
+        except ValueError as err:
+            raise ConfigError(f"inference: {err} (inference mesh {dict(self.inference_mesh.shape)})") from None
+        models = {}
+        for role in ("student", "teacher"):
+            spec = getattr(config, role)
+            mesh = self.mesh if role == "student" else self.inference_mesh
+            try:
+                models[role] = build_model(spec, mesh, compute=config.model)
             except (OSError, CheckpointError, ConfigError) as err:  # missing, pickle-only, damaged, bad config.json
                 raise ConfigError(f"{role}.path {spec.path}: {one_line(err)}") from err
         (self.student, tokenizer_dir), (self.teacher, _) = models["student"], models["teacher"]
@@ -250,6 +261,7 @@ class Trainer:
         init = functools.partial(init_state, optimizer=self.optimizer)
         state_shardings = placement.state_shardings(jax.eval_shape(init, params, key=key), self.mesh)
         self.state: TrainState = jax.jit(init, out_shardings=state_shardings)(params, key=key)
+        self.inference_shardings = placement.tree_shardings(params, self.inference_mesh)
         self.data_position = 0
         self.checkpointer = Checkpointer(os.path.join(config.output_dir, CHECKPOINT_DIR),
                                          every=config.checkpoint.every, keep=config.checkpoint.keep,
@@ -341,29 +353,38 @@ class Trainer:
                           or measure_matmul_peak())
         return self._peak
 
+    def inference_params(self) -> Any:
+        """The student's parameters on the inference mesh, for the step's no-gradient phases.
+
+        One `jax.device_put` of the training state's parameters to `inference_shardings` (a
+        reshard across the same devices, outside jit: the state is not donated, the update still
+        needs it, and one transfer per step is all the phases need); the state itself when both
+        meshes are one.
+        """
+        if self.inference_mesh is self.mesh:
+            return self.state.params
+        return jax.device_put(self.state.params, self.inference_shardings)
+
     def train_step(self, timer: PhaseTimer) -> dict[str, Any]:
         """sample -> score -> branch -> train on the next prompt batch; returns host metrics."""
         step = self.step
         key = jax.random.fold_in(self.state.key, step)
-        k_sample, k_locate = jax.random.split(key)
+        k_sample, k_locate = placement.place(tuple(jax.random.split(key)), placement.replicated(self.inference_mesh))
         put = placement.put_local_batch if self.prompts.local else placement.put_batch
-        prompt_tokens, prompt_mask = put(self.prompts.batch(self.data_position), self.mesh)
-        params, teacher = self.state.params, self.teacher_params
-        with jax.set_mesh(self.mesh):  # decode loops pin their carries to the batch axes
-            with timer.phase("sample"):
-                rollout = jax.block_until_ready(_sample(self.graphdef, params, prompt_tokens, prompt_mask, k_sample,
-                                                        options=self.rollout_config))
-            with timer.phase("score"):
-                scores = jax.block_until_ready(_score_teacher(self.teacher_graphdef, teacher, rollout,
-                                                              chunk_size=self.config.chunk_size,
-                                                              return_cache=self.loss.uses_windows))
-            with timer.phase("branch"):
-                located = jax.block_until_ready(_locate(self.graphdef, params, self.teacher_graphdef, teacher,
-                                                        rollout, scores, k_locate, loss=self.loss,
-                                                        options=self.rollout_config,
-                                                        labeller=self.prompts.labeller))
+        prompt_tokens, prompt_mask = put(self.prompts.batch(self.data_position), self.inference_mesh)
+        params, teacher = self.inference_params(), self.teacher_params
+
+        def run(name, phase, *args, **static):
+            with timer.phase(name):
+                return jax.block_until_ready(phase(*args, **static))
+
+        with jax.set_mesh(self.inference_mesh):  # decode loops pin their carries to the batch axes
+            rollout, scores, located = phases.no_gradient_phases(
+                run, self.graphdef, params, self.teacher_graphdef, teacher, prompt_tokens, prompt_mask, k_sample,
+                k_locate, options=self.rollout_config, loss=self.loss, chunk_size=self.config.chunk_size,
+                labeller=self.prompts.labeller)
         batch = experience(rollout, scores, located)
-        del rollout, scores, located  # the caches are the largest buffers of the step
+        del rollout, scores, located, params  # the caches are the largest buffers of the step
         batch = placement.place(batch, placement.experience_shardings(batch, self.mesh))
         if self._update is None:
             self._update = self._compile_update(batch)

@@ -4,6 +4,7 @@
     scores  = score_phase(teacher_graphdef, teacher_params, rollout, chunk_size=..., return_cache=...)
     located = locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key,
                            loss=loss, options=sampling)
+    rollout, scores, located = no_gradient_phases(run, ...)   # the three chained, each through `run`
 
 Each phase is one program over (graphdef, params): no per-call graph traversal of the modules,
 no op-by-op dispatch of the glue between the library's jitted functions. `Trainer.train_step`
@@ -48,6 +49,23 @@ def locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, sc
     """`step.locate` of student and teacher (labeller: the prompt source's): the `time_branch` phase."""
     return locate(nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params), rollout, scores, key,
                   loss, options, labeller)
+
+
+def no_gradient_phases(run, graphdef, params, teacher_graphdef, teacher_params, prompt_tokens, prompt_mask,
+                       k_sample, k_locate, *, options, loss, chunk_size, labeller=None):
+    """sample -> score -> branch of one step, each phase called as `run(name, phase, *args, **static)`.
+
+    The one place the step's no-gradient phases are chained: `Trainer.train_step` runs them (`run`
+    times each and waits for its result); `topd_jax.plan` lowers and compiles them on abstract
+    inputs (`run` returns each phase's abstract outputs, or raises to stop the chain). Returns
+    (rollout, scores, located) for `step.experience`.
+    """
+    rollout = run("sample", sample_phase, graphdef, params, prompt_tokens, prompt_mask, k_sample, options=options)
+    scores = run("score", score_phase, teacher_graphdef, teacher_params, rollout, chunk_size=chunk_size,
+                 return_cache=loss.uses_windows)
+    located = run("branch", locate_phase, graphdef, params, teacher_graphdef, teacher_params, rollout, scores,
+                  k_locate, loss=loss, options=options, labeller=labeller)
+    return rollout, scores, located
 
 
 def model_config(spec: ModelSpec, num_layers: int | None = None,

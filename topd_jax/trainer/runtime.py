@@ -1,4 +1,8 @@
-"""Process start-up: multi-host initialisation and the device mesh, both from the TrainConfig.
+"""Process start-up: multi-host initialisation and the device meshes, both from the TrainConfig.
+
+Two meshes over the same devices: the training mesh (`mesh`, where the update runs and the state
+lives) and the inference mesh (`inference`, where the no-gradient phases sample, score and branch
+run: tensor and expert parallel weights, so a decode step moves activations, not weights).
 
 `initialize_distributed` must run before anything touches the JAX backend (jax.devices(), the
 first array): after that, JAX has committed to a single-process view of the devices.
@@ -12,8 +16,9 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import Mesh
 
+from topd_jax.models.config import ModelConfig
 from topd_jax.models.sharding import make_mesh
-from topd_jax.trainer.config import DistributedConfig, MeshConfig
+from topd_jax.trainer.config import DistributedConfig, InferenceConfig, MeshConfig
 
 _initialized = False  # set by initialize_distributed; jax.distributed.is_initialized is the other witness
 
@@ -70,3 +75,44 @@ def mesh_from_config(cfg: MeshConfig, devices: Sequence[jax.Device] | None = Non
     """The (data, fsdp, tensor, expert) mesh of `cfg` over `devices` (default: all, every host)."""
     devices = list(jax.devices() if devices is None else devices)
     return make_mesh(**cfg.resolve(len(devices)), devices=devices)
+
+
+# `inference.layout: auto`: tensor parallelism up to this many devices (one host's chips on a
+# GPU server or a TPU v5p/v6e tray; beyond it a decode step's all-reduces cross slower links).
+AUTO_MAX_TENSOR = 8
+
+
+def _largest_power_of_two_dividing(*values: int, at_most: int) -> int:
+    size = 1
+    while size * 2 <= at_most and all(v % (size * 2) == 0 for v in values):
+        size *= 2
+    return size
+
+
+def auto_inference_sizes(num_devices: int, student: ModelConfig, teacher: ModelConfig) -> dict[str, int]:
+    """The mesh sizes of `inference.layout: auto` (docs/plan.md has the figures behind them).
+
+        tensor = the largest power of two <= AUTO_MAX_TENSOR dividing the device count and both
+                 models' kv heads (each KV cache splits over tensor instead of being replicated)
+        expert = for an MoE teacher, the largest power of two dividing the devices left and its
+                 experts (its experts are read E / (expert x tensor) per device); else 1
+        data   = the devices left; fsdp = 1 (no per-token weight gathers)
+    """
+    tensor = _largest_power_of_two_dividing(num_devices, student.num_kv_heads, teacher.num_kv_heads,
+                                            at_most=AUTO_MAX_TENSOR)
+    left = num_devices // tensor
+    expert = _largest_power_of_two_dividing(left, teacher.num_experts, at_most=left) if teacher.num_experts else 1
+    return {"data": left // expert, "fsdp": 1, "tensor": tensor, "expert": expert}
+
+
+def inference_mesh(cfg: InferenceConfig, train_mesh: Mesh, student: ModelConfig, teacher: ModelConfig) -> Mesh:
+    """The mesh of the no-gradient phases over the training mesh's devices: the training mesh
+    itself (layout train), `cfg.mesh` (layout mesh) or `auto_inference_sizes` (layout auto)."""
+    if cfg.layout == "train":
+        return train_mesh
+    devices = list(train_mesh.devices.flat)
+    sizes = cfg.mesh.resolve(len(devices)) if cfg.layout == "mesh" else \
+        auto_inference_sizes(len(devices), student, teacher)
+    if all(train_mesh.shape[axis] == size for axis, size in sizes.items()):
+        return train_mesh
+    return make_mesh(**sizes, devices=devices)
