@@ -72,7 +72,7 @@ def bench(sizes: dict, repeats: int) -> None:
     from flax import nnx
 
     from topd_jax.models import load_pretrained
-    from topd_jax.sampling import branch, generate
+    from topd_jax.sampling import SamplingOptions, branch, generate
     from topd_jax.scoring import score
 
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def bench(sizes: dict, repeats: int) -> None:
 
     def run_generate():
         return generate(model, jnp.asarray(prompts), jnp.asarray(prompt_mask), key=key, max_new_tokens=n,
-                        temperature=0.0)
+                        options=SamplingOptions(temperature=0.0))
 
     gen_first, gen_time = timed(run_generate, repeats)
     rollout = run_generate()
@@ -119,7 +119,7 @@ def bench(sizes: dict, repeats: int) -> None:
     positions = jnp.asarray(rng.integers(0, n, (b, m)), jnp.int32)
 
     def run_branch():
-        return branch(model, rollout, positions, key=key, window=k, temperature=0.0)
+        return branch(model, rollout, positions, key=key, window=k, options=SamplingOptions(temperature=0.0))
 
     br_first, br_time = timed(run_branch, repeats)
     per_window_token = br_time / (b * m * k)

@@ -1,5 +1,7 @@
 """Rollouts and look-ahead windows sample what the model says and equal naive re-prefills."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,8 @@ from scipy import stats
 
 from topd_jax.models import CausalLM, KVCache, ModelConfig, attend, init_cache
 from topd_jax.models.attention import attend_branches
-from topd_jax.sampling import Rollout, Windows, branch, generate, sample_tokens, window_embeddings
+from topd_jax.sampling import (Rollout, SamplingOptions, Windows, _branch, _generate, branch, generate, sample_tokens,
+                               window_embeddings)
 
 V, P, N, K = 64, 6, 8, 5
 CFG = ModelConfig(family="qwen3", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -21,6 +24,7 @@ MOE_CFG = ModelConfig(family="qwen3_moe", vocab_size=V, hidden_size=32, intermed
 # Left-padded ragged prompts of 6, 3 and 1 real tokens.
 PROMPTS = np.array([[11, 12, 13, 14, 15, 16], [0, 0, 0, 21, 22, 23], [0, 0, 0, 0, 0, 31]], np.int32)
 PROMPT_MASK = PROMPTS != 0
+GREEDY = SamplingOptions(temperature=0.0)
 
 
 def tiny_model(seed: int, cfg: ModelConfig = CFG) -> CausalLM:
@@ -94,7 +98,7 @@ def real_prefix(prompt, prompt_mask, tokens, mask, t):
 
 
 def test_greedy_rollout_equals_repeated_full_forwards_for_each_prompt_alone(student):
-    r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(0), max_new_tokens=N, temperature=0)
+    r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(0), max_new_tokens=N, options=GREEDY)
     assert r.tokens.shape == (3, N) and r.tokens.dtype == jnp.int32 and r.logprobs.dtype == jnp.float32
     for b in range(3):
         toks, _, logps = naive_greedy(student, PROMPTS[b][PROMPT_MASK[b]], N)
@@ -106,7 +110,8 @@ def test_greedy_rollout_equals_repeated_full_forwards_for_each_prompt_alone(stud
 
 def test_sampled_logprobs_are_untempered_full_forward_logprobs_and_a_fixed_key_repeats(student):
     # Sampled at temperature 0.7 from the top 20; the log-probs are still log softmax(z) (T = 1, all V).
-    kw = dict(key=jax.random.key(3), max_new_tokens=N, temperature=0.7, top_k=20, num_samples=2)
+    kw = dict(key=jax.random.key(3), max_new_tokens=N, num_samples=2,
+              options=SamplingOptions(temperature=0.7, top_k=20))
     r = generate(student, PROMPTS, PROMPT_MASK, **kw)
     again = generate(student, PROMPTS, PROMPT_MASK, **kw)
     for a, b in zip(jax.tree.leaves(r), jax.tree.leaves(again)):
@@ -124,10 +129,11 @@ def test_sampled_logprobs_are_untempered_full_forward_logprobs_and_a_fixed_key_r
 
 def test_eos_ends_a_row_and_the_loop_stops_when_every_row_finished(student):
     greedy = np.asarray(generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(0), max_new_tokens=N,
-                                 temperature=0).tokens)
+                                 options=GREEDY).tokens)
     # EOS = row 0's third token: row 0 finishes at step 2 (or earlier if it repeats a token).
     eos = (int(greedy[0, 2]),)
-    r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(0), max_new_tokens=N, temperature=0, eos_ids=eos)
+    r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(0), max_new_tokens=N,
+                 options=SamplingOptions(temperature=0.0, eos_ids=eos))
     steps = []
     for b in range(3):
         toks, mask, logps = naive_greedy(student, PROMPTS[b][PROMPT_MASK[b]], N, eos)
@@ -141,8 +147,8 @@ def test_eos_ends_a_row_and_the_loop_stops_when_every_row_finished(student):
     np.testing.assert_array_equal(np.asarray(r.cache.valid[:, P:]), np.asarray(r.mask))
 
     # Every row's first greedy token as EOS: all rows finish at step 0, so one step is taken.
-    r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(0), max_new_tokens=N, temperature=0,
-                 eos_ids=tuple(sorted(set(greedy[:, 0].tolist()))))
+    r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(0), max_new_tokens=N,
+                 options=SamplingOptions(temperature=0.0, eos_ids=tuple(sorted(set(greedy[:, 0].tolist())))))
     assert bool(r.finished.all()) and int(r.cache.index) == P + 1
     np.testing.assert_array_equal(np.asarray(r.mask), np.arange(N)[None].repeat(3, 0) == 0)
     assert not bool(r.tokens[:, 1:].any())
@@ -150,7 +156,7 @@ def test_eos_ends_a_row_and_the_loop_stops_when_every_row_finished(student):
 
 def first_token_samples(model, temperature, top_k=0, top_p=1.0, n=6000, seed=7):
     r = generate(model, PROMPTS[1:2], PROMPT_MASK[1:2], key=jax.random.key(seed), max_new_tokens=1,
-                 temperature=temperature, top_k=top_k, top_p=top_p, num_samples=n)
+                 num_samples=n, options=SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p))
     z = next_logits(model, PROMPTS[1][PROMPT_MASK[1]]) / temperature
     return np.asarray(r.tokens[:, 0]), np.exp(log_softmax(z))
 
@@ -199,15 +205,51 @@ def test_top_p_keeps_at_least_the_most_likely_token():
 
 
 @pytest.mark.parametrize("kwargs,name", [
-    (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
-    (dict(top_k=2.5), "top_k"), (dict(eos_ids=(V,)), "eos_ids"), (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(num_samples=0), "num_samples"), (dict(top_k=True), "top_k"),
+    (dict(temperature=-0.5), "temperature"), (dict(temperature=-1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k"),
+    (dict(eos_ids=(-1,)), "eos_ids"), (dict(eos_ids=(1.5,)), "eos_ids"), (dict(eos_ids=3), "eos_ids"),
 ])
-def test_bad_sampling_arguments_are_refused_by_name(student, kwargs, name):
+def test_bad_sampling_options_are_refused_by_name_in_one_line(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} must be ") as error:
+        SamplingOptions(**kwargs)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(options=SamplingOptions(eos_ids=(V,))), r"^eos_ids must be token ids in \[0, 64\), got \(64,\)$"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_samples=0), "num_samples"),
+])
+def test_bad_generate_arguments_are_refused_by_name(student, kwargs, match):
     args = dict(key=jax.random.key(0), max_new_tokens=2) | kwargs
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=match):
         generate(student, PROMPTS, PROMPT_MASK, **args)
+
+
+def test_options_must_be_sampling_options(student):
+    with pytest.raises(TypeError, match="options must be a SamplingOptions, got dict"):
+        generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(0), max_new_tokens=2, options=dict(temperature=0))
+
+
+def test_equal_sampling_options_hash_equal_and_share_one_compiled_program(student):
+    a = SamplingOptions(temperature=0.5, top_k=3, eos_ids=[1, 2])
+    b = SamplingOptions(temperature=0.5, top_k=np.int64(3), eos_ids=(1, 2))
+    assert a is not b and a == b and hash(a) == hash(b) and a.eos_ids == (1, 2) and type(b.top_k) is int
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.top_k = 4
+    kw = dict(key=jax.random.key(0), max_new_tokens=2)
+    generate(student, PROMPTS, PROMPT_MASK, options=a, **kw)
+    size = _generate._cache_size()
+    r = generate(student, PROMPTS, PROMPT_MASK, options=b, **kw)
+    assert _generate._cache_size() == size
+    generate(student, PROMPTS, PROMPT_MASK, options=dataclasses.replace(b, top_k=4), **kw)
+    assert _generate._cache_size() == size + 1
+
+    positions = np.zeros((3, 2), np.int32)
+    branch(student, r, positions, key=jax.random.key(0), window=2, options=a)
+    size = _branch._cache_size()
+    branch(student, r, positions, key=jax.random.key(0), window=2, options=b)
+    assert _branch._cache_size() == size
 
 
 # ---------------------------------------------------------------- branch
@@ -218,7 +260,8 @@ def rollout(student):
     """Sampled rollout whose row 2 ends early at an EOS (3 real tokens of N)."""
     r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(11), max_new_tokens=N)
     eos = int(r.tokens[2, 2])
-    r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(11), max_new_tokens=N, eos_ids=(eos,))
+    r = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(11), max_new_tokens=N,
+                 options=SamplingOptions(eos_ids=(eos,)))
     assert bool(r.finished[2]) and not bool(r.mask[2, 3:].any())
     return r
 
@@ -234,7 +277,7 @@ def naive_windows(model, prompts, prompt_mask, tokens, mask, positions, eos=()):
 
 
 def test_greedy_windows_equal_a_naive_re_prefill_of_each_prefix(student, rollout):
-    w = branch(student, rollout, POSITIONS, key=jax.random.key(0), window=K, temperature=0)
+    w = branch(student, rollout, POSITIONS, key=jax.random.key(0), window=K, options=GREEDY)
     assert w.tokens.shape == (3, 3, K) and w.tokens.dtype == jnp.int32
     args = [np.asarray(a) for a in (rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask)]
     toks, mask, logps = naive_windows(student, *args, POSITIONS)
@@ -244,7 +287,8 @@ def test_greedy_windows_equal_a_naive_re_prefill_of_each_prefix(student, rollout
 
     # EOS inside windows: one window's third token ends it (and every window holding it earlier).
     eos = (int(toks[0, 1, 2]),)
-    w = branch(student, rollout, POSITIONS, key=jax.random.key(0), window=K, temperature=0, eos_ids=eos)
+    w = branch(student, rollout, POSITIONS, key=jax.random.key(0), window=K,
+               options=SamplingOptions(temperature=0.0, eos_ids=eos))
     toks, mask, logps = naive_windows(student, *args, POSITIONS, eos)
     assert not mask[0, 1, 3:].any()
     np.testing.assert_array_equal(np.asarray(w.tokens), toks)
@@ -263,14 +307,15 @@ def reprefilled(prompts, prompt_mask, tokens, mask, positions):
     return x, xm
 
 
-@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.8, top_k=8, top_p=0.9)])
+@pytest.mark.parametrize("options", [SamplingOptions(temperature=1.0),
+                                     SamplingOptions(temperature=0.8, top_k=8, top_p=0.9)])
 def test_sampled_windows_equal_generate_from_re_prefilled_prefixes_with_the_same_key(student, rollout, options):
     args = [np.asarray(a) for a in (rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask)]
     x, xm = reprefilled(*args, POSITIONS)
     key = jax.random.key(5)
-    eos = (int(rollout.tokens[0, 0]),)
-    w = branch(student, rollout, POSITIONS, key=key, window=K, eos_ids=eos, **options)
-    ref = generate(student, x, xm, key=key, max_new_tokens=K, eos_ids=eos, **options)
+    options = dataclasses.replace(options, eos_ids=(int(rollout.tokens[0, 0]),))
+    w = branch(student, rollout, POSITIONS, key=key, window=K, options=options)
+    ref = generate(student, x, xm, key=key, max_new_tokens=K, options=options)
     np.testing.assert_array_equal(np.asarray(w.tokens).reshape(9, K), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(w.mask).reshape(9, K), np.asarray(ref.mask))
     np.testing.assert_allclose(np.asarray(w.logprobs).reshape(9, K), np.asarray(ref.logprobs), atol=1e-5)
@@ -281,7 +326,7 @@ def test_teacher_branches_from_its_own_scoring_cache(student, teacher, rollout):
     valid = jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
     _, cache = nnx.jit(lambda m, x, v, c: m(x, attention_mask=v, cache=c))(
         teacher, ids, valid, init_cache(teacher.config, 3, P + N, jnp.float32))
-    w = branch(teacher, cache, POSITIONS, key=jax.random.key(0), window=K, temperature=0, prompt_len=P, tokens=ids)
+    w = branch(teacher, cache, POSITIONS, key=jax.random.key(0), window=K, options=GREEDY, prompt_len=P, tokens=ids)
     args = [np.asarray(a) for a in (rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask)]
     toks, mask, logps = naive_windows(teacher, *args, POSITIONS)
     np.testing.assert_array_equal(np.asarray(w.tokens), toks)
@@ -298,7 +343,8 @@ def test_teacher_branches_from_its_own_scoring_cache(student, teacher, rollout):
 def test_window_top_k_logprobs_are_the_naive_prefix_top_k(student, rollout):
     """top_k_logprobs=k returns each window step's k most likely tokens under a re-prefill."""
     eos = (int(rollout.tokens[0, 0]),)
-    w = branch(student, rollout, POSITIONS, key=jax.random.key(3), window=K, eos_ids=eos, top_k_logprobs=4)
+    w = branch(student, rollout, POSITIONS, key=jax.random.key(3), window=K, options=SamplingOptions(eos_ids=eos),
+               top_k_logprobs=4)
     args = [np.asarray(a) for a in (rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask)]
     tokens, mask = np.asarray(w.tokens), np.asarray(w.mask)
     assert w.topk_logprobs.shape == w.topk_ids.shape == (*tokens.shape, 4)
@@ -319,7 +365,7 @@ def test_window_top_k_logprobs_are_the_naive_prefix_top_k(student, rollout):
 
 
 def test_positions_outside_the_completion_are_clipped(student, rollout):
-    kw = dict(key=jax.random.key(0), window=K, temperature=0)
+    kw = dict(key=jax.random.key(0), window=K, options=GREEDY)
     clipped = branch(student, rollout, np.clip(POSITIONS * 10 - 5, 0, N), **kw)
     raw = branch(student, rollout, POSITIONS * 10 - 5, **kw)
     np.testing.assert_array_equal(np.asarray(raw.tokens), np.asarray(clipped.tokens))
@@ -335,6 +381,8 @@ def test_branch_refuses_a_cache_without_its_layout_and_bad_positions(student, ro
         branch(student, rollout, POSITIONS, key=jax.random.key(0), window=0)
     with pytest.raises(TypeError, match="source"):
         branch(student, rollout.tokens, POSITIONS, **kw)
+    with pytest.raises(ValueError, match=r"eos_ids must be token ids in \[0, 64\)"):
+        branch(student, rollout, POSITIONS, options=SamplingOptions(eos_ids=(V,)), **kw)
 
 
 def all_shapes(jaxpr):
@@ -398,7 +446,7 @@ def test_rollout_and_windows_are_pytrees(student, rollout):
     assert type(through_jit) is Rollout
     np.testing.assert_array_equal(through_jit.tokens, rollout.tokens)
 
-    w = branch(student, rollout, POSITIONS, key=jax.random.key(0), window=K, temperature=0)
+    w = branch(student, rollout, POSITIONS, key=jax.random.key(0), window=K, options=GREEDY)
     assert type(w) is Windows
     names = ("tokens", "mask", "logprobs")  # topk_* are None (no leaves) without top_k_logprobs
     assert len(jax.tree.leaves(w)) == len(names)

@@ -61,13 +61,14 @@ def generate_completions(model, tokenizer, problems: Sequence[str], *, samples: 
 
     from topd_jax.models.tokenizer import encode_prompts
     from topd_jax.prompts import left_pad
-    from topd_jax.sampling import generate
+    from topd_jax.sampling import SamplingOptions, generate
 
     texts = [f"{p}\n\n{instruction}" if instruction else p for p in problems]
     rows = encode_prompts(tokenizer, texts, system=system)
     width = max(len(r) for r in rows)
     drawn = 1 if temperature == 0 else samples
     key = jax.random.PRNGKey(seed)
+    options = SamplingOptions(temperature=temperature, top_p=top_p, eos_ids=tuple(eos_ids))
     completions: list[list[str]] = []
     finished: list[list[bool]] = []
     for b, start in enumerate(range(0, len(rows), batch_size)):
@@ -75,7 +76,7 @@ def generate_completions(model, tokenizer, problems: Sequence[str], *, samples: 
         real = len(batch)
         tokens, mask = left_pad(batch + [batch[-1]] * (batch_size - real), width)
         out = generate(model, tokens, mask, key=jax.random.fold_in(key, b), max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, eos_ids=tuple(eos_ids), num_samples=drawn)
+                       num_samples=drawn, options=options)
         ids, keep, done = (np.asarray(jax.device_get(x)) for x in (out.tokens, out.mask, out.finished))
         for i in range(real):
             rows_i = range(i * drawn, (i + 1) * drawn)

@@ -1,18 +1,20 @@
 """Rollouts and look-ahead windows: sampling from a `CausalLM` with a preallocated KV cache.
 
-    rollout = generate(student, prompts, prompt_mask, key=k, max_new_tokens=N)   # y ~ pi_s(.|x)
-    windows = branch(student, rollout, positions, key=k2, window=K)               # [B, M, K]
+    options = SamplingOptions(temperature=1.0, top_p=0.95, eos_ids=(eos,))
+    rollout = generate(student, prompts, prompt_mask, key=k, max_new_tokens=N,    # y ~ pi_s(.|x)
+                       options=options)
+    windows = branch(student, rollout, positions, key=k2, window=K, options=options)  # [B, M, K]
     windows = branch(teacher, teacher_cache, positions, key=k3, window=K,         # from the cache
                      prompt_len=P, tokens=prompt_and_completion)                   # scoring returned
     emb = window_embeddings(student, windows.tokens)                              # [B, M, K, D]
 
-Sampling (both functions): temperature T = 0 is greedy (argmax). Otherwise the token is drawn from
-softmax(z / T) truncated to the top_k most likely tokens (top_k > 0; top_k >= V keeps all), then to
-the smallest most-likely set whose renormalised probability is >= top_p (always at least one
-token), and renormalised (the order of Hugging Face's logits warpers). Step i of a loop draws with
-`jax.random.fold_in(key, i)` for all rows at once, so a fixed key gives identical output. The
-returned log-probs are always log softmax(z)[y] at temperature 1 without truncation: the behaviour
-log-prob b_t that OPD compares with the teacher (TOPD.md, section 1).
+Sampling (both functions, one `SamplingOptions`): temperature T = 0 is greedy (argmax). Otherwise
+the token is drawn from softmax(z / T) truncated to the top_k most likely tokens (top_k > 0; top_k
+>= V keeps all), then to the smallest most-likely set whose renormalised probability is >= top_p
+(always at least one token), and renormalised (the order of Hugging Face's logits warpers). Step i
+of a loop draws with `jax.random.fold_in(key, i)` for all rows at once, so a fixed key gives
+identical output. The returned log-probs are always log softmax(z)[y] at temperature 1 without
+truncation: the behaviour log-prob b_t that OPD compares with the teacher (TOPD.md, section 1).
 
 Completion masks are 1 through the first EOS inclusive and 0 after; after a row finished, its
 tokens are the pad id 0. Prompts are left-padded and every row must hold at least one real token.
@@ -24,6 +26,7 @@ import dataclasses
 import functools
 import math
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,18 +85,48 @@ class Windows:
     topk_ids: Array | None = None
 
 
-def _check_sampling(temperature: float, top_p: float, top_k: int, eos_ids, vocab: int) -> tuple[int, ...]:
-    """Refuse bad options with a one-line error naming the argument; return eos_ids as a tuple."""
-    if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not _is_real(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not _is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-    eos = tuple(eos_ids)
-    if not all(_is_int(e) and 0 <= e < vocab for e in eos):
-        raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {eos!r}")
-    return tuple(int(e) for e in eos)
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How `generate` and `branch` draw each token; frozen and hashable, the static jit argument
+    of their loops (equal options share one compiled program).
+
+    temperature T >= 0: 0 is greedy (argmax); otherwise y ~ softmax(z / T), truncated to the top_k
+    most likely tokens (top_k = 0, or top_k >= V, keeps all), then to the smallest most-likely set
+    whose renormalised probability is >= top_p in (0, 1] (always at least one token), renormalised
+    (the order of Hugging Face's logits warpers). eos_ids: token ids that end a row (its mask is 1
+    through the first one inclusive). Bad values are refused here with a one-line error naming the
+    field; eos_ids against the model's vocabulary by `generate` and `branch`.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        t, p, k, eos = self.temperature, self.top_p, self.top_k, self.eos_ids
+        if not _is_real(t) or not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not _is_real(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        if not _is_int(k) or k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {k!r}")
+        ids = tuple(eos) if isinstance(eos, (tuple, list)) else None
+        if ids is None or not all(_is_int(e) and e >= 0 for e in ids):
+            raise ValueError(f"eos_ids must be a tuple of token ids >= 0, got {eos!r}")
+        # Plain Python values, so equal options hash equal (one jit cache entry).
+        for name, value in (("temperature", float(t)), ("top_p", float(p)), ("top_k", int(k)),
+                            ("eos_ids", tuple(int(e) for e in ids))):
+            object.__setattr__(self, name, value)
+
+
+def _check_options(options, vocab: int) -> SamplingOptions:
+    """Refuse a non-SamplingOptions or EOS ids outside the model's vocabulary [0, vocab)."""
+    if not isinstance(options, SamplingOptions):
+        raise TypeError(f"options must be a SamplingOptions, got {type(options).__name__}")
+    if not all(e < vocab for e in options.eos_ids):
+        raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {options.eos_ids!r}")
+    return options
 
 
 def _is_int(value) -> bool:
@@ -117,7 +150,7 @@ def sample_tokens(logits: Array, key: Array, *, temperature: float = 1.0, top_p:
     z' = z / T; top_k keeps the k largest z' (ties broken by lower id); top_p keeps sorted tokens
     i with sum_{j < i} p_j < top_p, p the softmax over the top-k set, so the kept set is the
     smallest whose probability reaches top_p; y ~ softmax(z' restricted to the kept set).
-    Options are not checked here (`generate` and `branch` refuse bad ones); they are static.
+    Options are not checked here (`SamplingOptions` refuses bad ones); they are static.
     """
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -149,18 +182,29 @@ def _is_eos(tokens: Array, eos: tuple[int, ...]) -> Array:
     return jnp.any(tokens[..., None] == jnp.asarray(eos, jnp.int32), axis=-1)
 
 
-def _sample_step(logits, key, step, alive, eos, temperature, top_p, top_k):
+def _sample_step(logits, key, step, alive, options: SamplingOptions):
     """Draw for rows still alive: (tokens, logprobs, still-alive-after) with pads for dead rows."""
-    tok = sample_tokens(logits, jax.random.fold_in(key, step), temperature=temperature, top_p=top_p, top_k=top_k)
+    tok = sample_tokens(logits, jax.random.fold_in(key, step), temperature=options.temperature,
+                        top_p=options.top_p, top_k=options.top_k)
     tok = jnp.where(alive, tok, PAD_ID)
     logp = jnp.where(alive, _token_logprob(logits, tok), 0.0)
-    return tok, logp, alive & ~_is_eos(tok, eos)
+    return tok, logp, alive & ~_is_eos(tok, options.eos_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k",
-                                             "eos", "num_samples"))
-def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, temperature, top_p, top_k, eos,
-              num_samples):
+class _DecodeCarry(NamedTuple):
+    """`_generate`'s while-loop state; B rows, N = max_new_tokens."""
+
+    step: Array  # [] int32: tokens drawn so far (the next token's index t)
+    logits: Array  # [B, V]: the logits of y_t (the last fed token's output)
+    cache: KVCache  # [B, P + N] slots: prompt, then the completion written so far
+    tokens: Array  # [B, N] int32: y (PAD_ID after a row finished)
+    logprobs: Array  # [B, N] float32: log pi(y_t) at temperature 1 (0 where mask is 0)
+    mask: Array  # [B, N] bool: 1 through the first EOS inclusive
+    alive: Array  # [B] bool: no EOS drawn yet
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "options", "num_samples"))
+def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, options, num_samples):
     model = nnx.merge(graphdef, state)
     prompts = jnp.repeat(prompts.astype(jnp.int32), num_samples, axis=0)
     prompt_mask = jnp.repeat(prompt_mask.astype(bool), num_samples, axis=0)
@@ -170,37 +214,38 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, tem
     # Hidden states, not [B, P, V] logits: only the last column's are needed, and left padding puts
     # every prompt's last real token there.
     hidden, cache = model(prompts, attention_mask=prompt_mask, cache=cache, return_hidden=True)
-    init = (jnp.zeros((), jnp.int32), *constrain_batch((model.logits(hidden[:, -1]), cache, jnp.zeros((b, n), jnp.int32),
-            jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool), jnp.ones((b,), bool))))
+    # constrain_batch pins every carry array's B axis under a mesh (the scalar step is left alone).
+    init = constrain_batch(_DecodeCarry(
+        step=jnp.zeros((), jnp.int32), logits=model.logits(hidden[:, -1]), cache=cache,
+        tokens=jnp.zeros((b, n), jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
+        mask=jnp.zeros((b, n), bool), alive=jnp.ones((b,), bool)))
 
-    def cond(carry):
-        step, alive = carry[0], carry[-1]
-        return (step < n) & jnp.any(alive)
+    def cond(c: _DecodeCarry):
+        return (c.step < n) & jnp.any(c.alive)
 
-    def body(carry):
-        step, last, cache, tokens, logprobs, mask, alive = carry
-        tok, logp, still = _sample_step(last, key, step, alive, eos, temperature, top_p, top_k)
+    def body(c: _DecodeCarry) -> _DecodeCarry:
+        tok, logp, still = _sample_step(c.logits, key, c.step, c.alive, options)
         # Write the token into the cache (valid only while alive) so the rollout's cache holds the
         # whole completion for branching; padding after EOS is never read.
-        logits, cache = model(tok[:, None], attention_mask=alive[:, None], cache=cache)
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, None], (0, step))
-        mask = jax.lax.dynamic_update_slice(mask, alive[:, None], (0, step))
-        return step + 1, *constrain_batch((logits[:, 0], cache, tokens, logprobs, mask, still))
+        logits, cache = model(tok[:, None], attention_mask=c.alive[:, None], cache=c.cache)
+        return constrain_batch(_DecodeCarry(
+            step=c.step + 1, logits=logits[:, 0], cache=cache,
+            tokens=jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.step)),
+            logprobs=jax.lax.dynamic_update_slice(c.logprobs, logp[:, None], (0, c.step)),
+            mask=jax.lax.dynamic_update_slice(c.mask, c.alive[:, None], (0, c.step)), alive=still))
 
-    _, _, cache, tokens, logprobs, mask, alive = jax.lax.while_loop(cond, body, init)
-    return Rollout(prompts, prompt_mask, tokens, mask, logprobs, ~alive, cache)
+    out = jax.lax.while_loop(cond, body, init)
+    return Rollout(prompts, prompt_mask, out.tokens, out.mask, out.logprobs, ~out.alive, out.cache)
 
 
 def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(),
-             num_samples: int = 1) -> Rollout:
+             num_samples: int = 1, options: SamplingOptions = SamplingOptions()) -> Rollout:
     """Sample num_samples completions of up to max_new_tokens tokens for each left-padded prompt.
 
     prompts [b, P] int, prompt_mask [b, P] (1 = real token, left-padded, >= 1 real token per row).
     One jitted prefill of the repeated prompts into a cache of P + N slots, then a
-    `lax.while_loop` of one-token steps y_t ~ pi(. | x, y_<t) (sampling options: module
-    docstring) that stops when every row has sampled an EOS or after N steps.
+    `lax.while_loop` of one-token steps y_t ~ pi(. | x, y_<t) drawn by `options`
+    (`SamplingOptions`) that stops when every row has sampled an EOS or after N steps.
     Returns a Rollout with B = b * num_samples rows (samples of a prompt adjacent).
     """
     prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
@@ -208,12 +253,11 @@ def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array,
         raise ValueError(f"prompts and prompt_mask must both be [batch, P], got {prompts.shape} and "
                          f"{prompt_mask.shape}")
     check_left_padded(prompt_mask)
-    eos = _check_sampling(temperature, top_p, top_k, eos_ids, model.config.vocab_size)
+    options = _check_options(options, model.config.vocab_size)
     steps = _check_count("max_new_tokens", max_new_tokens)
     samples = _check_count("num_samples", num_samples)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompts, prompt_mask, key, max_new_tokens=steps,
-                     temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), eos=eos,
+    return _generate(graphdef, state, prompts, prompt_mask, key, max_new_tokens=steps, options=options,
                      num_samples=samples)
 
 
@@ -233,47 +277,64 @@ def _branch_points(cache: KVCache, tokens: Array, positions: Array, prompt_len: 
     return last, start_pos, first_tok
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "window", "temperature", "top_p", "top_k",
-                                             "eos", "top_k_logprobs"))
-def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, window, temperature, top_p, top_k, eos,
-            top_k_logprobs):
+class _BranchCarry(NamedTuple):
+    """`_branch`'s while-loop state; B rows, M branch points, K = window, k = top_k_logprobs."""
+
+    step: Array  # [] int32: window tokens drawn so far (the next token's index k)
+    fed: Array  # [B, M] int32: the token fed at this step (the prefix's last token, then v_k)
+    branch_kv: KVCache  # [B, M, K] branch-local slots per layer
+    tokens: Array  # [B, M, K] int32: v (PAD_ID after a window finished)
+    logprobs: Array  # [B, M, K] float32: log pi(v_k) at temperature 1 (0 where mask is 0)
+    topk_logprobs: Array  # [B, M, K, k] float32: each step's k largest log-probs (k = 0: empty)
+    topk_ids: Array  # [B, M, K, k] int32: their token ids
+    mask: Array  # [B, M, K] bool: 1 through the first EOS inclusive
+    alive: Array  # [B, M] bool: no EOS drawn yet
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "window", "options", "top_k_logprobs"))
+def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, window, options, top_k_logprobs):
     model = nnx.merge(graphdef, state)
     b, m = positions.shape
     k = window
     last, start_pos, first_tok = _branch_points(cache, tokens, positions, prompt_len)
-    branch_kv = init_branch_cache(model.config, b, m, k, cache.keys.dtype)
     kk = top_k_logprobs
-    init = (jnp.zeros((), jnp.int32), *constrain_batch((first_tok, branch_kv, jnp.zeros((b, m, k), jnp.int32),
-            jnp.zeros((b, m, k), jnp.float32), jnp.zeros((b, m, k, kk), jnp.float32),
-            jnp.zeros((b, m, k, kk), jnp.int32), jnp.zeros((b, m, k), bool), jnp.ones((b, m), bool))))
+    # constrain_batch pins every carry array's B axis under a mesh (the scalar step is left alone).
+    init = constrain_batch(_BranchCarry(
+        step=jnp.zeros((), jnp.int32), fed=first_tok,
+        branch_kv=init_branch_cache(model.config, b, m, k, cache.keys.dtype),
+        tokens=jnp.zeros((b, m, k), jnp.int32), logprobs=jnp.zeros((b, m, k), jnp.float32),
+        topk_logprobs=jnp.zeros((b, m, k, kk), jnp.float32), topk_ids=jnp.zeros((b, m, k, kk), jnp.int32),
+        mask=jnp.zeros((b, m, k), bool), alive=jnp.ones((b, m), bool)))
 
-    def cond(carry):
-        step, alive = carry[0], carry[-1]
-        return (step < k) & jnp.any(alive)
+    def cond(c: _BranchCarry):
+        return (c.step < k) & jnp.any(c.alive)
 
-    def body(carry):
-        step, fed, branch_kv, out, logprobs, top_lp, top_ids, mask, alive = carry
-        logits, branch_kv = model.branch_step(fed, start_pos + step, cache, last, branch_kv, step)
-        tok, logp, still = _sample_step(logits, key, step, alive, eos, temperature, top_p, top_k)
-        out = jax.lax.dynamic_update_slice(out, tok[:, :, None], (0, 0, step))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, :, None], (0, 0, step))
-        mask = jax.lax.dynamic_update_slice(mask, alive[:, :, None], (0, 0, step))
+    def body(c: _BranchCarry) -> _BranchCarry:
+        step, alive = c.step, c.alive
+        logits, branch_kv = model.branch_step(c.fed, start_pos + step, cache, last, c.branch_kv, step)
+        tok, logp, still = _sample_step(logits, key, step, alive, options)
+        top_lp, top_ids = c.topk_logprobs, c.topk_ids
         if kk:
             vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), kk)
             vals, ids = jnp.where(alive[..., None], vals, 0.0), jnp.where(alive[..., None], ids, 0)
             top_lp = jax.lax.dynamic_update_slice(top_lp, vals[:, :, None], (0, 0, step, 0))
             top_ids = jax.lax.dynamic_update_slice(top_ids, ids[:, :, None].astype(jnp.int32), (0, 0, step, 0))
-        return step + 1, *constrain_batch((tok, branch_kv, out, logprobs, top_lp, top_ids, mask, still))
+        return constrain_batch(_BranchCarry(
+            step=step + 1, fed=tok, branch_kv=branch_kv,
+            tokens=jax.lax.dynamic_update_slice(c.tokens, tok[:, :, None], (0, 0, step)),
+            logprobs=jax.lax.dynamic_update_slice(c.logprobs, logp[:, :, None], (0, 0, step)),
+            topk_logprobs=top_lp, topk_ids=top_ids,
+            mask=jax.lax.dynamic_update_slice(c.mask, alive[:, :, None], (0, 0, step)), alive=still))
 
-    _, _, _, out, logprobs, top_lp, top_ids, mask, _ = jax.lax.while_loop(cond, body, init)
+    out = jax.lax.while_loop(cond, body, init)
     if not kk:
-        return Windows(out, mask, logprobs)
-    return Windows(out, mask, logprobs, top_lp, top_ids)
+        return Windows(out.tokens, out.mask, out.logprobs)
+    return Windows(out.tokens, out.mask, out.logprobs, out.topk_logprobs, out.topk_ids)
 
 
 def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key: Array, window: int,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(),
-           prompt_len: int | None = None, tokens: Array | None = None, top_k_logprobs: int = 0) -> Windows:
+           options: SamplingOptions = SamplingOptions(), prompt_len: int | None = None,
+           tokens: Array | None = None, top_k_logprobs: int = 0) -> Windows:
     """Decode a K-token window from each prefix (x, y_<t), t = positions[b, m], all B*M at once.
 
     source: a Rollout (its cache, P = its prompt width, its prompt + completion tokens), or a KVCache
@@ -294,7 +355,8 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     `CausalLM.branch_step`: the [B, M] queries attend to the shared cache [B, S] in place (masks
     [B, M, S]) and to a branch-local cache [B, M, K] per layer, one softmax over both blocks. The
     loop (`lax.while_loop`, jitted) stops when every window has sampled an EOS or after K steps.
-    Sampling options as `generate`; step k draws with fold_in(key, k) over all [B, M] branches.
+    `options` (`SamplingOptions`) as in `generate`; step k draws with fold_in(key, k) over all
+    [B, M] branches.
     top_k_logprobs = k > 0 also returns each step's k most likely tokens and their log-probs.
     Returns Windows [B, M, K].
     """
@@ -306,11 +368,11 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     if ids.ndim != 2 or ids.shape[0] != batch or not 1 <= p <= ids.shape[1] <= cache.max_len:
         raise ValueError(f"tokens of shape {ids.shape} and prompt_len {p} do not fit a cache of shape "
                          f"{cache.valid.shape} (need 1 <= P <= P + N <= S)")
-    eos = _check_sampling(temperature, top_p, top_k, eos_ids, model.config.vocab_size)
+    options = _check_options(options, model.config.vocab_size)
     graphdef, state = nnx.split(model)
     return _branch(graphdef, state, cache, ids, positions, key, prompt_len=int(p),
-                   window=_check_count("window", window), temperature=float(temperature), top_p=float(top_p),
-                   top_k=int(top_k), eos=eos, top_k_logprobs=_check_topk(top_k_logprobs, model.config.vocab_size))
+                   window=_check_count("window", window), options=options,
+                   top_k_logprobs=_check_topk(top_k_logprobs, model.config.vocab_size))
 
 
 def _branch_source(source: Rollout | KVCache, prompt_len: int | None,

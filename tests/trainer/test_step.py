@@ -16,8 +16,9 @@ from topd_jax.trainer.config import load_config
 from topd_jax.trainer.flops import PhaseTimer
 from topd_jax.trainer.loop import Trainer, build_model
 from topd_jax.trainer.config import RolloutConfig
-from topd_jax.trainer.step import (cross_entropy, experience, init_state, locate, sample, score_teacher,
-                                   sft_update, update)
+from topd_jax.sampling import SamplingOptions
+from topd_jax.trainer.step import (cross_entropy, experience, init_state, locate, sample, sampling_options,
+                                   score_teacher, sft_update, update)
 
 TINY = ["rollout.prompts_per_step=8", "rollout.max_new_tokens=12", "data.prompt_length=6", "loss.window=4",
         "loss.max_candidates=2", "loss.num_reference=2", "logging.progress=false", "logging.tensorboard=false",
@@ -188,3 +189,12 @@ def test_sft_steps_fit_a_fixed_batch(models):
     assert int(state.step) == 30 and all(np.isfinite(losses))
     with pytest.raises(TypeError):
         sft_update(state, tokens, mask, graphdef=graphdef, optimizer=optimizer)  # loss_mask is required
+
+
+def test_sampling_options_come_from_the_rollout_config_in_one_place():
+    rollout = RolloutConfig(temperature=0.7, top_p=0.9, top_k=5, eos_ids=(1, 2))
+    want = SamplingOptions(temperature=0.7, top_p=0.9, top_k=5, eos_ids=(1, 2))
+    assert sampling_options(rollout) == sampling_options(rollout, window=True) == want
+    windows = dataclasses.replace(rollout, window_temperature=0.0)
+    assert sampling_options(windows) == want
+    assert sampling_options(windows, window=True) == dataclasses.replace(want, temperature=0.0)

@@ -28,7 +28,7 @@ from topd_jax.data import synthetic
 from topd_jax.models.checkpoint import load_pretrained, save_pretrained
 from topd_jax.models.decoder import CausalLM
 from topd_jax.prompts import left_pad
-from topd_jax.sampling import generate
+from topd_jax.sampling import SamplingOptions, generate
 from topd_jax.trainer import placement
 from topd_jax.trainer.config import ModelSpec, RandomModelConfig
 from topd_jax.trainer.loop import build_model
@@ -117,8 +117,8 @@ def eval_problems(count: int, seed: int = EVAL_SEED) -> list[synthetic.Problem]:
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _greedy(graphdef, params, prompts, mask):
     model = nnx.merge(graphdef, params)
-    return generate(model, prompts, mask, key=jax.random.PRNGKey(0), max_new_tokens=MAX_COMPLETION, temperature=0.0,
-                    eos_ids=(synthetic.EOS_ID,)).tokens
+    return generate(model, prompts, mask, key=jax.random.PRNGKey(0), max_new_tokens=MAX_COMPLETION,
+                    options=SamplingOptions(temperature=0.0, eos_ids=(synthetic.EOS_ID,))).tokens
 
 
 def completions(model: CausalLM, problems: Sequence[synthetic.Problem]) -> np.ndarray:

@@ -36,7 +36,7 @@ from topd_jax.losses.candidates import reference_positions, select_candidates
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.losses.topd import TopdConfig, TopdInputs, topd_loss
 from topd_jax.models.decoder import CausalLM
-from topd_jax.sampling import Rollout, Windows, branch, generate, window_embeddings
+from topd_jax.sampling import Rollout, SamplingOptions, Windows, branch, generate, window_embeddings
 from topd_jax.scoring import Scores, packed_logprobs, score, score_rollout
 from topd_jax.trainer.config import RolloutConfig
 
@@ -111,12 +111,22 @@ class StudentLogprobs:
     window_topk: Array | None = None
 
 
+def sampling_options(rollout: RolloutConfig, *, window: bool = False) -> SamplingOptions:
+    """The one place a RolloutConfig becomes `SamplingOptions`: the rollout's temperature, top_p,
+    top_k and eos_ids; for look-ahead windows (window=True) the temperature is
+    rollout.window_temperature unless that is None."""
+    temperature = rollout.temperature
+    if window and rollout.window_temperature is not None:
+        temperature = rollout.window_temperature
+    return SamplingOptions(temperature=temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                           eos_ids=rollout.eos_ids)
+
+
 def sample(student: CausalLM, prompt_tokens: Array, prompt_mask: Array, key: Array,
            options: RolloutConfig) -> Rollout:
     """y ~ pi_s(. | x): num_samples completions per left-padded prompt [b, P] -> Rollout [B, ...]."""
     return generate(student, prompt_tokens, prompt_mask, key=key, max_new_tokens=options.max_new_tokens,
-                    temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
-                    eos_ids=options.eos_ids, num_samples=options.num_samples)
+                    num_samples=options.num_samples, options=sampling_options(options))
 
 
 def score_teacher(teacher: CausalLM, rollout: Rollout, *, chunk_size: int, return_cache: bool) -> Scores:
@@ -197,25 +207,24 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
     points = located.positions
     if locator.branches and located.reference_positions is not None:
         points = jnp.concatenate([located.positions, located.reference_positions], axis=1)
-    window_options = dict(window=loss.window, top_p=options.top_p, top_k=options.top_k, eos_ids=options.eos_ids,
-                          temperature=options.temperature if options.window_temperature is None
-                          else options.window_temperature)
+    window_options = sampling_options(options, window=True)
     guided = loss.guides_windows
     greedy = guided and loss.traj_window == "greedy"
     teacher_points = points if locator.branches else located.positions
-    teacher_branch = functools.partial(branch, teacher, scores.cache, key=k_teacher,
+    teacher_branch = functools.partial(branch, teacher, scores.cache, key=k_teacher, window=loss.window,
                                        prompt_len=rollout.prompt_tokens.shape[1],
                                        tokens=jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1))
     top_k = loss.traj_top_k if guided and loss.traj_loss == "topk_fkl" else 0
     teacher_windows = None
     if locator.branches or not greedy:
-        teacher_windows = teacher_branch(teacher_points, top_k_logprobs=0 if greedy else top_k, **window_options)
+        teacher_windows = teacher_branch(teacher_points, top_k_logprobs=0 if greedy else top_k, options=window_options)
     ot = reference_ot = None
     if locator.branches:
         if locator.student_window == "rollout":
             student_windows = rollout_windows(rollout, points, loss.window)
         else:
-            student_windows = branch(student, rollout, points, key=k_student, **window_options)
+            student_windows = branch(student, rollout, points, key=k_student, window=loss.window,
+                                     options=window_options)
         table = student if locator.embedding == "student" else teacher
         distance = locator.window_scores(window_embeddings(table, student_windows.tokens),
                                          window_embeddings(table, teacher_windows.tokens),
@@ -223,7 +232,8 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
         ot, reference_ot = distance[:, :m], (distance[:, m:] if located.reference_positions is not None else None)
     guidance = None
     if greedy:  # the teacher's argmax continuation at C, apart from the locator's sampled windows
-        guidance = teacher_branch(located.positions, top_k_logprobs=top_k, **{**window_options, "temperature": 0.0})
+        guidance = teacher_branch(located.positions, top_k_logprobs=top_k,
+                                  options=dataclasses.replace(window_options, temperature=0.0))
     elif guided:
         guidance = jax.tree.map(lambda x: x[:, :m], teacher_windows)
     return dataclasses.replace(located, ot=ot, reference_ot=reference_ot, teacher_windows=guidance)
@@ -358,5 +368,4 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, key: Array)
 
 __all__ = ["Experience", "Located", "StudentLogprobs", "TrainState", "apply_gradients", "branch_windows", "candidates",
            "cross_entropy", "experience", "init_state", "locate", "loss_inputs", "rollout_windows", "sample",
-           "score_teacher",
-           "sft_update", "student_forward", "student_loss", "update"]
+           "sampling_options", "score_teacher", "sft_update", "student_forward", "student_loss", "update"]
