@@ -359,3 +359,54 @@ def attend_branches(q: Array, prefix_k: Array, prefix_v: Array, prefix_mask: Arr
     out = (jnp.einsum("bkgms,bskh->bmkgh", probs[..., :s], prefix_v)
            + jnp.einsum("bkgmw,bmwkh->bmkgh", probs[..., s:], branch_v))
     return out.reshape(b, m, n, h)
+
+
+def decode_attend(q: Array, cache_k: Array, cache_v: Array, layer: Array | int, vis: Visibility, *,
+                  block: int = 512) -> Array:
+    """One query token per row against layer `layer` of the stacked cache, read in place and only
+    where it is filled: q [B, 1, N, H], cache_k/v [B, L, S, K, H] -> [B, 1, N, H].
+
+    The query reads the real keys at slots < e = vis.q_end (a decode step at slot `index` has
+    e = index + 1; sequence keys only). Key blocks j = 0 .. ceil(max e / W) - 1 of W = min(block, S)
+    slots are each sliced straight from the stacked cache ([B, W, K, H] of one layer, never the
+    layer's whole [B, S, K, H]) and folded into an online softmax, as flash attention does:
+
+        m_j = max(m_{j-1}, max_s x_s),  l_j = l_{j-1} e^(m_{j-1} - m_j) + sum_s e^(x_s - m_j),
+        a_j = a_{j-1} e^(m_{j-1} - m_j) + sum_s e^(x_s - m_j) v_s,      out = a / l,
+
+    x_s = q . k_s / sqrt(H) over the block's visible keys (a block past S is moved back to end at
+    S, its slots already read masked). So a step reads the e filled slots, not all S: on average
+    P + N / 2 of the P + N a rollout allocates. The loop's trip count is ceil(max e / W): a
+    `lax.fori_loop`, static when the cache index is (the plan compiles a step at a fixed index).
+    Equals `attend` on the visible keys up to float summation order; a row with no visible key
+    (never in decoding: every prompt holds a real token) gets zeros.
+    """
+    b, t, n, h = q.shape
+    _, _, s, kv, _ = cache_k.shape
+    width = min(block, s)
+    qg = q.reshape(b, kv, n // kv, h)  # t == 1
+    end = vis.q_end[:, 0]  # [B]
+    count = (jnp.max(end) + width - 1) // width
+
+    def fold(j, carry):
+        m, l, acc = carry
+        start = jnp.minimum(j * width, s - width)
+        k = jax.lax.dynamic_slice(cache_k, (0, layer, start, 0, 0), (b, 1, width, kv, h))[:, 0].astype(q.dtype)
+        v = jax.lax.dynamic_slice(cache_v, (0, layer, start, 0, 0), (b, 1, width, kv, h))[:, 0].astype(q.dtype)
+        slots = start + jnp.arange(width)
+        visible = (jax.lax.dynamic_slice_in_dim(vis.k_valid, start, width, axis=1) & (slots >= j * width)[None]
+                   & (slots[None] < end[:, None]))[:, None, None]  # [B, 1, 1, W]
+        x = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+        x = jnp.where(visible, x, jnp.finfo(jnp.float32).min)
+        m_new = jnp.maximum(m, jnp.max(x, axis=-1))
+        p = jnp.where(visible, jnp.exp(x - m_new[..., None]), 0.0)
+        scale = jnp.exp(m - m_new)
+        acc = acc * scale[..., None] + jnp.einsum("bkgs,bskh->bkgh", p.astype(v.dtype), v,
+                                                  preferred_element_type=jnp.float32)
+        return m_new, l * scale + jnp.sum(p, axis=-1), acc
+
+    g = n // kv
+    init = (jnp.full((b, kv, g), jnp.finfo(jnp.float32).min), jnp.zeros((b, kv, g)), jnp.zeros((b, kv, g, h)))
+    _, l, acc = jax.lax.fori_loop(0, count, fold, init)
+    out = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
+    return out.reshape(b, t, n, h).astype(q.dtype)

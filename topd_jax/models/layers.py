@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from topd_jax.models.attention import attend_branches, attention
+from topd_jax.models.attention import attend_branches, attention, decode_attend
 from topd_jax.models.config import ModelConfig, RopeConfig
 from topd_jax.models.masks import Visibility
 
@@ -163,6 +163,8 @@ class Attention(nnx.Module):
             start = (0, layer, index, 0, 0)
             cache = tuple(jax.lax.dynamic_update_slice(c, new[:, None].astype(c.dtype), start)
                           for c, new in zip(cache, (k, v)))
+            if x.shape[1] == 1 and isinstance(mask, Visibility):  # a decode step: its filled blocks only
+                return self.output(decode_attend(q, *cache, layer, mask, block=block)), cache
             k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False) for c in cache)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=impl, block=block)
         return self.output(out), cache

@@ -59,7 +59,7 @@ from flax import nnx
 from jax.experimental.layout import Format, Layout
 
 from topd_jax.losses.locators import LOCATORS
-from topd_jax.models.decoder import init_branch_cache
+from topd_jax.models.decoder import KVCache, init_branch_cache
 from topd_jax.models.sharding import batch_sharding
 from topd_jax.errors import first_line
 from topd_jax.hardware import hlo
@@ -254,7 +254,10 @@ def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, buffers: i
     return _figures(phase, compiled, held, time.perf_counter() - begin, buffers), out
 
 
-def _generate_step(graphdef, params, tokens, alive, cache):
+def _generate_step(graphdef, params, tokens, alive, keys, values, valid, *, index):
+    """One sampling step with the cache filled to slot `index` (a Python int: the step's reads are
+    static, so the plan counts them; `generate` runs the same code at a traced index)."""
+    cache = KVCache(keys, values, valid, index)
     return nnx.merge(graphdef, params)(tokens[:, None], attention_mask=alive[:, None], cache=cache)
 
 
@@ -262,7 +265,7 @@ def _branch_step(graphdef, params, fed, positions, cache, last, branch_kv, step)
     return nnx.merge(graphdef, params).branch_step(fed, positions, cache, last, branch_kv, step)
 
 
-def _lower_step(step, graphdef, *args, carried: int):
+def _lower_step(step, graphdef, *args, carried: tuple[int, ...]):
     """Lower one loop step alone, for its FLOPs and bytes, as the loop runs it: the carried buffers
     (args[carried]: the cache, or the branches' cache) donated and in a layout the compiler picks,
     in and out. In the loop the carry keeps one layout from step to step; a step compiled alone
@@ -270,12 +273,15 @@ def _lower_step(step, graphdef, *args, carried: int):
     a conversion the loop never makes."""
     fn = functools.partial(step, graphdef)
     shardings = [jax.tree.map(lambda x: x.sharding, a) for a in args]
-    layout = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding) if x.ndim >= 3 else x.sharding, args[carried])
-    shardings[carried] = layout
+    for i in carried:
+        shardings[i] = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding) if x.ndim >= 3 else x.sharding, args[i])
     out = jax.eval_shape(fn, *args)
     mesh = next(x.sharding.mesh for x in jax.tree.leaves(args))
-    logits = jax.tree.map(lambda x: batch_sharding(mesh, x.shape), out[0])
-    return jax.jit(fn, in_shardings=tuple(shardings), out_shardings=(logits, layout),
+    # The carried outputs keep the carried inputs' formats (the loop's next step reads them).
+    formats = {a.shape: f for i in carried for a, f in zip(jax.tree.leaves(args[i]), jax.tree.leaves(shardings[i]))}
+    out_shardings = jax.tree.map(lambda x: formats.get(x.shape) if x.ndim >= 3 and x.shape in formats
+                                 else batch_sharding(mesh, x.shape) if x.ndim else placement.replicated(mesh), out)
+    return jax.jit(fn, in_shardings=tuple(shardings), out_shardings=out_shardings,
                    donate_argnums=carried).lower(*args)
 
 
@@ -457,9 +463,13 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
     rows = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding(mesh, (b,)))
     alive = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sharding(mesh, (b,)))
     progress("compiling one decode step of sample ...")
-    sample_step = _decode_step("student", config.rollout.max_new_tokens,
-                               lambda: _lower_step(_generate_step, graphdef, params, rows, alive, rollout.cache, carried=3), mesh,
-                               per_device_bytes(params), per_device_bytes((rollout.cache.keys, rollout.cache.values)))
+    # The step at the mean filled length: step t of the loop reads P + t + 1 slots.
+    cache, n = rollout.cache, config.rollout.max_new_tokens
+    index = config.data.prompt_length + n // 2
+    sample_step = _decode_step("student", n, lambda: _lower_step(
+        functools.partial(_generate_step, index=index), graphdef, params, rows, alive, cache.keys, cache.values,
+        cache.valid, carried=(3, 4)), mesh, per_device_bytes(params),
+        per_device_bytes((cache.keys, cache.values)) * (index + 1) / cache.max_len)
     branch_steps = []
     if located is not None and loss.uses_windows and scores is not None and scores.cache is not None:
         points = located.positions.shape[1]
@@ -477,7 +487,7 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
             kv = with_shardings(kv, _batch_split(kv, mesh))
             progress(f"compiling one window step of branch ({name}) ...")
             found = _decode_step(name, loss.window, functools.partial(
-                _lower_step, _branch_step, gd, ps, index, index, cache, index, kv, step, carried=5), mesh,
+                _lower_step, _branch_step, gd, ps, index, index, cache, index, kv, step, carried=(5,)), mesh,
                 per_device_bytes(ps),
                 per_device_bytes((cache.keys, cache.values, kv)))
             if found is not None:
