@@ -1,5 +1,6 @@
 """topd_jax.plan: the trainer's phases compiled for a TPU topology (libtpu, no TPU) and locally."""
 
+import functools
 import json
 import os
 
@@ -184,3 +185,39 @@ def test_table_shows_loops_xla_flops_and_uncounted_kernels():
     assert "FLOPs NOT COUNTED" in text and "my_kernel x 20" in text  # 2 in the phase + 2 x 9 more steps
     (row,) = report.to_json(plan, CHIPS["v5p"], "v5p:2x2x1", 0.9)["phases"]
     assert row["tflop"] == 36 and row["xla_tflop"] == 1 and row["loop_trip_counts"] == [36, None]
+
+
+def test_a_decode_step_reads_about_its_weights_and_filled_cache_once():
+    """One sampling step compiled for a TPU topology (as the plan compiles it: the cache donated,
+    in the compiler's layout, filled to its middle) moves its weights' and its filled KV cache's
+    shares about once, with no whole-cache copy: HBM bytes within 1.5 x that sum, temporaries
+    below one cache. Before the cache was written in place it read 4.4 x."""
+    from flax import nnx
+
+    from topd_jax.hardware import hlo
+    from topd_jax.models import CausalLM, ModelConfig
+    from topd_jax.models.decoder import init_cache
+    from topd_jax.models.sharding import batch_sharding, make_mesh
+    from topd_jax.trainer import placement
+
+    devices, _ = _tpu_devices()
+    mesh = make_mesh(data=4, devices=devices)
+    cfg = ModelConfig(family="qwen3", vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=8,
+                      num_heads=4, num_kv_heads=2, head_dim=128)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))),
+                                 nnx.Param)
+    params = measure.with_shardings(params, placement.tree_shardings(params, mesh))
+    cache = jax.eval_shape(lambda: init_cache(cfg, 8, 2048, jnp.bfloat16))
+    keys, values, valid = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.shape))
+                           for x in (cache.keys, cache.values, cache.valid))
+    rows = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=batch_sharding(mesh, (8,)))
+    alive = jax.ShapeDtypeStruct((8,), jnp.bool_, sharding=batch_sharding(mesh, (8,)))
+    index = 1023
+    with jax.set_mesh(mesh):
+        compiled = measure._lower_step(functools.partial(measure._generate_step, index=index), graphdef, params, rows,
+                                       alive, keys, values, valid, carried=(3, 4)).compile()
+    cache_share = measure.per_device_bytes((keys, values))
+    must = measure.per_device_bytes(params) + cache_share * (index + 1) / 2048
+    read = hlo.hbm_bytes(hlo.parse(compiled.as_text()))
+    assert read < 1.5 * must, (read, must)
+    assert compiled.memory_analysis().temp_size_in_bytes < cache_share

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from topd_jax.models import load_pretrained
-from topd_jax.models.attention import ATTENTION_BACKENDS, ATTENTION_CHOICES, attend, attention, blockwise_attend
+from topd_jax.models.attention import (ATTENTION_BACKENDS, ATTENTION_CHOICES, attend, attention, blockwise_attend,
+                                       decode_attend)
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.decoder import REMAT_POLICIES
 from topd_jax.models.layers import rope_angles
@@ -103,6 +104,25 @@ def test_blockwise_equals_dense_against_a_cache():
     np.testing.assert_array_equal(dense_mask(vis), expected)
     q, k, v = qkv(2, 3, 12, 4, 2, 8, seed=1)
     assert_same_forward_and_grad(vis, q, k, v, (2, 5))
+
+
+@pytest.mark.parametrize("index", [0, 4, 9, 13])
+@pytest.mark.parametrize("static", [True, False])
+def test_decode_attend_reads_the_filled_blocks_and_equals_dense(index, static):
+    """One query at slot `index` of layer 1 of a stacked 3-layer, 14-slot cache, in key blocks of 4
+    (the last one partial, moved back to end at slot 14): equals `attend` on the layer's slots."""
+    b, s, n, kv, h = 3, 14, 4, 2, 8
+    rng = np.random.default_rng(index)
+    keys, values = (jnp.asarray(rng.normal(size=(b, 3, s, kv, h)), jnp.float32) for _ in range(2))
+    valid = jnp.asarray(rng.random((b, s)) < 0.7).at[:, index].set(True)  # padding anywhere, own slot real
+    q = jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.float32)
+
+    def run(at):
+        vis = causal_visibility(jnp.ones((b, 1), bool), start=at, key_valid=valid)
+        return decode_attend(q, keys, values, 1, vis, block=4), attend(q, keys[:, 1], values[:, 1], dense_mask(vis))
+
+    got, want = run(index) if static else jax.jit(run)(jnp.int32(index))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_blockwise_equals_dense_on_the_packed_lookahead_tree():

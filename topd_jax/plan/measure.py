@@ -4,7 +4,8 @@
     [p.phase for p in report.phases]         # ["sample", "score", "branch", "train"]
 
 The phases are the trainer's own: `phases.no_gradient_phases`, the chain `Trainer.train_step` runs,
-is called here with a `run` that lowers and compiles each phase under `jax.set_mesh(inference mesh)`
+is called here with a `run` that lowers and compiles each phase under `jax.set_mesh` of its mesh
+(`phases.PHASE_MESH`: sampling and branching on the inference mesh, scoring on the training mesh)
 instead of running it, then `placement.jit_update` on the training mesh. The meshes are the
 trainer's (`runtime.mesh_from_config`, `runtime.inference_mesh`). Their inputs are abstract
 (`jax.ShapeDtypeStruct` with a sharding): the models from `config.json` alone
@@ -351,10 +352,16 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
     sampling = r  # the rollout options are the static options of sampling and branching
     # With a separate inference mesh the training state's parameters stay in HBM beside the
     # resharded copy the phases take as an argument.
-    train_params = () if inf_mesh is mesh else state.params
-    held = {"sample": per_device_bytes((train_params, state.opt_state, t_params)),
-            "score": per_device_bytes((state.params, state.opt_state)),
-            "branch": per_device_bytes((train_params, state.opt_state)), "train": per_device_bytes(t_params)}
+    # The teacher for scoring on the training mesh (Trainer.teacher_score_params), a second copy when
+    # the meshes differ; with them, the training state's parameters stay beside the resharded copy.
+    apart = inf_mesh is not mesh
+    t_score = with_shardings(t_params, placement.tree_shardings(t_params, mesh)) if apart else t_params
+    train_params, extra = (state.params, (params, t_params)) if apart else ((), ())
+    meshes = {name: inf_mesh if where == "inference" else mesh for name, where in phases.PHASE_MESH.items()}
+    held = {"sample": per_device_bytes((train_params, state.opt_state, t_params, t_score if apart else ())),
+            "score": per_device_bytes((state.params, state.opt_state, extra)),  # + the rollout's cache, below
+            "branch": per_device_bytes((train_params, state.opt_state, t_score if apart else ())),
+            "train": per_device_bytes((t_params, t_score if apart else ()))}
 
     results: list[PhaseFigures] = []
     wanted = set(PHASES if only is None else only)
@@ -386,18 +393,23 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
     outputs = {}
 
     def chained(name, phase, *args, **static):  # the trainer's chain, each phase lowered (and compiled)
-        outputs[name] = run(name, lambda: phase.lower(*args, **static))
+        if name == "score":  # the rollout's cache waits in HBM for the branch phase
+            held["score"] += per_device_bytes(outputs["sample"].cache)
+        outputs[name] = run(name, lambda: phase.lower(*args, **static), on=meshes[name])
         if name in failed:
             raise _ChainStopped(name)
         return outputs[name]
 
     try:
-        phases.no_gradient_phases(chained, graphdef, params, t_graphdef, t_params, prompt_tokens, prompt_mask,
-                                  k_sample, k_locate, options=sampling, loss=loss, chunk_size=config.chunk_size)
+        phases.no_gradient_phases(chained, lambda tree, name: with_shardings(
+            tree, placement.phase_shardings(tree, meshes[name])), graphdef, params, t_graphdef, (t_score, t_params),
+            prompt_tokens, prompt_mask, k_sample, k_locate, options=sampling, loss=loss, chunk_size=config.chunk_size)
     except _ChainStopped as stop:
         for later in PHASES[PHASES.index(stop.args[0]) + 1:-1]:
             missing(later, stop.args[0])
     rollout, scores, located = (outputs.get(name) for name in ("sample", "score", "branch"))
+    if scores is not None:  # as the branch phase reads them (its cache included)
+        scores = with_shardings(scores, placement.phase_shardings(scores, meshes["branch"]))
     if failed:
         missing("train", ", ".join(sorted(failed)))
     else:

@@ -257,6 +257,12 @@ class Trainer:
         self.optimizer = config.optimizer.build(config.steps)
         self.graphdef, params = nnx.split(self.student, nnx.Param)
         self.teacher_graphdef, self.teacher_params = nnx.split(self.teacher, nnx.Param)
+        # The teacher for scoring (a prefill) on the training mesh: a second copy, made once, when
+        # the inference mesh is another (phases.PHASE_MESH).
+        self.teacher_score_params = self.teacher_params if self.inference_mesh is self.mesh else jax.device_put(
+            self.teacher_params, placement.tree_shardings(self.teacher_params, self.mesh))
+        self.phase_meshes = {name: self.inference_mesh if where == "inference" else self.mesh
+                             for name, where in phases.PHASE_MESH.items()}
         key = jax.random.PRNGKey(config.seed)
         init = functools.partial(init_state, optimizer=self.optimizer)
         state_shardings = placement.state_shardings(jax.eval_shape(init, params, key=key), self.mesh)
@@ -372,17 +378,19 @@ class Trainer:
         k_sample, k_locate = placement.place(tuple(jax.random.split(key)), placement.replicated(self.inference_mesh))
         put = placement.put_local_batch if self.prompts.local else placement.put_batch
         prompt_tokens, prompt_mask = put(self.prompts.batch(self.data_position), self.inference_mesh)
-        params, teacher = self.inference_params(), self.teacher_params
+        params = self.inference_params()
 
         def run(name, phase, *args, **static):
-            with timer.phase(name):
+            with timer.phase(name), jax.set_mesh(self.phase_meshes[name]):  # decode loops pin carries to it
                 return jax.block_until_ready(phase(*args, **static))
 
-        with jax.set_mesh(self.inference_mesh):  # decode loops pin their carries to the batch axes
-            rollout, scores, located = phases.no_gradient_phases(
-                run, self.graphdef, params, self.teacher_graphdef, teacher, prompt_tokens, prompt_mask, k_sample,
-                k_locate, options=self.rollout_config, loss=self.loss, chunk_size=self.config.chunk_size,
-                labeller=self.prompts.labeller)
+        def move(tree, name):
+            return placement.place(tree, placement.phase_shardings(tree, self.phase_meshes[name]))
+
+        rollout, scores, located = phases.no_gradient_phases(
+            run, move, self.graphdef, params, self.teacher_graphdef, (self.teacher_score_params, self.teacher_params),
+            prompt_tokens, prompt_mask, k_sample, k_locate, options=self.rollout_config, loss=self.loss,
+            chunk_size=self.config.chunk_size, labeller=self.prompts.labeller)
         batch = experience(rollout, scores, located)
         del rollout, scores, located, params  # the caches are the largest buffers of the step
         batch = placement.place(batch, placement.experience_shardings(batch, self.mesh))

@@ -51,20 +51,32 @@ def locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, sc
                   loss, options, labeller)
 
 
-def no_gradient_phases(run, graphdef, params, teacher_graphdef, teacher_params, prompt_tokens, prompt_mask,
+# Where each no-gradient phase runs: the inference mesh (decoding: tensor and expert parallel
+# weights, no per-token weight gathers) or the training mesh (the teacher's scoring prefill is
+# compute-bound: there data parallelism with FSDP-gathered weights moves the least; tensor
+# parallelism would all-reduce every layer's [tokens, D] activations, 291 GB per chip per step for
+# the paper's pair on v5p:4x4x2, docs/plan.md).
+PHASE_MESH = {"sample": "inference", "score": "train", "branch": "inference"}
+
+
+def no_gradient_phases(run, move, graphdef, params, teacher_graphdef, teacher_params, prompt_tokens, prompt_mask,
                        k_sample, k_locate, *, options, loss, chunk_size, labeller=None):
     """sample -> score -> branch of one step, each phase called as `run(name, phase, *args, **static)`.
 
     The one place the step's no-gradient phases are chained: `Trainer.train_step` runs them (`run`
-    times each and waits for its result); `topd_jax.plan` lowers and compiles them on abstract
-    inputs (`run` returns each phase's abstract outputs, or raises to stop the chain). Returns
+    times each and waits for its result, under the phase's mesh); `topd_jax.plan` lowers and
+    compiles them on abstract inputs (`run` returns each phase's abstract outputs, or raises to
+    stop the chain). teacher_params: (score, branch), the teacher laid out for each phase's mesh
+    (PHASE_MESH; one object when both meshes are one). move(tree, name): `tree` placed where phase
+    `name` runs. The rollout reaches scoring without its cache (scoring reads tokens only). Returns
     (rollout, scores, located) for `step.experience`.
     """
     rollout = run("sample", sample_phase, graphdef, params, prompt_tokens, prompt_mask, k_sample, options=options)
-    scores = run("score", score_phase, teacher_graphdef, teacher_params, rollout, chunk_size=chunk_size,
+    scores = run("score", score_phase, teacher_graphdef, teacher_params[0],
+                 move(dataclasses.replace(rollout, cache=None), "score"), chunk_size=chunk_size,
                  return_cache=loss.uses_windows)
-    located = run("branch", locate_phase, graphdef, params, teacher_graphdef, teacher_params, rollout, scores,
-                  k_locate, loss=loss, options=options, labeller=labeller)
+    located = run("branch", locate_phase, graphdef, params, teacher_graphdef, teacher_params[1], rollout,
+                  move(scores, "branch"), k_locate, loss=loss, options=options, labeller=labeller)
     return rollout, scores, located
 
 

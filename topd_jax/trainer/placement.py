@@ -21,7 +21,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from topd_jax.losses.topd import TopdConfig
-from topd_jax.models.sharding import DEFAULT_RULES, Rules, batch_sharding, logical_sharding, make_mesh
+from topd_jax.models.decoder import KVCache
+from topd_jax.models.sharding import (DEFAULT_RULES, Rules, batch_sharding, cache_shardings, logical_sharding,
+                                     make_mesh)
 from topd_jax.trainer.step import Experience, TrainState, sft_update, update
 
 
@@ -71,6 +73,19 @@ def experience_shardings(batch: Experience, mesh: Mesh, rules: Rules | None = No
     return jax.tree.map(lambda x: batch_sharding(mesh, x.shape, rules), batch)
 
 
+def phase_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """Shardings of a phase's outputs (Rollout, Scores, Located) on `mesh`, for moving them to the
+    next phase's mesh: KV caches by `CACHE_AXES` (batch and kv heads split), every other array along
+    its leading B axis, scalars replicated."""
+
+    def one(node):
+        if isinstance(node, KVCache):
+            return cache_shardings(node, mesh, rules)
+        return batch_sharding(mesh, node.shape, rules) if node.ndim else replicated(mesh)
+
+    return jax.tree.map(one, tree, is_leaf=lambda node: isinstance(node, KVCache))
+
+
 def put_global(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from host data every process holds in full (multi-host safe)."""
     value = np.asarray(value)
@@ -117,6 +132,6 @@ def jit_sft_update(state: TrainState, batch_shape: tuple[int, int], mesh: Mesh, 
                    donate_argnums=0)
 
 
-__all__ = ["batch_size_divides", "data_mesh", "experience_shardings", "jit_sft_update", "jit_update", "place", "put_batch",
+__all__ = ["batch_size_divides", "data_mesh", "experience_shardings", "jit_sft_update", "jit_update", "phase_shardings", "place", "put_batch",
            "put_local_batch",
            "put_global", "replicated", "state_shardings", "tree_shardings"]
