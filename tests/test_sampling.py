@@ -410,21 +410,28 @@ def test_branch_never_materialises_a_per_branch_copy_of_the_prefix_cache(student
     assert b * m * s * CFG.num_kv_heads * CFG.head_dim not in sizes
 
 
-def test_attend_branches_equals_attend_over_the_concatenated_caches():
+@pytest.mark.parametrize("block", [3, 7, 16])
+def test_attend_branches_equals_attend_over_the_concatenated_caches(block):
+    """Layer 1 of a stacked 2-layer prefix cache of 7 slots, read in key blocks (3: the last one
+    partial), plus each branch's own slots, against `attend` on the concatenation."""
     rng = np.random.default_rng(0)
     b, m, s, w, n, kv, h = 2, 3, 7, 4, 4, 2, 8
     q = jnp.asarray(rng.standard_normal((b, m, n, h)), jnp.float32)
-    pk, pv = (jnp.asarray(rng.standard_normal((b, s, kv, h)), jnp.float32) for _ in range(2))
+    pk, pv = (jnp.asarray(rng.standard_normal((b, 2, s, kv, h)), jnp.float32) for _ in range(2))
     bk, bv = (jnp.asarray(rng.standard_normal((b, m, w, kv, h)), jnp.float32) for _ in range(2))
-    pmask = jnp.asarray(rng.random((b, m, s)) < 0.6)
+    prefix_len = jnp.asarray(rng.integers(1, s + 1, size=(b, m)), jnp.int32)
+    valid = jnp.asarray(rng.random((b, s)) < 0.8).at[:, 0].set(True)
+    pmask = (jnp.arange(s)[None, None] < prefix_len[..., None]) & valid[:, None]
     bmask = jnp.asarray(rng.random((b, m, w)) < 0.6)
-    got = attend_branches(q, pk, pv, pmask, bk, bv, bmask)
+    got = attend_branches(q, pk, pv, 1, prefix_len, valid, bk, bv, bmask, block=block)
     for i in range(m):  # branch i alone: its query against [prefix | its own slots]
-        k = jnp.concatenate([pk, bk[:, i]], axis=1)
-        v = jnp.concatenate([pv, bv[:, i]], axis=1)
+        k = jnp.concatenate([pk[:, 1], bk[:, i]], axis=1)
+        v = jnp.concatenate([pv[:, 1], bv[:, i]], axis=1)
         mask = jnp.concatenate([pmask[:, i], bmask[:, i]], axis=-1)[:, None]
         want = attend(q[:, i:i + 1], k, v, mask)[:, 0]
-        np.testing.assert_allclose(np.asarray(got[:, i]), np.asarray(want), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got[:, i]), np.asarray(want), atol=2e-6)
+    static = attend_branches(q, pk, pv, 1, prefix_len, valid, bk, bv, bmask, block=block, prefix_end=s)
+    np.testing.assert_allclose(np.asarray(static), np.asarray(got), atol=1e-6)
 
 
 def test_window_embeddings_are_the_input_embedding_rows(student):

@@ -38,8 +38,9 @@ compiles for one from a CPU host), else JAX's default backend.
 
 ATTENTION_CHOICES ("auto" and the table's names) is the one list of allowed values: the model's
 `ModelConfig.attention` and the trainer's `model.attention` are checked against it.
-`attend_branches` is the decode-time variant: one query per branch over a prefix cache the
-branches share plus each branch's own slots.
+Decoding reads the stacked cache in place through one online softmax over key blocks:
+`decode_attend` (one query per row, a sampling step) and `attend_branches` (one query per branch
+over a prefix cache the row's branches share plus each branch's own slots).
 """
 
 from __future__ import annotations
@@ -331,34 +332,54 @@ def attention(q: Array, k: Array, v: Array, mask: Array | Visibility, *, impl: s
     return ATTENTION_BACKENDS[impl](q, k, v, mask, block)
 
 
-def attend_branches(q: Array, prefix_k: Array, prefix_v: Array, prefix_mask: Array,
-                    branch_k: Array, branch_v: Array, branch_mask: Array) -> Array:
-    """Attention of one query per branch over a shared prefix cache plus the branch's own cache.
+def _fold(state, x, visible, v, spec):
+    """One block of an online softmax: state (m, l, acc) [B, K, G, M] / [B, K, G, M, H], scores x
+    [B, K, G, M, W] float32, visible broadcastable to x, values v (einsum `spec` with the probs)."""
+    m, l, acc = state
+    x = jnp.where(visible, x, jnp.finfo(jnp.float32).min)
+    m_new = jnp.maximum(m, jnp.max(x, axis=-1))
+    p = jnp.where(visible, jnp.exp(x - m_new[..., None]), 0.0)
+    scale = jnp.exp(m - m_new)
+    acc = acc * scale[..., None] + jnp.einsum(spec, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, l * scale + jnp.sum(p, axis=-1), acc
 
-    q [B, M, N, H]: branch m of row b. prefix_k, prefix_v [B, S, K, H]: the row's cache, shared by
-    its M branches and read in place. branch_k, branch_v [B, M, W, K, H]: each branch's own slots.
-    prefix_mask [B, M, S], branch_mask [B, M, W] bool (True: visible). With s_p = q k_p / sqrt(H)
-    over the prefix slots and s_w = q k_w / sqrt(H) over the branch slots,
 
-        out = softmax([s_p | s_w]) [v_p | v_w] = (sum_p e^s_p v_p + sum_w e^s_w v_w) / Z,
+def _cache_blocks(q: Array, cache_k: Array, cache_v: Array, layer: Array | int, visible, end: Array | int,
+                  block: int):
+    """Online-softmax state of queries q [B, K, G, M, H] (scaled) over layer `layer` of the stacked
+    cache [B, L, S, K, H], its slots [0, end) read in key blocks of W = min(block, S) sliced straight
+    from the stacked buffer (never the layer's whole [B, S, K, H]). visible(slots [W]) -> bool
+    [B, M, W] for the slots of a block; a block past S is moved back to end at S, its slots already
+    read masked. The block loop's trip count is ceil(end / W) (`lax.fori_loop`; static when end is)."""
+    b, kv, g, m, h = q.shape
+    s = cache_k.shape[2]
+    width = min(block, s)
 
-    one softmax over the concatenated score blocks; only scores [B, K, G, M, S + W] are built, never a
-    per-branch copy [B, M, S, K, H] of the prefix keys or values. Equals `attend` on the
-    concatenation [prefix | branch] (a row with no visible key gets a uniform average likewise).
-    """
+    def body(j, state):
+        start = jnp.minimum(j * width, s - width)
+        k, v = (jax.lax.dynamic_slice(c, (0, layer, start, 0, 0), (b, 1, width, kv, h))[:, 0].astype(q.dtype)
+                for c in (cache_k, cache_v))
+        slots = start + jnp.arange(width)
+        seen = (visible(slots) & (slots >= j * width))[:, None, None]  # [B, 1, 1, M, W]
+        x = jnp.einsum("bkgmh,bwkh->bkgmw", q, k, preferred_element_type=jnp.float32)
+        return _fold(state, x, seen, v, "bkgmw,bwkh->bkgmh")
+
+    init = (jnp.full((b, kv, g, m), jnp.finfo(jnp.float32).min), jnp.zeros((b, kv, g, m)),
+            jnp.zeros((b, kv, g, m, h)))
+    return jax.lax.fori_loop(0, (end + width - 1) // width, body, init)
+
+
+def _finish(state, shape, dtype) -> Array:
+    """out = acc / l as [B, M, N, H] (zeros for a query that saw no key)."""
+    _, l, acc = state
+    out = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)  # [B, K, G, M, H]
+    return jnp.moveaxis(out, 3, 1).reshape(shape).astype(dtype)
+
+
+def _grouped(q: Array, kv: int) -> Array:
+    """q [B, M, N, H] -> [B, K, G, M, H] scaled by 1 / sqrt(H) (query head n reads kv head n // G)."""
     b, m, n, h = q.shape
-    kv = prefix_k.shape[2]
-    q = q.reshape(b, m, kv, n // kv, h)
-    s_prefix = jnp.einsum("bmkgh,bskh->bkgms", q, prefix_k, preferred_element_type=jnp.float32)
-    s_branch = jnp.einsum("bmkgh,bmwkh->bkgmw", q, branch_k, preferred_element_type=jnp.float32)
-    mask = jnp.concatenate([prefix_mask, branch_mask], axis=-1)[:, None, None]  # [B, 1, 1, M, S + W]
-    scores = jnp.concatenate([s_prefix, s_branch], axis=-1) / math.sqrt(h)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(prefix_v.dtype)
-    s = prefix_k.shape[1]
-    out = (jnp.einsum("bkgms,bskh->bmkgh", probs[..., :s], prefix_v)
-           + jnp.einsum("bkgmw,bmwkh->bmkgh", probs[..., s:], branch_v))
-    return out.reshape(b, m, n, h)
+    return jnp.moveaxis(q.reshape(b, m, kv, n // kv, h), 1, 3) / math.sqrt(h)
 
 
 def decode_attend(q: Array, cache_k: Array, cache_v: Array, layer: Array | int, vis: Visibility, *,
@@ -368,45 +389,49 @@ def decode_attend(q: Array, cache_k: Array, cache_v: Array, layer: Array | int, 
 
     The query reads the real keys at slots < e = vis.q_end (a decode step at slot `index` has
     e = index + 1; sequence keys only). Key blocks j = 0 .. ceil(max e / W) - 1 of W = min(block, S)
-    slots are each sliced straight from the stacked cache ([B, W, K, H] of one layer, never the
-    layer's whole [B, S, K, H]) and folded into an online softmax, as flash attention does:
+    slots are each sliced straight from the stacked cache and folded into an online softmax, as
+    flash attention does:
 
         m_j = max(m_{j-1}, max_s x_s),  l_j = l_{j-1} e^(m_{j-1} - m_j) + sum_s e^(x_s - m_j),
         a_j = a_{j-1} e^(m_{j-1} - m_j) + sum_s e^(x_s - m_j) v_s,      out = a / l,
 
-    x_s = q . k_s / sqrt(H) over the block's visible keys (a block past S is moved back to end at
-    S, its slots already read masked). So a step reads the e filled slots, not all S: on average
-    P + N / 2 of the P + N a rollout allocates. The loop's trip count is ceil(max e / W): a
-    `lax.fori_loop`, static when the cache index is (the plan compiles a step at a fixed index).
-    Equals `attend` on the visible keys up to float summation order; a row with no visible key
-    (never in decoding: every prompt holds a real token) gets zeros.
+    x_s = q . k_s / sqrt(H) over the block's visible keys. So a step reads the e filled slots, not
+    all S: on average P + N / 2 of the P + N a rollout allocates. The trip count is ceil(max e / W),
+    static when the cache index is (the plan compiles a step at a fixed index). Equals `attend` on
+    the visible keys up to float summation order; a row with no visible key (never in decoding:
+    every prompt holds a real token) gets zeros.
     """
-    b, t, n, h = q.shape
-    _, _, s, kv, _ = cache_k.shape
-    width = min(block, s)
-    qg = q.reshape(b, kv, n // kv, h)  # t == 1
     end = vis.q_end[:, 0]  # [B]
-    count = (jnp.max(end) + width - 1) // width
+    state = _cache_blocks(_grouped(q, cache_k.shape[3]), cache_k, cache_v, layer,
+                          lambda slots: (vis.k_valid[:, slots] & (slots[None] < end[:, None]))[:, None],
+                          jnp.max(end), block)
+    return _finish(state, q.shape, q.dtype)
 
-    def fold(j, carry):
-        m, l, acc = carry
-        start = jnp.minimum(j * width, s - width)
-        k = jax.lax.dynamic_slice(cache_k, (0, layer, start, 0, 0), (b, 1, width, kv, h))[:, 0].astype(q.dtype)
-        v = jax.lax.dynamic_slice(cache_v, (0, layer, start, 0, 0), (b, 1, width, kv, h))[:, 0].astype(q.dtype)
-        slots = start + jnp.arange(width)
-        visible = (jax.lax.dynamic_slice_in_dim(vis.k_valid, start, width, axis=1) & (slots >= j * width)[None]
-                   & (slots[None] < end[:, None]))[:, None, None]  # [B, 1, 1, W]
-        x = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-        x = jnp.where(visible, x, jnp.finfo(jnp.float32).min)
-        m_new = jnp.maximum(m, jnp.max(x, axis=-1))
-        p = jnp.where(visible, jnp.exp(x - m_new[..., None]), 0.0)
-        scale = jnp.exp(m - m_new)
-        acc = acc * scale[..., None] + jnp.einsum("bkgs,bskh->bkgh", p.astype(v.dtype), v,
-                                                  preferred_element_type=jnp.float32)
-        return m_new, l * scale + jnp.sum(p, axis=-1), acc
 
-    g = n // kv
-    init = (jnp.full((b, kv, g), jnp.finfo(jnp.float32).min), jnp.zeros((b, kv, g)), jnp.zeros((b, kv, g, h)))
-    _, l, acc = jax.lax.fori_loop(0, count, fold, init)
-    out = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
-    return out.reshape(b, t, n, h).astype(q.dtype)
+def attend_branches(q: Array, cache_k: Array, cache_v: Array, layer: Array | int, prefix_len: Array,
+                    k_valid: Array, branch_k: Array, branch_v: Array, branch_mask: Array, *, block: int = 512,
+                    prefix_end: int | None = None) -> Array:
+    """Attention of one query per branch over a prefix cache its row's branches share plus the
+    branch's own slots: q [B, M, N, H] (branch m of row b) -> [B, M, N, H].
+
+    Prefix: layer `layer` of the stacked cache [B, L, S, K, H], read in place in key blocks as
+    `decode_attend` reads it; branch m reads slot s when s < prefix_len[b, m] and k_valid[b, s]
+    ([B, M] and [B, S]). Own slots: branch_k, branch_v [B, M, W, K, H] under branch_mask [B, M, W].
+    One online softmax over both (`decode_attend`'s equations), so the result is
+
+        out = softmax([s_p | s_w]) [v_p | v_w] = (sum_p e^s_p v_p + sum_w e^s_w v_w) / Z,
+
+    and no per-branch copy [B, M, S, K, H] of the prefix exists: each prefix block is read once for
+    the M branches of its row. Blocks up to max prefix_len are read, or to `prefix_end` (a static
+    bound on prefix_len: the plan's fixed-cost step). Equals `attend` on the concatenation
+    [prefix | branch] up to float summation order; a branch that sees no key gets zeros.
+    """
+    kv = cache_k.shape[3]
+    qg = _grouped(q, kv)
+    end = jnp.max(prefix_len) if prefix_end is None else prefix_end
+    state = _cache_blocks(qg, cache_k, cache_v, layer,
+                          lambda slots: k_valid[:, None, slots] & (slots[None, None] < prefix_len[:, :, None]),
+                          end, block)
+    x = jnp.einsum("bkgmh,bmwkh->bkgmw", qg, branch_k.astype(q.dtype), preferred_element_type=jnp.float32)
+    state = _fold(state, x, branch_mask[:, None, None], branch_v.astype(q.dtype), "bkgmw,bmwkh->bkgmh")
+    return _finish(state, q.shape, q.dtype)

@@ -98,11 +98,11 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
-    def branch_step(self, x, cos, sin, prefix_kv, prefix_mask, branch_kv, layer, step):
+    def branch_step(self, x, cos, sin, prefix, branch_kv, layer, step, prefix_end=None):
         """x [B, M, D] -> [B, M, D] for one lockstep token per branch (Attention.branch_step);
         branch_kv: the stacked [B, L, M, W, K, H] branch cache, layer `layer` written in place."""
-        h, branch_kv = self.self_attn.branch_step(self.input_layernorm(x), cos, sin, prefix_kv, prefix_mask,
-                                                  branch_kv, layer, step)
+        h, branch_kv = self.self_attn.branch_step(self.input_layernorm(x), cos, sin, prefix, branch_kv, layer, step,
+                                                  block=self.block, prefix_end=prefix_end)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), branch_kv
 
@@ -118,10 +118,6 @@ def _stacked(layers: list[DecoderLayer]) -> DecoderLayer:
         stacked.append((path, var.replace(value, out_sharding=axes)))
     nnx.update(layers[0], nnx.from_flat_state(stacked))
     return layers[0]
-
-
-def _layer_slice(tree, layer):
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer, axis=1, keepdims=False), tree)
 
 
 class LayerStack(nnx.Module):
@@ -157,12 +153,13 @@ class LayerStack(nnx.Module):
 
         return self._scan(body, (x, cache_kv))
 
-    def branch_step(self, x, cos, sin, prefix_kv, prefix_mask, branch_kv, step):
-        """One lockstep token per branch through the stack (DecoderLayer.branch_step); prefix_kv
-        [B, L, S, K, H] read in place, branch_kv [B, L, M, W, K, H] updated in place (the carry)."""
+    def branch_step(self, x, cos, sin, prefix, branch_kv, step, prefix_end=None):
+        """One lockstep token per branch through the stack (DecoderLayer.branch_step); prefix =
+        (keys, values, prefix_len, valid), its [B, L, S, K, H] read in place, branch_kv
+        [B, L, M, W, K, H] updated in place (the carry)."""
 
         def body(layer, carry, i):
-            return layer.branch_step(carry[0], cos, sin, _layer_slice(prefix_kv, i), prefix_mask, carry[1], i, step)
+            return layer.branch_step(carry[0], cos, sin, prefix, carry[1], i, step, prefix_end)
 
         return self._scan(body, (x, branch_kv))
 
@@ -260,7 +257,8 @@ class CausalLM(nnx.Module):
         return out, KVCache(kv[0], kv[1], valid, jnp.asarray(index + t, jnp.int32))
 
     def branch_step(self, tokens: Array, positions: Array, prefix: KVCache, prefix_len: Array,
-                    branch_kv: tuple[Array, Array], step: Array) -> tuple[Array, tuple[Array, Array]]:
+                    branch_kv: tuple[Array, Array], step: Array,
+                    prefix_end: int | None = None) -> tuple[Array, tuple[Array, Array]]:
         """One decode step of M branches per row from a shared prefix cache, read in place.
 
         tokens, positions [B, M] int: the token each branch feeds now and its RoPE position.
@@ -269,11 +267,13 @@ class CausalLM(nnx.Module):
         from `init_branch_cache`; this step's keys and values go to slot `step` (int32 [], shared:
         the branches decode in lockstep) and the branch reads its slots <= step.
         Returns logits [B, M, V] float32 and the updated branch_kv. For one branch this equals
-        `__call__` on the prefix's visible tokens followed by the branch's tokens.
+        `__call__` on the prefix's visible tokens followed by the branch's tokens. The prefix is read
+        in key blocks up to max prefix_len (`attention.attend_branches`), or up to `prefix_end`, a
+        static bound on prefix_len (the plan compiles a step at a fixed prefix length).
         """
-        prefix_mask = (jnp.arange(prefix.max_len)[None, None, :] < prefix_len[:, :, None]) & prefix.valid[:, None, :]
         cos, sin = rope_angles(positions, self.config)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        reads = (prefix.keys, prefix.values, prefix_len, prefix.valid)
         for stack in self.layers:
-            x, branch_kv = stack.branch_step(x, cos, sin, (prefix.keys, prefix.values), prefix_mask, branch_kv, step)
+            x, branch_kv = stack.branch_step(x, cos, sin, reads, branch_kv, step, prefix_end)
         return self.logits(self.norm(x)), branch_kv

@@ -127,12 +127,14 @@ class Attention(nnx.Module):
         out = jnp.einsum("...nh,nhd->...d", attended, self.o_proj[...])
         return out + self.o_bias[...] if self.o_bias_on else out
 
-    def branch_step(self, x: Array, cos: Array, sin: Array, prefix_kv: tuple[Array, Array], prefix_mask: Array,
-                    branch_kv: tuple[Array, Array], layer: Array, step: Array) -> tuple[Array, tuple[Array, Array]]:
+    def branch_step(self, x: Array, cos: Array, sin: Array, prefix: tuple[Array, Array, Array, Array],
+                    branch_kv: tuple[Array, Array], layer: Array, step: Array, *, block: int = 512,
+                    prefix_end: int | None = None) -> tuple[Array, tuple[Array, Array]]:
         """One decode step of M branches per row that share a prefix cache (see `attend_branches`).
 
-        x [B, M, D] (one token per branch), cos/sin [B, M, H]; prefix_kv (k, v) [B, S, K, H] read
-        in place under prefix_mask [B, M, S]; branch_kv (k, v) [B, L, M, W, K, H], the stacked
+        x [B, M, D] (one token per branch), cos/sin [B, M, H]; prefix = (keys, values, prefix_len,
+        valid): the stacked cache [B, L, S, K, H] whose layer `layer` is read in place, branch m
+        reading the valid slots < prefix_len [B, M]; branch_kv (k, v) [B, L, M, W, K, H], the stacked
         branch cache of every layer: this step's key and value are written in place at layer
         `layer`, slot `step` (as `__call__` writes its cache), then the branch reads its slots
         <= step of that layer. Returns ([B, M, D], updated branch_kv).
@@ -143,8 +145,9 @@ class Attention(nnx.Module):
                           for c, new in zip(branch_kv, (k, v)))
         bk, bv = (jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False) for c in branch_kv)
         own = jnp.arange(bk.shape[2]) <= step  # [W], the same for every branch (lockstep decoding)
-        out = attend_branches(q, prefix_kv[0].astype(q.dtype), prefix_kv[1].astype(q.dtype), prefix_mask,
-                              bk.astype(q.dtype), bv.astype(q.dtype), jnp.broadcast_to(own, bk.shape[:3]))
+        keys, values, prefix_len, valid = prefix
+        out = attend_branches(q, keys, values, layer, prefix_len, valid, bk, bv, jnp.broadcast_to(own, bk.shape[:3]),
+                              block=block, prefix_end=prefix_end)
         return self.output(out), branch_kv
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | Visibility,

@@ -61,7 +61,7 @@ from jax.experimental.layout import Format, Layout
 
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.models.decoder import KVCache, init_branch_cache
-from topd_jax.models.sharding import batch_sharding
+from topd_jax.models.sharding import batch_sharding, logical_sharding
 from topd_jax.errors import first_line
 from topd_jax.hardware import hlo
 from topd_jax.hardware.hlo import KINDS
@@ -262,8 +262,9 @@ def _generate_step(graphdef, params, tokens, alive, keys, values, valid, *, inde
     return nnx.merge(graphdef, params)(tokens[:, None], attention_mask=alive[:, None], cache=cache)
 
 
-def _branch_step(graphdef, params, fed, positions, cache, last, branch_kv, step):
-    return nnx.merge(graphdef, params).branch_step(fed, positions, cache, last, branch_kv, step)
+def _branch_step(graphdef, params, fed, positions, cache, last, branch_kv, step, *, prefix_end):
+    """One window step with every branch's prefix read up to `prefix_end` slots (static)."""
+    return nnx.merge(graphdef, params).branch_step(fed, positions, cache, last, branch_kv, step, prefix_end)
 
 
 def _lower_step(step, graphdef, *args, carried: tuple[int, ...]):
@@ -494,14 +495,18 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
         models = [("teacher", t_graphdef, t_params, t_cfg, scores.cache, config.teacher.dtype)]
         if ot:
             models.append(("student", graphdef, params, s_cfg, rollout.cache, config.student.dtype))
+        # The window step with prefixes of the mean length (a candidate t of the N completion tokens
+        # is N / 2 in on average); the branch caches split as the KV cache is.
+        prefix_end = config.data.prompt_length + config.rollout.max_new_tokens // 2
         for name, gd, ps, cfg, cache, dtype in models:
             kv = jax.eval_shape(lambda: init_branch_cache(cfg, b, points, loss.window, phases.DTYPES[dtype]))
-            kv = with_shardings(kv, _batch_split(kv, mesh))
+            kv = with_shardings(kv, jax.tree.map(lambda x: logical_sharding(
+                ("batch", "layers", None, None, "kv_heads", "head_dim"), x.shape, mesh), kv))
             progress(f"compiling one window step of branch ({name}) ...")
             found = _decode_step(name, loss.window, functools.partial(
-                _lower_step, _branch_step, gd, ps, index, index, cache, index, kv, step, carried=(5,)), mesh,
-                per_device_bytes(ps),
-                per_device_bytes((cache.keys, cache.values, kv)))
+                _lower_step, functools.partial(_branch_step, prefix_end=prefix_end), gd, ps, index, index, cache,
+                index, kv, step, carried=(5,)), mesh, per_device_bytes(ps),
+                per_device_bytes((cache.keys, cache.values)) * prefix_end / cache.max_len + per_device_bytes(kv))
             if found is not None:
                 branch_steps.append(found)
     out = []
