@@ -9,7 +9,7 @@ For tokens x [N, D] and router weight W_r [D, E]:
 The N * k (token, expert) assignments are sorted by expert, so every expert's rows are contiguous,
 and each projection is one `jax.lax.ragged_dot` over all experts: lhs [N*k, D] with group sizes
 [E] against stacked weights [E, D, I]. Each assignment is multiplied by its own expert only, so
-the work is N * k expert-MLPs, not N * E. (XLA:GPU and TPU lower ragged_dot to a grouped matmul;
+the work is N * k expert-MLPs, not N * E; the weighted outputs are scatter-added to their tokens. (XLA:GPU and TPU lower ragged_dot to a grouped matmul;
 XLA:CPU has no grouped kernel and jax expands it to a masked dense product over all groups, so on
 CPU the FLOPs are those of all E experts — same results, slower.)
 """
@@ -39,22 +39,27 @@ def route(logits: Array, k: int, normalize: bool) -> tuple[Array, Array]:
     return weights, experts.astype(jnp.int32)
 
 
-def grouped_swiglu(x: Array, experts: Array, gate: Array, up: Array, down: Array, groups: int | None = None) -> Array:
-    """Every token through each of its experts: x [N, D], expert ids [N, k] -> [N, k, D].
+def grouped_swiglu(x: Array, experts: Array, weights: Array, gate: Array, up: Array, down: Array) -> Array:
+    """Every token through each of its experts, weighted: x [N, D], expert ids and weights [N, k]
+    -> y [N, D] with y_n = sum_j w_nj down_e(silu(gate_e(x_n)) * up_e(x_n)), e = e_nj.
 
-    Expert weights: gate and up [E, D, I], down [E, I, D]. With `groups` = E, an id >= E (an
-    expert another device holds) sorts after every real group and gets zeros.
+    Expert weights: gate and up [E, D, I], down [E, I, D]. The N k assignments are sorted by
+    expert and each projection is one `ragged_dot`; the weight w_nj scales the [N k, I] hidden
+    before the down projection (linear, so the same sum), and the outputs are added straight back
+    to their tokens in the model's dtype (a scatter-add into [N, D], as transformers' `index_add_`;
+    no [N, k, D] array). An assignment of
+    weight 0 adds exactly nothing (how expert parallelism parks the assignments of experts other
+    devices hold).
     """
     n, k = experts.shape
     flat = experts.reshape(-1)  # assignment a = n * k + j
     order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
     sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-    xs = x[order // k]  # [N*k, D]
+    token = order // k
+    xs = x[token]  # [N*k, D]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-    ys = jax.lax.ragged_dot(h, down, sizes)
-    if groups is not None:  # rows past the real groups: zero whatever the kernel left there
-        ys = jnp.where((flat[order] < groups)[:, None], ys, 0)
-    return jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    ys = jax.lax.ragged_dot(h * weights.reshape(-1)[order, None].astype(h.dtype), down, sizes)
+    return jnp.zeros((n, x.shape[1]), ys.dtype).at[token].add(ys)
 
 
 class MoEBlock(nnx.Module):
@@ -123,8 +128,8 @@ def expert_parallel(x: Array, router: Array, gate: Array, up: Array, down: Array
             weights, experts = route(tokens @ router, top_k, normalize)
             own = experts - first
             mine = (own >= 0) & (own < n_local)
-            ys = grouped_swiglu(tokens, jnp.where(mine, own, n_local), gate, up, down, groups=n_local)
-            y = jnp.einsum("nkd,nk->nd", ys, jnp.where(mine, weights, 0.0).astype(x.dtype))
+            # Another device's expert: parked on local expert 0 with weight 0 (adds nothing).
+            y = grouped_swiglu(tokens, jnp.where(mine, own, 0), jnp.where(mine, weights, 0.0), gate, up, down)
             if mlp_axes or replicated_tokens:
                 y = jax.lax.psum(y, mlp_axes + replicated_tokens)
             return jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True) if gathered else y
@@ -149,5 +154,4 @@ def moe_forward(x: Array, router: Array, gate: Array, up: Array, down: Array, *,
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
     weights, experts = route(flat @ router, top_k, normalize)
-    ys = grouped_swiglu(flat, experts, gate, up, down)
-    return jnp.einsum("nkd,nk->nd", ys, weights.astype(x.dtype)).reshape(b, t, d)
+    return grouped_swiglu(flat, experts, weights, gate, up, down).reshape(b, t, d)

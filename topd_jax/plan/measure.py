@@ -267,15 +267,17 @@ def _branch_step(graphdef, params, fed, positions, cache, last, branch_kv, step,
     return nnx.merge(graphdef, params).branch_step(fed, positions, cache, last, branch_kv, step, prefix_end)
 
 
-def _lower_step(step, graphdef, *args, carried: tuple[int, ...]):
+def _lower_step(step, graphdef, *args, carried: tuple[int, ...], invariant: tuple[int, ...] = ()):
     """Lower one loop step alone, for its FLOPs and bytes, as the loop runs it: the carried buffers
     (args[carried]: the cache, or the branches' cache) donated and in a layout the compiler picks,
-    in and out. In the loop the carry keeps one layout from step to step; a step compiled alone
-    with the caller's default layout would copy the whole cache into and out of its preferred one,
-    a conversion the loop never makes."""
+    in and out, and the loop-invariant ones it only reads (args[invariant]: the prefix cache of the
+    windows) in a layout it picks too. In the loop the carry keeps one layout from step to step and
+    an invariant input is laid out once before the first; a step compiled alone with the caller's
+    default layouts would copy the whole cache into its preferred one at every step, a conversion
+    the loop makes once or never."""
     fn = functools.partial(step, graphdef)
     shardings = [jax.tree.map(lambda x: x.sharding, a) for a in args]
-    for i in carried:
+    for i in (*carried, *invariant):
         shardings[i] = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding) if x.ndim >= 3 else x.sharding, args[i])
     out = jax.eval_shape(fn, *args)
     mesh = next(x.sharding.mesh for x in jax.tree.leaves(args))
@@ -505,7 +507,7 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
             progress(f"compiling one window step of branch ({name}) ...")
             found = _decode_step(name, loss.window, functools.partial(
                 _lower_step, functools.partial(_branch_step, prefix_end=prefix_end), gd, ps, index, index, cache,
-                index, kv, step, carried=(5,)), mesh, per_device_bytes(ps),
+                index, kv, step, carried=(5,), invariant=(3,)), mesh, per_device_bytes(ps),
                 per_device_bytes((cache.keys, cache.values)) * prefix_end / cache.max_len + per_device_bytes(kv))
             if found is not None:
                 branch_steps.append(found)
