@@ -62,6 +62,16 @@ def test_plan_tiny_config_on_a_tpu_topology(tmp_path, capsys):
     assert 2 in score["loop_trip_counts"] and 2 in train["loop_trip_counts"]
     assert score["tflop"] > score["xla_tflop"] > 0 and train["tflop"] > train["xla_tflop"] > 0
     assert None in sample["loop_trip_counts"] and not any(p["uncounted_kernels"] for p in plan["phases"])
+    # The bound beside the estimate: every phase has one, below its estimate; the step sums both.
+    assert "bound s" in printed and "| step" in printed and "decode tokens/s per device" in printed
+    for p in plan["phases"]:
+        assert 0 < p["bound_s"] <= p["roofline_s"], p["phase"]
+    assert plan["step"]["bound_s"] == pytest.approx(sum(p["bound_s"] for p in plan["phases"]))
+    assert plan["step"]["roofline_s"] == pytest.approx(sum(p["roofline_s"] for p in plan["phases"]))
+    assert sample["decode_tokens_per_device"] == 8 * 24 / 4  # 8 rollouts x 24 tokens over 4 chips
+    assert all(d["weight_bytes"] > 0 and d["cache_bytes"] > 0 for d in sample["decode_steps"] + branch["decode_steps"])
+    # The inference layout: auto, tensor 2 over the models' 2 kv heads, data over the rest.
+    assert plan["inference_mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 1}
     # The update alone (the other phases only lowered) compiles to the same program.
     only = tmp_path / "train.json"
     assert main(["--config", TINY, "--topology", TOPOLOGY, "--phases", "train", "--json", str(only)]) == 0
@@ -221,3 +231,21 @@ def test_a_decode_step_reads_about_its_weights_and_filled_cache_once():
     read = hlo.hbm_bytes(hlo.parse(compiled.as_text()))
     assert read < 1.5 * must, (read, must)
     assert compiled.memory_analysis().temp_size_in_bytes < cache_share
+
+
+def test_bound_counts_the_matmuls_and_the_decode_reads_by_hand():
+    """`plan.bound` on a 2-layer model: the forward FLOPs of the formula written out, and a sampling
+    bound = prefill FLOPs / peak + N x (weights + KV share at the mean filled length) / bandwidth."""
+    from topd_jax.models import ModelConfig
+    from topd_jax.plan import bound
+
+    cfg = ModelConfig(family="qwen3", vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=4)
+    per_layer = 2 * (8 * (4 + 2 * 2) * 4 + 4 * 4 * 8) + 6 * 8 * 16 + 4 * 4 * 4 * 10.0  # context 10
+    assert bound.forward_flops(cfg, tokens=3, context=10, scored=2) == pytest.approx(3 * 2 * per_layer + 2 * 2 * 8 * 100)
+    chip = CHIPS["v5p"]
+    sample = bound.sample_bound(cfg, rows=8, prompt=6, new=10, devices=4, weight_bytes=1e6, slot_bytes=2e3)
+    prefill = bound.forward_flops(cfg, 8 * 6, 3, 8) / 4 / chip.peak_flops
+    step = max(bound.forward_flops(cfg, 8, 11, 8) / 4 / chip.peak_flops, (1e6 + 2e3 * 11) / chip.hbm_bandwidth)
+    assert sample.seconds(chip) == pytest.approx(prefill + 10 * step)
+    assert sample.decode_tokens == 8 * 10 / 4
