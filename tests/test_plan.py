@@ -235,7 +235,8 @@ def test_a_decode_step_reads_about_its_weights_and_filled_cache_once():
 
 def test_bound_counts_the_matmuls_and_the_decode_reads_by_hand():
     """`plan.bound` on a 2-layer model: the forward FLOPs of the formula written out, and a sampling
-    bound = prefill FLOPs / peak + N x (weights + KV share at the mean filled length) / bandwidth."""
+    bound = the prefill (its FLOPs or one read of the weights) + N x (weights + KV share at the mean
+    filled length, or the step's FLOPs)."""
     from topd_jax.models import ModelConfig
     from topd_jax.plan import bound
 
@@ -245,7 +246,7 @@ def test_bound_counts_the_matmuls_and_the_decode_reads_by_hand():
     assert bound.forward_flops(cfg, tokens=3, context=10, scored=2) == pytest.approx(3 * 2 * per_layer + 2 * 2 * 8 * 100)
     chip = CHIPS["v5p"]
     sample = bound.sample_bound(cfg, rows=8, prompt=6, new=10, devices=4, weight_bytes=1e6, slot_bytes=2e3)
-    prefill = bound.forward_flops(cfg, 8 * 6, 3, 8) / 4 / chip.peak_flops
+    prefill = max(bound.forward_flops(cfg, 8 * 6, 3, 8) / 4 / chip.peak_flops, 1e6 / chip.hbm_bandwidth)
     step = max(bound.forward_flops(cfg, 8, 11, 8) / 4 / chip.peak_flops, (1e6 + 2e3 * 11) / chip.hbm_bandwidth)
     assert sample.seconds(chip) == pytest.approx(prefill + 10 * step)
     assert sample.decode_tokens == 8 * 10 / 4
