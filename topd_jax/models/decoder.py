@@ -18,7 +18,7 @@ Layers are scanned, not unrolled: each run of consecutive layers of one kind (al
 model; dense and MoE runs of a mixed Qwen3-MoE) is one `LayerStack` whose parameters carry a
 leading `layers` axis, applied by `jax.lax.scan`, so the compiled program does not grow with depth.
 `cfg.remat` rematerialises each layer in the backward pass (`REMAT_POLICIES`). Attention runs
-through `layers.attention` with `cfg.attention` / `cfg.attention_block`; masks are `Visibility`
+through `attention.attention` with `cfg.attention` / `cfg.attention_block`; masks are `Visibility`
 metadata (a padding mask becomes one), so the memory-efficient backends never see a [T, S] mask.
 
 Default positions count the real tokens before each token (masks.positions_from_padding; with a

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -55,7 +56,11 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} expert={expert} needs "
                          f"{math.prod(shape)} devices, {len(devices)} given")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
+    except NotImplementedError:  # a shape JAX cannot lay out along whole torus axes (e.g. 1x1x4x16 on 8x8)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
 def _rules_dict(rules: Rules | Mapping[str, MeshAxes] | None) -> dict[str, MeshAxes]:
