@@ -250,3 +250,15 @@ def test_bound_counts_the_matmuls_and_the_decode_reads_by_hand():
     step = max(bound.forward_flops(cfg, 8, 11, 8) / 4 / chip.peak_flops, (1e6 + 2e3 * 11) / chip.hbm_bandwidth)
     assert sample.seconds(chip) == pytest.approx(prefill + 10 * step)
     assert sample.decode_tokens == 8 * 10 / 4
+
+
+def test_inference_meshes_lay_out_on_a_torus_jax_cannot_split_by_whole_axes(monkeypatch):
+    """tensor 4 x expert 16 on v6e:8x8 (the auto layout of the paper's pair there): jax.make_mesh
+    refuses it along whole physical axes; make_mesh splits them instead."""
+    from topd_jax.models.sharding import make_mesh
+
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v6e-64")
+    devices, _ = _tpu_devices("v6e:8x8")
+    mesh = make_mesh(tensor=4, expert=16, devices=devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 4, "expert": 16}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
