@@ -19,18 +19,10 @@ from topd_jax.trainer.flops import PhaseTimer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 TOPOLOGY = "v5e:2x2"  # 4 chips: the smallest v5e slice libtpu compiles for
-# Compile-only executables cannot be read back from the session's persistent compilation cache.
-pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
-
-
-@pytest.fixture(autouse=True)
-def _libtpu_env(monkeypatch):
-    # What topology.compile_only_env would set, scoped to the test (other tests read TPU_WORKER_HOSTNAMES).
-    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
-    monkeypatch.setenv("TPU_WORKER_ID", "0")
-    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
-    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Compile-only executables cannot be read back from the session's persistent compilation cache;
+# every test compiles for a TPU slice through libtpu (conftest.tpu_compile_env).
+pytestmark = [pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry"),
+              pytest.mark.usefixtures("tpu_compile_env")]
 
 
 def _tpu_devices(name=TOPOLOGY):

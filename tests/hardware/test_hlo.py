@@ -10,19 +10,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from topd_jax.hardware import hlo
 
 TOPOLOGY = "v5e:2x2"  # 4 chips: the smallest v5e slice libtpu compiles for
-# Compile-only executables cannot be read back from the session's persistent compilation cache.
-pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
-
-
-@pytest.fixture(autouse=True)
-def _libtpu_env(monkeypatch):
-    # What topd_jax.plan.topology.compile_only_env would set, scoped to the test (other tests read
-    # TPU_WORKER_HOSTNAMES).
-    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
-    monkeypatch.setenv("TPU_WORKER_ID", "0")
-    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
-    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Compile-only executables cannot be read back from the session's persistent compilation cache;
+# every test compiles for a TPU slice through libtpu (conftest.tpu_compile_env).
+pytestmark = [pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry"),
+              pytest.mark.usefixtures("tpu_compile_env")]
 
 
 def _tpu_devices():
