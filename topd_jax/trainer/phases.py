@@ -4,13 +4,13 @@
     scores  = score_phase(teacher_graphdef, teacher_params, rollout, chunk_size=..., return_cache=...)
     located = locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key,
                            loss=loss, options=sampling)
-    rollout, scores, located = no_gradient_phases(run, ...)   # the three chained, each through `run`
+    rollout, scores, located = no_gradient_phases(run, move, ...)   # the three chained
 
 Each phase is one program over (graphdef, params): no per-call graph traversal of the modules,
-no op-by-op dispatch of the glue between the library's jitted functions. `Trainer.train_step`
-calls them under `jax.set_mesh(mesh)` (the decode loops pin their carries to the batch axes);
-`topd_jax.plan` lowers the very same functions on abstract inputs for a TPU topology. The update
-is `placement.jit_update`.
+no op-by-op dispatch of the glue between the library's jitted functions. `no_gradient_phases` is
+the one chain of them: `Trainer.train_step` runs it, each phase under `jax.set_mesh` of its mesh
+(`PHASE_MESH`; the decode loops pin their carries to the batch axes), and `topd_jax.plan` lowers
+the very same chain on abstract inputs for a TPU topology. The update is `placement.jit_update`.
 
 `abstract_model` builds a `CausalLM` of shapes only (`nnx.eval_shape`): from `config.json` alone
 for a checkpoint path (no weight file is opened), or from the random-model config.
