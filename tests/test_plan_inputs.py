@@ -26,3 +26,13 @@ def test_bad_input_is_exit_2_before_compiling(tmp_path, capsys, monkeypatch, arg
     assert cli.main(["--config", "configs/tiny_cpu.yaml", "--topology", "local", *map(resolve, args)]) == 2
     assert capsys.readouterr().err == resolve(message) + "\n"
     assert not (tmp_path / "missing").exists()
+
+
+def test_overrides_may_stand_before_and_after_the_options():
+    from topd_jax import train
+
+    argv = ["--topology", "local", "steps=3", "--phases", "train", "inference.layout=train", "--buffers", "2"]
+    args = cli.parse_args(argv)
+    assert args.overrides == ["steps=3", "inference.layout=train"] and args.phases == "train" and args.buffers == 2
+    args = train.parse_args(["steps=3", "--config", "configs/tiny_cpu.yaml", "seed=1"])
+    assert args.overrides == ["steps=3", "seed=1"] and args.config == "configs/tiny_cpu.yaml"

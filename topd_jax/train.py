@@ -40,7 +40,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (default: every key at its default)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (see below)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may stand before or after the options
 
 
 def main(argv: Sequence[str] | None = None) -> int:

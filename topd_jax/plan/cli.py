@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--buffers", type=int, default=0, metavar="N",
                         help="also list each phase's N largest arrays of the compiled program")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may stand before or after the options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
