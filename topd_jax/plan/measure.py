@@ -186,6 +186,21 @@ def per_device_bytes(tree: Any) -> float:
     return float(total)
 
 
+def computed_bytes(params: Any) -> float:
+    """Bytes of the weights one device computes with: its share under the model-parallel axes
+    (`tensor`, `expert`) only. Weights split over `fsdp` or `data` are gathered before use, so a
+    decode step must read (receive) all of them; this is the weights term of its bound."""
+
+    def one(x):
+        spec = x.sharding.spec
+        kept = [tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a in ("tensor", "expert")) or None
+                for e in spec]
+        share = math.prod(x.sharding.mesh.shape[a] for e in kept if e for a in e)
+        return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize / share
+
+    return float(sum(one(x) for x in jax.tree.leaves(params)))
+
+
 def with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree`'s leaves placed on the matching leaves of `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -438,18 +453,18 @@ def _bounds(config, loss, rollout, scores, located, params, t_params, train_para
     r = config.rollout
     b, p, new = r.prompts_per_step * r.num_samples, config.data.prompt_length, r.max_new_tokens
     out = {"score": score_bound(t_cfg, rows=b, length=p + new, scored=new, devices=n,
-                                weight_bytes=per_device_bytes(t_params))}
+                                weight_bytes=computed_bytes(t_params))}
     if rollout is None:
         return out
     slots = rollout.cache.max_len
     s_slot = per_device_bytes((rollout.cache.keys, rollout.cache.values)) / slots
-    out["sample"] = sample_bound(s_cfg, rows=b, prompt=p, new=new, devices=n, weight_bytes=per_device_bytes(params),
+    out["sample"] = sample_bound(s_cfg, rows=b, prompt=p, new=new, devices=n, weight_bytes=computed_bytes(params),
                                  slot_bytes=s_slot)
     guided = located is not None and located.teacher_windows is not None
     m = 0 if located is None else located.positions.shape[1]
     packed = p + new + (m * loss.window if guided else 0)
     out["train"] = update_bound(s_cfg, rows=b, length=packed, scored=packed - p, devices=n,
-                                weight_bytes=per_device_bytes(train_params))
+                                weight_bytes=computed_bytes(train_params))
     if located is None or not loss.uses_windows or scores is None or scores.cache is None:
         return out
     locator = LOCATORS[loss.locator]
@@ -460,13 +475,13 @@ def _bounds(config, loss, rollout, scores, located, params, t_params, train_para
     parts = []
     if locator.branches or loss.traj_window != "greedy":
         parts.append(window_bound(t_cfg, rows=b, points=points, window=loss.window, prefix=prefix, devices=n,
-                                  weight_bytes=per_device_bytes(t_params), slot_bytes=t_slot))
+                                  weight_bytes=computed_bytes(t_params), slot_bytes=t_slot))
     if locator.branches and locator.student_window != "rollout":
         parts.append(window_bound(s_cfg, rows=b, points=points, window=loss.window, prefix=prefix, devices=n,
-                                  weight_bytes=per_device_bytes(params), slot_bytes=s_slot))
+                                  weight_bytes=computed_bytes(params), slot_bytes=s_slot))
     if guided and loss.traj_window == "greedy":
         parts.append(window_bound(t_cfg, rows=b, points=m, window=loss.window, prefix=prefix, devices=n,
-                                  weight_bytes=per_device_bytes(t_params), slot_bytes=t_slot))
+                                  weight_bytes=computed_bytes(t_params), slot_bytes=t_slot))
     out["branch"] = Bound(tuple(parts))
     return out
 
@@ -483,7 +498,7 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
     index = config.data.prompt_length + n // 2
     sample_step = _decode_step("student", n, lambda: _lower_step(
         functools.partial(_generate_step, index=index), graphdef, params, rows, alive, cache.keys, cache.values,
-        cache.valid, carried=(3, 4)), mesh, per_device_bytes(params),
+        cache.valid, carried=(3, 4)), mesh, computed_bytes(params),
         per_device_bytes((cache.keys, cache.values)) * (index + 1) / cache.max_len)
     branch_steps = []
     if located is not None and loss.uses_windows and scores is not None and scores.cache is not None:
@@ -507,7 +522,7 @@ def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_gr
             progress(f"compiling one window step of branch ({name}) ...")
             found = _decode_step(name, loss.window, functools.partial(
                 _lower_step, functools.partial(_branch_step, prefix_end=prefix_end), gd, ps, index, index, cache,
-                index, kv, step, carried=(5,), invariant=(3,)), mesh, per_device_bytes(ps),
+                index, kv, step, carried=(5,), invariant=(3,)), mesh, computed_bytes(ps),
                 per_device_bytes((cache.keys, cache.values)) * prefix_end / cache.max_len + per_device_bytes(kv))
             if found is not None:
                 branch_steps.append(found)
