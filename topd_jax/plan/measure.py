@@ -174,7 +174,7 @@ class StepPlan:
     num_devices: int
     student_layers: tuple[int, int]  # (compiled, in config.json)
     teacher_layers: tuple[int, int]
-    inference_mesh_shape: dict[str, int] = dataclasses.field(default_factory=dict)  # sample, score, branch
+    inference_mesh_shape: dict[str, int] = dataclasses.field(default_factory=dict)  # sample, branch
 
 
 def per_device_bytes(tree: Any) -> float:

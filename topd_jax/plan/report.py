@@ -94,7 +94,7 @@ def format_table(plan: StepPlan, chip: Chip | None, topology: str, headroom: flo
     s_used, s_all = plan.student_layers
     t_used, t_all = plan.teacher_layers
     lines = [f"topology {topology}: {plan.num_devices} devices, mesh {plan.mesh_shape} (train), "
-             f"{plan.inference_mesh_shape} (sample, score, branch)"]
+             f"{plan.inference_mesh_shape} (sample, branch)"]
     if chip is None:
         lines.append("chip: unknown (no HBM, % HBM or roofline; known chips: v4, v5e, v5p, v6e)")
     else:

@@ -326,7 +326,8 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
-    """Where the no-gradient phases (sample, score, branch) run: a second mesh over the same devices.
+    """Where sampling and branching decode: a second mesh over the same devices (scoring, a
+    prefill, stays on the training mesh; `trainer.phases.PHASE_MESH`).
 
     layout  auto: tensor parallel over both models' kv heads (up to 8 devices), expert parallel
             over an MoE teacher's experts, data parallel over the rest, no fsdp

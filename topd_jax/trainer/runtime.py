@@ -1,8 +1,8 @@
 """Process start-up: multi-host initialisation and the device meshes, both from the TrainConfig.
 
-Two meshes over the same devices: the training mesh (`mesh`, where the update runs and the state
-lives) and the inference mesh (`inference`, where the no-gradient phases sample, score and branch
-run: tensor and expert parallel weights, so a decode step moves activations, not weights).
+Two meshes over the same devices: the training mesh (`mesh`, where the update and the teacher's
+scoring run and the state lives) and the inference mesh (`inference`, where sampling and branching
+decode: tensor and expert parallel weights, so a decode step moves activations, not weights).
 
 `initialize_distributed` must run before anything touches the JAX backend (jax.devices(), the
 first array): after that, JAX has committed to a single-process view of the devices.
