@@ -26,8 +26,8 @@ def _parallel(*args):
                                    dict(expert=8), dict(tensor=8)], ids=str)
 def test_expert_parallel_equals_the_grouped_moe_forward_and_gradient(sizes, monkeypatch):
     """Experts over `expert`, their width over `tensor` (I = 12 does not split 8 ways: replicated),
-    tokens in chunks of 16 per device (EP_CHUNK_TOKENS / the expert axis, padded)."""
-    monkeypatch.setattr(moe, "EP_CHUNK_TOKENS", 64)
+    each device's tokens routed 4 at a time (EP_CHUNK_TOKENS; its 5 to 40 tokens padded)."""
+    monkeypatch.setattr(moe, "EP_CHUNK_TOKENS", 4)
     x, *weights = _inputs()
     want = moe.moe_forward(x, *weights, top_k=K, normalize=True)
     grad = jax.grad(lambda x: jnp.sum(moe.moe_forward(x, *weights, top_k=K, normalize=True) ** 2))(x)
