@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from topd_jax.models.sharding import constrain_batch, context_mesh, logical_to_spec
+from topd_jax.models.sharding import constrain_batch, context_mesh, logical_to_spec, mesh_axes
 
 
 def row_shards(rows: int) -> int:
@@ -21,9 +21,7 @@ def row_shards(rows: int) -> int:
     mesh = context_mesh()
     if mesh is None:
         return 1
-    axes = logical_to_spec(("batch",), (rows,), mesh)[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in mesh_axes(logical_to_spec(("batch",), (rows,), mesh)[0]))
 
 
 def chunked_rows(fn: Callable, *arrays, chunk_size: int):

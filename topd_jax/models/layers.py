@@ -157,8 +157,9 @@ class Attention(nnx.Module):
         (cache None is returned). With cache = (keys, values) [B, L, S, K, H], the stacked cache of
         every layer, this call's keys and values are first written in place at layer `layer`, slots
         [index, index + T) (one [B, T, K, H] `dynamic_update_slice` into the carried buffer), and
-        only then is layer `layer`'s [B, S, K, H] read for the queries to attend over all S slots:
-        every read of the buffer follows its one write, so XLA updates it in place instead of
+        only then is layer `layer` read: by a decode step (T = 1) in key blocks up to its own slot
+        (`attention.decode_attend`), by a prefill as its [B, S, K, H] for the attention backend.
+        Every read of the buffer follows its one write, so XLA updates it in place instead of
         copying the cache. mask: a Visibility, or an explicit dense mask; impl/block: see
         `attention`."""
         q, k, v = self.project(x, cos, sin)

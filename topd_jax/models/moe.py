@@ -9,9 +9,10 @@ For tokens x [N, D] and router weight W_r [D, E]:
 The N * k (token, expert) assignments are sorted by expert, so every expert's rows are contiguous,
 and each projection is one `jax.lax.ragged_dot` over all experts: lhs [N*k, D] with group sizes
 [E] against stacked weights [E, D, I]. Each assignment is multiplied by its own expert only, so
-the work is N * k expert-MLPs, not N * E; the weighted outputs are scatter-added to their tokens. (XLA:GPU and TPU lower ragged_dot to a grouped matmul;
-XLA:CPU has no grouped kernel and jax expands it to a masked dense product over all groups, so on
-CPU the FLOPs are those of all E experts — same results, slower.)
+the work is N * k expert-MLPs, not N * E; the weighted outputs are scatter-added to their tokens.
+(XLA:GPU and TPU lower ragged_dot to a grouped matmul; XLA:CPU has no grouped kernel and jax
+expands it to a masked dense product over all groups, so on CPU the FLOPs are those of all E
+experts — same results, slower.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.layers import param
-from topd_jax.models.sharding import context_mesh, logical_to_spec
+from topd_jax.models.sharding import context_mesh, logical_to_spec, mesh_axes
 
 Array = jax.Array
 
@@ -81,10 +82,6 @@ class MoEBlock(nnx.Module):
         return expert_parallel(x, *params, mesh=mesh, top_k=self.top_k, normalize=self.norm_topk_prob)
 
 
-def _axis(spec_entry) -> tuple[str, ...]:
-    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
-
-
 # Tokens per device routed at once by `expert_parallel` (gathered over the expert axis): bounds the
 # [tokens x k, D] assignment buffers of a long prefill; a decode step is one chunk.
 EP_CHUNK_TOKENS = 4096
@@ -111,8 +108,8 @@ def expert_parallel(x: Array, router: Array, gate: Array, up: Array, down: Array
     """
     batch = logical_to_spec(("batch", None, None), x.shape, mesh)[0]
     w_spec = logical_to_spec(("expert", "embed", "expert_mlp"), gate.shape, mesh)
-    expert_axes, mlp_axes = _axis(w_spec[0]), _axis(w_spec[2])
-    gathered = tuple(a for a in expert_axes if a in _axis(batch))  # tokens to collect from peers
+    expert_axes, mlp_axes = mesh_axes(w_spec[0]), mesh_axes(w_spec[2])
+    gathered = tuple(a for a in expert_axes if a in mesh_axes(batch))  # tokens to collect from peers
     replicated_tokens = tuple(a for a in expert_axes if a not in gathered)
     n_local = gate.shape[0] // math.prod(mesh.shape[a] for a in expert_axes)
 

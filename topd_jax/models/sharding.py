@@ -69,6 +69,11 @@ def _rules_dict(rules: Rules | Mapping[str, MeshAxes] | None) -> dict[str, MeshA
     return {**dict(DEFAULT_RULES), **given}
 
 
+def mesh_axes(entry: MeshAxes) -> tuple[str, ...]:
+    """The mesh axes of one rule target or PartitionSpec entry (a name, a tuple of names or None)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules: Rules | Mapping[str, MeshAxes] | None = None) -> PartitionSpec:
     """PartitionSpec for an array of `shape` whose dims are named `axes` (module docstring)."""
@@ -79,7 +84,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
         if name is not None and name not in table:
             raise ValueError(f"logical axis {name!r} has no sharding rule; known: {', '.join(sorted(table))}")
         target = table.get(name) if name is not None else None
-        wanted = (target,) if isinstance(target, str) else tuple(target or ())
+        wanted = mesh_axes(target)
         chosen: list[str] = []
         for axis in wanted:
             if axis not in mesh.shape:

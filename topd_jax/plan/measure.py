@@ -61,7 +61,7 @@ from jax.experimental.layout import Format, Layout
 
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.models.decoder import KVCache, init_branch_cache
-from topd_jax.models.sharding import batch_sharding, logical_sharding
+from topd_jax.models.sharding import batch_sharding, logical_sharding, mesh_axes
 from topd_jax.errors import first_line
 from topd_jax.hardware import hlo
 from topd_jax.hardware.hlo import KINDS
@@ -192,10 +192,8 @@ def computed_bytes(params: Any) -> float:
     decode step must read (receive) all of them; this is the weights term of its bound."""
 
     def one(x):
-        spec = x.sharding.spec
-        kept = [tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a in ("tensor", "expert")) or None
-                for e in spec]
-        share = math.prod(x.sharding.mesh.shape[a] for e in kept if e for a in e)
+        share = math.prod(x.sharding.mesh.shape[a] for entry in x.sharding.spec for a in mesh_axes(entry)
+                          if a in ("tensor", "expert"))
         return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize / share
 
     return float(sum(one(x) for x in jax.tree.leaves(params)))
@@ -368,18 +366,16 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
     prompt_tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(inf_mesh, shape))
     prompt_mask = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=batch_sharding(inf_mesh, shape))
     sampling = r  # the rollout options are the static options of sampling and branching
-    # With a separate inference mesh the training state's parameters stay in HBM beside the
-    # resharded copy the phases take as an argument.
     # The teacher for scoring on the training mesh (Trainer.teacher_score_params), a second copy when
     # the meshes differ; with them, the training state's parameters stay beside the resharded copy.
     apart = inf_mesh is not mesh
     t_score = with_shardings(t_params, placement.tree_shardings(t_params, mesh)) if apart else t_params
-    train_params, extra = (state.params, (params, t_params)) if apart else ((), ())
+    train_params, copies = (state.params, t_score) if apart else ((), ())
     meshes = {name: inf_mesh if where == "inference" else mesh for name, where in phases.PHASE_MESH.items()}
-    held = {"sample": per_device_bytes((train_params, state.opt_state, t_params, t_score if apart else ())),
-            "score": per_device_bytes((state.params, state.opt_state, extra)),  # + the rollout's cache, below
-            "branch": per_device_bytes((train_params, state.opt_state, t_score if apart else ())),
-            "train": per_device_bytes((t_params, t_score if apart else ()))}
+    held = {"sample": per_device_bytes((train_params, state.opt_state, t_params, copies)),
+            "score": per_device_bytes((state.params, state.opt_state, (params, t_params) if apart else ())),  # + cache
+            "branch": per_device_bytes((train_params, state.opt_state, copies)),
+            "train": per_device_bytes((t_params, copies))}
 
     results: list[PhaseFigures] = []
     wanted = set(PHASES if only is None else only)

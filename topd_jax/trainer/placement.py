@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from topd_jax.losses.topd import TopdConfig
 from topd_jax.models.decoder import KVCache
 from topd_jax.models.sharding import (DEFAULT_RULES, Rules, batch_sharding, cache_shardings, logical_sharding,
-                                     make_mesh)
+                                     make_mesh, mesh_axes)
 from topd_jax.trainer.step import Experience, TrainState, sft_update, update
 
 
@@ -60,9 +60,7 @@ def state_shardings(state: TrainState, mesh: Mesh, rules: Rules | None = None) -
 def batch_size_divides(batch: int, mesh: Mesh, rules: Rules | None = None) -> None:
     """One-line error unless the B rollouts split evenly over the mesh axes of the batch rule."""
     table = {**dict(DEFAULT_RULES), **(dict(rules) if rules else {})}
-    axes = table["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    ways = math.prod(mesh.shape[a] for a in axes)
+    ways = math.prod(mesh.shape[a] for a in mesh_axes(table["batch"]))
     if batch % ways:
         raise ValueError(f"{batch} rollouts per step (prompts_per_step x num_samples) do not split over the "
                          f"{ways} batch shards of mesh {dict(mesh.shape)}; use a multiple of {ways}")
@@ -132,6 +130,5 @@ def jit_sft_update(state: TrainState, batch_shape: tuple[int, int], mesh: Mesh, 
                    donate_argnums=0)
 
 
-__all__ = ["batch_size_divides", "data_mesh", "experience_shardings", "jit_sft_update", "jit_update", "phase_shardings", "place", "put_batch",
-           "put_local_batch",
-           "put_global", "replicated", "state_shardings", "tree_shardings"]
+__all__ = ["batch_size_divides", "data_mesh", "experience_shardings", "jit_sft_update", "jit_update", "phase_shardings",
+           "place", "put_batch", "put_global", "put_local_batch", "replicated", "state_shardings", "tree_shardings"]
