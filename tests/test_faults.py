@@ -155,6 +155,52 @@ def test_changing_only_steps_compute_or_logging_resumes_without_a_flag(trained, 
     assert trainer.step == 2 and not trainer.resume_changes
 
 
+# --------------------------------------------------------------------------- one run per folder
+
+
+def tree_bytes(root):
+    """{relative path: content} of every file under root."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
+    return files
+
+
+def test_resume_false_over_an_earlier_run_is_refused_and_changes_no_byte(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    before = tree_bytes(out)
+    line = one_line_error(capsys, [*TINY, f"output_dir={out}", "steps=2", "checkpoint.resume=false"])
+    assert line == (f"error: output_dir {out} holds an earlier run (steps 1, 2 in {out / 'checkpoints'}) and "
+                    "checkpoint.resume=false would mix a new run into it: pick a new output_dir, or pass "
+                    "checkpoint.earlier_run=move to move the earlier run aside to "
+                    f"{out}.earlier-<UTC time> (or drop checkpoint.resume=false to resume it)")
+    assert tree_bytes(out) == before  # the lock file's record included
+    assert not glob.glob(f"{out}.earlier-*")
+
+
+def test_earlier_run_move_moves_the_earlier_run_aside_unchanged_and_starts_over(trained, tmp_path):
+    from topd_jax.trainer.checkpointing import Checkpointer
+    from topd_jax.trainer.rundir import LOCK_FILE
+
+    out = copy_run(trained, tmp_path)
+    before = {path: data for path, data in tree_bytes(out).items() if path != LOCK_FILE}
+    trainer = Trainer(tiny_config(out, "steps=1", "checkpoint.resume=false", "checkpoint.earlier_run=move"))
+    try:
+        assert trainer.step == 0
+        trainer.run()
+    finally:
+        trainer.close()
+    [moved] = glob.glob(f"{out}.earlier-*")
+    assert tree_bytes(moved) == before  # every file of the earlier run, byte for byte, and nothing else
+    assert Checkpointer(out / "checkpoints", every=1, keep=3, read_only=True).all_steps() == [1]
+    assert [json.loads(row)["step"] for row in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert f"moved the earlier run (checkpoints, config.yaml, metrics.jsonl) to {moved}" in (
+        out / "events.log").read_text()
+
+
 # --------------------------------------------------------------------------- bad input: one line, nothing written
 
 

@@ -370,15 +370,22 @@ class DistributedConfig:
 class CheckpointConfig:
     """Checkpoints under `<output_dir>/checkpoints`.
 
-    every       save every N steps (>= 0); 0 = only at the end and on SIGTERM
+    every       save every N steps (>= 0); 0 = only at the end and on SIGTERM, SIGINT or SIGHUP
     keep        most recent checkpoints kept (>= 1)
     async_save  write checkpoints in the background while training continues
-    resume      continue from the latest checkpoint in output_dir when there is one
+    resume      continue from the latest checkpoint in output_dir when there is one; false starts
+                over, which an output_dir holding an earlier run's checkpoints refuses (one line:
+                a folder holds one run) unless earlier_run=move
     resume_changed  resume even though keys that change the training (preset, loss, models,
                 rollout, data, optimizer, seed) differ from the checkpoint's config; without it
                 such a resume is refused with a one-line error listing the keys. Accepted
                 changes are recorded in events.log and the earlier config.yaml is kept as
                 config.before-<step>.yaml
+    earlier_run  refuse | move: what resume=false does with an earlier run in output_dir. refuse
+                (default): a one-line error, nothing touched. move: the earlier run's files
+                (checkpoints/, tensorboard/, config.yaml, metrics.jsonl, events.log) are moved,
+                unchanged, into the new folder <output_dir>.earlier-<UTC time> before the new
+                run writes anything (named in events.log)
     """
 
     every: int = 100
@@ -386,6 +393,7 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     resume_changed: bool = False
+    earlier_run: Literal["refuse", "move"] = "refuse"
 
     def __post_init__(self):
         _check(("every", self.every >= 0, ">= 0", self.every), ("keep", self.keep >= 1, ">= 1", self.keep))

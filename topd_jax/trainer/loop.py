@@ -195,9 +195,14 @@ class Trainer:
 
     def _lock_output_dir(self) -> RunLock:
         """Take output_dir's run lock (process 0; the other hosts follow its outcome)."""
+        lock, ok, error = None, True, None
         try:
-            lock, ok, error = RunLock.acquire(self.config.output_dir, primary=self.primary), True, None
+            lock = RunLock.acquire(self.config.output_dir, primary=self.primary)
+            if self.primary and not self.config.checkpoint.resume and self.config.checkpoint.earlier_run == "refuse":
+                rundir.start_over(self.config.output_dir, move=False)  # one line, before any model loads
         except (ConfigError, OSError) as err:
+            if lock is not None:
+                lock.release(refused=True)
             lock, ok, error = None, False, err
         rundir.agree(ok, f"output_dir {self.config.output_dir}: process 0 could not take the run lock (see its "
                          "error)")
@@ -269,6 +274,19 @@ class Trainer:
         self.state: TrainState = jax.jit(init, out_shardings=state_shardings)(params, key=key)
         self.inference_shardings = placement.tree_shardings(params, self.inference_mesh)
         self.data_position = 0
+        if not config.checkpoint.resume:  # earlier_run=move (refuse was refused with the lock)
+            moved, error = None, None
+            try:
+                moved = rundir.start_over(config.output_dir, move=True) if self.primary else None
+            except OSError as err:
+                error = err
+            rundir.agree(error is None, f"output_dir {config.output_dir}: process 0 could not move the earlier run "
+                                        "aside (see its error)")  # and every host waits for the move
+            if error is not None:
+                raise error
+            if moved is not None:
+                self.notices.append(f"checkpoint.resume=false, checkpoint.earlier_run=move: moved the earlier run "
+                                    f"({', '.join(moved[1])}) to {moved[0]}")
         self.checkpointer = Checkpointer(os.path.join(config.output_dir, CHECKPOINT_DIR),
                                          every=config.checkpoint.every, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)

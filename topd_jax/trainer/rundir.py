@@ -17,6 +17,12 @@ folder may not even be shared); the others learn the outcome from it (`agree`) a
 A run's own files (`config.yaml`, `metrics.jsonl`, `events.log`) are recognised by the lock
 file or a `checkpoints/` folder beside them (a run written before the lock existed). In a
 folder with neither, such a file is the user's: the run refuses rather than overwrite it.
+
+A folder holds one run. Starting over (`checkpoint.resume=false`) where `checkpoints/` holds an
+earlier run's saves is refused (`start_over`): the new run's early saves would be skipped as
+already there, retention would delete the earlier run's steps and an export would hand out the
+earlier run's weights. `checkpoint.earlier_run=move` moves the earlier run's files aside into
+`<output_dir>.earlier-<UTC time>` first (a sibling folder: the new run's folder holds only it).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from __future__ import annotations
 import datetime
 import errno
 import os
+import re
 import socket
+import time
 from typing import Sequence
 
 from topd_jax.configuration import ConfigError
@@ -32,6 +40,10 @@ from topd_jax.configuration import ConfigError
 LOCK_FILE = ".topd-run.lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "events.log")  # what a run writes at its top level
 CHECKPOINT_DIR = "checkpoints"
+# What a run writes, all moved together when a new run starts over (`start_over`); `data/` (the
+# prompt sets built from their source files) is a cache any run reuses and stays.
+EARLIER_RUN = (CHECKPOINT_DIR, "tensorboard", *RUN_FILES)
+_KEPT_CONFIG = re.compile(r"^config\.before-\d+\.yaml$")  # config.yaml before a resume_changed resume
 
 
 def _holder(text: str) -> str:
@@ -53,6 +65,7 @@ class RunLock:
 
     def __init__(self, path: str, fd: int | None, created_dir: str | None, created_file: bool):
         self.path, self._fd, self._created_dir, self._created_file = path, fd, created_dir, created_file
+        self._earlier_record: bytes | None = None  # the record this lock replaced (put back if refused)
 
     @classmethod
     def acquire(cls, output_dir: str | os.PathLike, *, primary: bool = True) -> "RunLock":
@@ -96,6 +109,8 @@ class RunLock:
                               "wait for it to finish, stop it, or pick another output_dir") from None
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         record = f"pid={os.getpid()} host={socket.gethostname()} started={started}\n".encode()
+        if not created_file:
+            lock._earlier_record = os.pread(fd, 1 << 16, 0)
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
         os.fsync(fd)
@@ -107,10 +122,17 @@ class RunLock:
 
     def release(self, *, refused: bool = False) -> None:
         """Let the lock go (closing the file drops it). `refused`: the run never started, so the
-        lock file and folder this acquire created are removed again."""
+        lock file and folder this acquire created are removed again, and a lock file that was
+        there gets its earlier record back (a refused start changes no byte of the folder)."""
         if self._fd is None:
             return
         if refused:
+            if self._earlier_record is not None:
+                try:
+                    os.ftruncate(self._fd, 0)
+                    os.pwrite(self._fd, self._earlier_record, 0)
+                except OSError:
+                    pass
             if self._created_file:
                 try:
                     os.remove(self.path)
@@ -129,6 +151,60 @@ class RunLock:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def earlier_run(output_dir: str | os.PathLike) -> list[str]:
+    """The names of an earlier run's files in output_dir (EARLIER_RUN, config.before-*.yaml) when
+    its checkpoints/ holds anything (a step, a save cut off, a step moved aside); else []."""
+    output_dir = os.fspath(output_dir)
+    try:
+        if not os.listdir(os.path.join(output_dir, CHECKPOINT_DIR)):
+            return []
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if name in EARLIER_RUN or _KEPT_CONFIG.match(name))
+
+
+def _steps(output_dir: str) -> str:
+    entries = os.listdir(os.path.join(output_dir, CHECKPOINT_DIR))
+    steps = sorted(int(e) for e in entries if e.isdigit())
+    return f"steps {', '.join(map(str, steps))}" if steps else f"{len(entries)} unfinished or damaged saves"
+
+
+def start_over(output_dir: str | os.PathLike, *, move: bool) -> tuple[str, list[str]] | None:
+    """A new run (checkpoint.resume=false) in `output_dir`, which holds the lock: None when no
+    earlier run is there. Otherwise `move` False refuses with a one-line ConfigError saying how
+    to start over, and `move` True renames the earlier run's files into a new sibling folder
+    `<output_dir>.earlier-<UTC time>` and returns (that folder, the names moved)."""
+    output_dir = os.fspath(output_dir)
+    names = earlier_run(output_dir)
+    if not names:
+        return None
+    if not move:
+        raise ConfigError(f"output_dir {output_dir} holds an earlier run ({_steps(output_dir)} in "
+                          f"{os.path.join(output_dir, CHECKPOINT_DIR)}) and checkpoint.resume=false would mix a new "
+                          "run into it: pick a new output_dir, or pass checkpoint.earlier_run=move to move the "
+                          f"earlier run aside to {output_dir.rstrip(os.sep)}.earlier-<UTC time> (or drop "
+                          "checkpoint.resume=false to resume it)")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = f"{os.path.abspath(output_dir)}.earlier-{stamp}"
+    target, n = base, 1
+    while True:
+        try:
+            os.mkdir(target)
+            break
+        except FileExistsError:
+            n += 1
+            target = f"{base}-{n}"
+    for name in names:
+        os.rename(os.path.join(output_dir, name), os.path.join(target, name))
+    for folder in (target, output_dir):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return target, names
 
 
 def _up_to(folder: str, top: str) -> list[str]:
@@ -154,4 +230,4 @@ def agree(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-__all__ = ["LOCK_FILE", "RUN_FILES", "RunLock", "agree", "foreign_files"]
+__all__ = ["EARLIER_RUN", "LOCK_FILE", "RUN_FILES", "RunLock", "agree", "earlier_run", "foreign_files", "start_over"]
