@@ -19,7 +19,7 @@ from tests.losses.test_topd import hand_inputs
     ("rollout_token", (1 + 2) / 5),   # summed, over the batch's 5 rollout tokens
 ])
 def test_trajectory_norms_hand_computed(norm, expected):
-    _, metrics = topd_loss(hand_inputs(), TopdConfig.preset("topd", traj_norm=norm))
+    _, metrics = topd_loss(hand_inputs(), TopdConfig.preset("topd", guidance_options={"norm": norm}))
     np.testing.assert_allclose(metrics["loss_traj"], expected, rtol=1e-6)
 
 
@@ -41,7 +41,7 @@ def test_window_and_token_norms_differ_with_two_windows_of_unequal_length():
 
 @pytest.mark.parametrize("norm", ["window", "token", "rollout_token"])
 def test_window_guidance_raises_the_teachers_window_tokens_and_is_zero_without_divergence(norm):
-    config = TopdConfig.preset("topd", traj_norm=norm)
+    config = TopdConfig.preset("topd", guidance_options={"norm": norm})
     grad = jax.grad(lambda w: topd_loss(hand_inputs(window_logprobs=w), config)[0])(
         hand_inputs().window_logprobs)
     assert np.all(np.asarray(grad[0, 0, :2]) < 0)  # the divergent window's valid tokens: pushed up
@@ -63,7 +63,7 @@ def test_near_future_return_hand_computed():
 def test_return_form_credits_the_divergent_state_with_its_future_drift():
     # K = 3, lambda = 0.5, gamma = 1: at the divergent t = 0, A = -(2 + 0.5 (0 + 1)) = -2.5;
     # t = 2 is suppressed; others keep A = -d. L = -(sum_t w_t A_t) / N at rho = 1.
-    config = TopdConfig.preset("topd", traj_form="return", traj_weight=0.5, window=3)
+    config = TopdConfig.preset("topd", guidance="return", traj_weight=0.5, window=3)
     inputs = hand_inputs(window_logprobs=None, window_mask=None)
     loss, metrics = topd_loss(inputs, config)
     np.testing.assert_allclose(loss, (2.5 + 0 + 0 + 0.2 + 0) / 5, rtol=1e-6)
@@ -76,15 +76,17 @@ def test_return_form_credits_the_divergent_state_with_its_future_drift():
 
 def test_return_form_without_divergence_is_suppressed_opd():
     quiet = hand_inputs(ot=jnp.array([[0.1, 0.2]]), window_logprobs=None, window_mask=None)
-    ret, _ = topd_loss(quiet, TopdConfig.preset("topd", traj_form="return", window=3))
+    ret, _ = topd_loss(quiet, TopdConfig.preset("topd", guidance="return", window=3))
     suppress, _ = topd_loss(quiet, TopdConfig.preset("opd_suppress", window=3))
     np.testing.assert_allclose(ret, suppress, rtol=1e-6)
 
 
 def test_variant_keys_need_no_windows_only_where_they_should():
-    assert not TopdConfig.preset("topd", traj_form="return", locator="window_kl").uses_windows
-    assert TopdConfig.preset("topd", traj_form="return").uses_windows  # the ot locator still branches
-    assert TopdConfig.preset("topd", traj_window="greedy", locator="oracle").uses_windows
-    for key, bad in (("traj_form", "spread"), ("traj_window", "beam"), ("traj_norm", "sum")):
+    assert not TopdConfig.preset("topd", guidance="return", locator="window_kl").uses_windows
+    assert TopdConfig.preset("topd", guidance="return").uses_windows  # the ot locator still branches
+    assert TopdConfig.preset("topd", guidance_options={"window_tokens": "greedy"}, locator="oracle").uses_windows
+    for values, key in (({"guidance": "spread"}, "guidance"),
+                        ({"guidance_options": {"window_tokens": "beam"}}, "guidance_options.window_tokens"),
+                        ({"guidance_options": {"norm": "sum"}}, "guidance_options.norm")):
         with pytest.raises(Exception, match=key):
-            TopdConfig.preset("topd", **{key: bad})
+            TopdConfig.preset("topd", **values)

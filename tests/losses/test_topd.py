@@ -69,7 +69,7 @@ def test_hand_computed_presets_and_alpha():
 
 def test_hand_computed_gamma_discount():
     # w = [1, 0.5]: l = (1 * 1 + 0.5 * 2) / 1.5.
-    _, metrics = topd_loss(hand_inputs(), TopdConfig.preset("topd", traj_gamma=0.5))
+    _, metrics = topd_loss(hand_inputs(), TopdConfig.preset("topd", guidance_options={"gamma": 0.5}))
     np.testing.assert_allclose(metrics["loss_traj"], 2.0 / 1.5, rtol=1e-6)
 
 
@@ -102,7 +102,7 @@ def test_topk_fkl_trajectory_form():
     student = jnp.broadcast_to(jnp.log(jnp.array([0.5, 0.1])), (1, 2, 3, 2))
     teacher = jnp.broadcast_to(jnp.log(jnp.array([0.6, 0.2])), (1, 2, 3, 2))
     inputs = hand_inputs(window_student_topk_logprobs=student, window_teacher_topk_logprobs=teacher)
-    _, metrics = topd_loss(inputs, TopdConfig.preset("topd", traj_loss="topk_fkl"))
+    _, metrics = topd_loss(inputs, TopdConfig.preset("topd", guidance_options={"step_loss": "topk_fkl"}))
     np.testing.assert_allclose(metrics["loss_traj"], kl_step, rtol=1e-5)
 
 
@@ -152,7 +152,7 @@ def test_masked_top_k_steps_may_hold_minus_infinity():
     teacher = jnp.broadcast_to(jnp.log(jnp.array([0.6, 0.0])), (1, 2, 3, 2))  # a zero-probability entry
     student = student.at[:, :, 2].set(-jnp.inf)  # masked step of window 0
     teacher = teacher.at[:, :, 2].set(-jnp.inf)
-    config = TopdConfig.preset("topd", traj_loss="topk_fkl")
+    config = TopdConfig.preset("topd", guidance_options={"step_loss": "topk_fkl"})
 
     def loss_of(s):
         return topd_loss(hand_inputs(window_student_topk_logprobs=s, window_teacher_topk_logprobs=teacher), config)
@@ -170,7 +170,7 @@ def test_missing_inputs_are_one_line_errors():
     with pytest.raises(ValueError, match=r"TopdInputs\.window_logprobs is required"):
         topd_loss(hand_inputs(window_logprobs=None), TopdConfig.preset("topd"))
     with pytest.raises(ValueError, match=r"window_student_topk_logprobs is required"):
-        topd_loss(hand_inputs(), TopdConfig.preset("topd", traj_loss="topk_fkl"))
+        topd_loss(hand_inputs(), TopdConfig.preset("topd", guidance_options={"step_loss": "topk_fkl"}))
     with pytest.raises(ValueError, match="positions and TopdInputs.valid must be given together"):
         topd_loss(hand_inputs(valid=None), TopdConfig.preset("topd"))
     with pytest.raises(ValueError, match=r"TopdInputs\.ot has M=3 but earlier fields have M=2"):

@@ -25,7 +25,7 @@ RUNS = {
     "topd": ["preset=topd"],
     # The other locator, threshold mode and guidance form in one run.
     "topd_variants": ["preset=topd", "loss.locator=window_kl", "loss.threshold_mode=quantile",
-                      "loss.traj_loss=topk_fkl", "loss.traj_top_k=4"],
+                      "loss.guidance_options.step_loss=topk_fkl", "loss.guidance_options.top_k=4"],
 }
 TIMING = ("time_", "tokens_per_s", "mfu")
 

@@ -89,7 +89,7 @@ def test_no_file_gives_the_defaults_with_a_larger_teacher_of_the_same_vocabulary
     ("rollout.eos_ids=[1, 2]", lambda c: c.rollout.eos_ids, (1, 2)),
     ("rollout.temperature=0", lambda c: c.rollout.temperature, 0.0),
     ("loss.window=5", lambda c: c.loss.window, 5),
-    ("loss.traj_loss=topk_fkl", lambda c: c.loss.traj_loss, "topk_fkl"),
+    ("loss.guidance_options.step_loss=topk_fkl", lambda c: c.loss.option("step_loss"), "topk_fkl"),
     ("student.path=/models/s", lambda c: c.student.path, "/models/s"),
     ("student.random.hidden_size=16", lambda c: c.student.random.hidden_size, 16),
     ("teacher.dtype=bfloat16", lambda c: c.teacher.dtype, "bfloat16"),
@@ -275,7 +275,7 @@ def _plain(value) -> bool:
 
 @pytest.mark.parametrize("path", [TINY, PAPER])
 def test_save_then_load_gives_the_same_config(tmp_path, path):
-    config = load_config(path, ["rollout.eos_ids=[3, 4]", "loss.traj_gamma=0.9"])
+    config = load_config(path, ["rollout.eos_ids=[3, 4]", "loss.guidance_options.gamma=0.9"])
     assert _plain(config.to_dict())
     out = tmp_path / "run" / "config.yaml"
     save_config(config, out)

@@ -83,7 +83,7 @@ def phases(student, teacher, loss, seed=0):
     ("opd_suppress", {}, dict(located=True, ot=True, windows=False)),
     ("opd_suppress", {"locator": "window_kl"}, dict(located=True, ot=False, windows=False)),
     ("topd", {}, dict(located=True, ot=True, windows=True, topk=False)),
-    ("topd", {"traj_loss": "topk_fkl", "traj_top_k": 3}, dict(located=True, ot=True, windows=True, topk=True)),
+    ("topd", {"guidance_options": {"step_loss": "topk_fkl", "top_k": 3}}, dict(located=True, ot=True, windows=True, topk=True)),
     ("topd", {"locator": "window_kl"}, dict(located=True, ot=False, windows=True, topk=False)),
 ])
 def test_each_preset_computes_only_what_its_loss_reads(models, preset, extra, expect):

@@ -54,7 +54,7 @@ def pipeline():
     rollout = sample(student, prompts, mask, jax.random.PRNGKey(0), options)
     scores = score_teacher(teacher, rollout, chunk_size=64, return_cache=True)
     loss = TopdConfig.preset("topd", locator="window_kl", window=K, max_candidates=3, threshold_mode="quantile",
-                             threshold_quantile=0.0, traj_window="greedy")
+                             threshold_quantile=0.0, guidance_options={"window_tokens": "greedy"})
     located = locate(student, teacher, rollout, scores, jax.random.PRNGKey(1), loss, options)
     windows = student_forward(student, experience(rollout, scores, located), chunk_size=16).windows
     return student, teacher, rollout, located, windows
@@ -112,4 +112,4 @@ def test_sampled_and_greedy_guidance_windows_come_from_the_same_prefix(pipeline)
     greedy = located.teacher_windows
     np.testing.assert_array_equal(np.asarray(sampled.tokens), np.asarray(greedy.tokens))
     np.testing.assert_array_equal(np.asarray(sampled.mask), np.asarray(greedy.mask))
-    assert dataclasses.replace(loss, traj_form="return").uses_windows is False
+    assert dataclasses.replace(loss, guidance="return", guidance_options={}).uses_windows is False

@@ -139,7 +139,7 @@ def step_flops(config: TrainConfig, student_params: int, teacher_params: int, ro
     k, m, r = loss.window, loss.max_candidates, loss.num_reference
     locator = LOCATORS[loss.locator]
     if loss.uses_windows:
-        greedy = loss.guides_windows and loss.traj_window == "greedy"
+        greedy = loss.greedy_windows
         teacher_points = (m + r) if locator.branches else (0 if greedy else m)
         flops += 2 * teacher_params * b * (teacher_points + (m if greedy else 0)) * k
         if locator.branches and locator.student_window != "rollout":

@@ -6,7 +6,9 @@
     OT distances         -> divergent_mask / divergent_states  section 4 (threshold)
     everything           -> topd_loss(TopdInputs, TopdConfig)  sections 5-6
                             = topd_weights -> topd_objective, topd_diagnostics
-    LOCATORS: the table of ways to score D (ot, window_kl), see `locators`.
+    LOCATORS: the table of ways to score D (ot, window_kl, ...), see `locators`.
+    GUIDANCE: the table of readings of near-future guidance (window, return, relay, ...), see
+              `guidance`.
 """
 
 from topd_jax.losses.candidates import (
@@ -16,6 +18,7 @@ from topd_jax.losses.candidates import (
     window_kl_proxy,
 )
 from topd_jax.losses.divergence import divergence_threshold, divergent_mask, divergent_states
+from topd_jax.losses.guidance import GUIDANCE, Guidance, bounded_reward, mean_future, prefix_likelihood
 from topd_jax.losses.locators import LOCATORS, Locator
 from topd_jax.losses.opd import aggregate, opd_loss, reverse_kl, reverse_kl_on_support
 from topd_jax.losses.ot import cosine_cost, ot_distance, sinkhorn_plan
@@ -33,6 +36,11 @@ from topd_jax.losses.topd import (
 )
 
 __all__ = [
+    "GUIDANCE",
+    "Guidance",
+    "bounded_reward",
+    "mean_future",
+    "prefix_likelihood",
     "LOCATORS",
     "Locator",
     "TopdConfig",

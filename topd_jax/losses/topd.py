@@ -1,10 +1,12 @@
 """The TOPD objective: suppressed OPD plus near-future guidance (TOPD.md sections 2-6).
 
-    L = L_OPD(w) + lambda * L_traj
+    L = L_OPD(w) + lambda * L_traj                  (guidance window, the paper's form)
 
 w_bt = alpha at high-loss candidates whose future does not diverge (C \\ R), 1 elsewhere;
 L_traj supervises the student along the teacher's K-token window from each real divergent
-state in R. Shapes: B rollouts, T tokens, M candidates, K window tokens, R reference positions,
+state in R. The other readings of guidance (a return in OPD's advantage, a spliced teacher
+segment) are entries of `losses.guidance.GUIDANCE`; `topd_objective` composes whichever the
+config names. Shapes: B rollouts, T tokens, M candidates, K window tokens, R reference positions,
 k teacher top-k.
 """
 
@@ -20,7 +22,9 @@ import jax.numpy as jnp
 from topd_jax import configuration
 from topd_jax.losses.candidates import gather_tokens, select_candidates
 from topd_jax.losses.divergence import THRESHOLD_MODES, divergent_states
-from topd_jax.losses.locators import LOCATORS, get_locator, require
+from topd_jax.losses.guidance import (GUIDANCE, Options, forward_kl_topk, near_future_return,
+                                      trajectory_loss)
+from topd_jax.losses.locators import LOCATORS, get_locator
 from topd_jax.losses.opd import AGGREGATIONS, opd_loss
 from topd_jax.losses.ot import DEFAULT_EPSILON, DEFAULT_NUM_ITERS
 from topd_jax.losses.stats import masked_histogram, spearman
@@ -33,10 +37,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "opd_suppress": {"suppress_weight": 0.0, "traj_weight": 0.0},
     "topd": {},
 }
-_LOG_ZERO = -1e30
-TRAJ_FORMS = ("window", "return")
-TRAJ_WINDOWS = ("sampled", "greedy")
-TRAJ_NORMS = ("window", "token", "rollout_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,31 +84,25 @@ class TopdConfig:
     suppress_weight     alpha: OPD weight w_t of non-divergent candidates (C minus R); every other
                         token keeps 1. 0.0 = suppress (the paper's), 1.0 = no suppression.
                         Allowed: a float in [0, 1].
-    traj_weight         lambda: weight of the guidance; 0.0 = no guidance. traj_form window: L =
-                        L_OPD(w) + lambda L_traj; traj_form return: the weight of the future
-                        drift in a divergent state's advantage. Allowed: a float >= 0.
-    traj_form           How guidance is spread over future tokens [reconstruction]: window = supervise
-                        the student along the teacher's K-token window from each divergent state
-                        (L_traj, TOPD.md section 5) | return = no window supervision; at each
-                        divergent state t the OPD advantage becomes the near-future return A_t =
-                        -(d_t + lambda sum_{k=1}^{K-1} gamma^k d_{t+k}) over the student's own
-                        rollout (`near_future_return`).
-    traj_gamma          gamma: per-step weight w_k = gamma^(k-1) along a window (1.0 = uniform), the
-                        discount of the return form. [reconstruction] Allowed: a float > 0.
-    traj_loss           Per-step loss ell_k of L_traj [reconstruction]: sampled = -log pi_s(v_k |
-                        x, y_<t, v_<k) of the teacher's token | topk_fkl = forward KL from the
-                        teacher's renormalised top-k distribution to the student.
-    traj_top_k          k: the teacher's top-k support of topk_fkl (gathered when branching).
-                        [reconstruction] Allowed: an int >= 1.
-    traj_window         How the teacher's guidance window is drawn [reconstruction]: sampled = at the
-                        windows' temperature (the locator's window, reused) | greedy = the
-                        teacher's argmax continuation (a second, deterministic branch when the
-                        locator branches).
-    traj_norm           What L_traj averages over [reconstruction]: window = mean over R of each
-                        window's weighted token mean (every guided window weighs the same as all
-                        of L_OPD's tokens together at lambda = 1) | token = mean over all guided
-                        tokens | rollout_token = sum over guided tokens / the batch's valid
-                        rollout tokens (a guided token weighs what one OPD token weighs).
+    traj_weight         lambda: weight of the guidance; 0.0 = no guidance. window readings: L =
+                        L_OPD(w) + lambda L_traj; return readings: the weight of the future in a
+                        divergent state's advantage. Allowed: a float >= 0.
+    guidance            How guidance is spread over future tokens, a name of
+                        `losses.guidance.GUIDANCE` [reconstruction]: window = supervise the student
+                        along the teacher's K-token window from each divergent state (TOPD.md
+                        section 5) | clean_window = window weighted by the teacher's prefix
+                        likelihood (SCOPE) | return = A_t = -(d_t + lambda sum_k gamma^k d_{t+k})
+                        at divergent states | bounded_return = TOP-D's bounded, mean-of-future,
+                        z-scored return | relay = Relay-OPD: teacher segments spliced into the
+                        rollout, every token trained with OPD's advantage (needs suppress_weight
+                        1.0). docs/method.md gives each reading's equation and source.
+    guidance_options    The reading's own keys (unknown keys are errors), each with its default:
+                        window: window_tokens sampled|greedy, step_loss sampled|topk_fkl, norm
+                        window|token|rollout_token, gamma 1.0, top_k 20 | clean_window: window's
+                        and tau 1.0 | return: gamma 1.0 | bounded_return: alpha 0.5, at
+                        divergent|every | relay: trigger topk|locator, top_k 5, max_segments 2,
+                        segment 8, loss advantage|fkl, stop false, fkl_top_k 20. Allowed: a
+                        mapping, e.g. {gamma: 0.9}.
     -- OT solver (section 4)
     ot_epsilon          Final entropic regularisation of the log-domain Sinkhorn solver (annealed
                         from 1.0 over the first half of the iterations). Allowed: a float > 0.
@@ -127,16 +121,15 @@ class TopdConfig:
     tau: float | None = None
     suppress_weight: float = 0.0
     traj_weight: float = 1.0
-    traj_form: Literal["window", "return"] = "window"
-    traj_gamma: float = 1.0
-    traj_loss: Literal["sampled", "topk_fkl"] = "sampled"
-    traj_top_k: int = 20
-    traj_window: Literal["sampled", "greedy"] = "sampled"
-    traj_norm: Literal["window", "token", "rollout_token"] = "window"
+    guidance: str = "window"
+    guidance_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     ot_epsilon: float = DEFAULT_EPSILON
     ot_num_iters: int = DEFAULT_NUM_ITERS
 
     def __post_init__(self):
+        if not isinstance(self.guidance_options, Mapping):
+            raise configuration.ConfigError(f"guidance_options must be a mapping, got {self.guidance_options!r}")
+        object.__setattr__(self, "guidance_options", Options(self.guidance_options))
         configuration.check(
             ("clip_eps", self.clip_eps is None or (math.isfinite(self.clip_eps) and self.clip_eps > 0),
              "finite and > 0, or None", self.clip_eps),
@@ -154,15 +147,17 @@ class TopdConfig:
             ("num_reference", self.threshold_mode != "reference" or self.num_reference > 0,
              "> 0 when threshold_mode='reference'", self.num_reference),
             ("suppress_weight", 0.0 <= self.suppress_weight <= 1.0, "in [0, 1]", self.suppress_weight),
-            ("traj_weight", self.traj_weight >= 0.0, ">= 0", self.traj_weight),
-            ("traj_gamma", self.traj_gamma > 0.0, "> 0", self.traj_gamma),
-            ("traj_loss", self.traj_loss in ("sampled", "topk_fkl"), "'sampled' or 'topk_fkl'", self.traj_loss),
-            ("traj_form", self.traj_form in TRAJ_FORMS, f"one of {TRAJ_FORMS}", self.traj_form),
-            ("traj_top_k", self.traj_top_k >= 1, ">= 1", self.traj_top_k),
-            ("traj_window", self.traj_window in TRAJ_WINDOWS, f"one of {TRAJ_WINDOWS}", self.traj_window),
-            ("traj_norm", self.traj_norm in TRAJ_NORMS, f"one of {TRAJ_NORMS}", self.traj_norm),
+            ("traj_weight", math.isfinite(self.traj_weight) and self.traj_weight >= 0.0, "finite and >= 0",
+             self.traj_weight),
+            ("guidance", self.guidance in GUIDANCE, f"one of {tuple(GUIDANCE)}", self.guidance),
             ("ot_epsilon", self.ot_epsilon > 0.0, "> 0", self.ot_epsilon),
             ("ot_num_iters", self.ot_num_iters >= 1, ">= 1", self.ot_num_iters),
+        )
+        reading = GUIDANCE[self.guidance]
+        configuration.check(
+            *reading.check(self.guidance_options),
+            ("suppress_weight", reading.selects or self.traj_weight == 0.0 or self.suppress_weight == 1.0,
+             f"1.0 with guidance {self.guidance!r} (it trains every token of its rollout)", self.suppress_weight),
         )
 
     @staticmethod
@@ -183,15 +178,45 @@ class TopdConfig:
         """Typed construction; unknown keys and wrong types are one-line errors naming the key."""
         return configuration.from_dict(cls, values)
 
+    def option(self, key: str) -> Any:
+        """The guidance reading's option `key`: the value given in guidance_options, else the
+        reading's default (`GUIDANCE[guidance].options`)."""
+        options = GUIDANCE[self.guidance].options
+        if key not in options:
+            raise KeyError(f"guidance {self.guidance!r} has no option {key!r}")
+        return self.guidance_options.get(key, options[key].default)
+
+    @property
+    def guided(self) -> bool:
+        """Whether guidance is on (lambda > 0)."""
+        return self.traj_weight != 0.0
+
+    @property
+    def splices(self) -> bool:
+        """Whether the trainer splices teacher segments into the rollouts (`step.splice`)."""
+        return self.guided and GUIDANCE[self.guidance].needs == "splice"
+
     @property
     def uses_candidates(self) -> bool:
-        """Whether the loss needs candidates: suppression or guidance is on."""
-        return self.suppress_weight != 1.0 or self.traj_weight != 0.0
+        """Whether the loss needs candidates: suppression, or guidance at divergent states."""
+        return self.suppress_weight != 1.0 or (self.guided and GUIDANCE[self.guidance].selects)
 
     @property
     def guides_windows(self) -> bool:
         """Whether the loss supervises the student along the teacher's windows (L_traj)."""
-        return self.traj_weight != 0.0 and self.traj_form == "window"
+        return self.guided and GUIDANCE[self.guidance].needs == "windows"
+
+    @property
+    def greedy_windows(self) -> bool:
+        """Whether the guidance windows are the teacher's argmax continuation (window_tokens greedy)."""
+        return self.guides_windows and self.option("window_tokens") == "greedy"
+
+    @property
+    def guidance_top_k(self) -> int:
+        """k of the teacher's top-k along guidance windows (0: none needed)."""
+        if self.guides_windows and self.option("step_loss") == "topk_fkl":
+            return self.option("top_k")
+        return 0
 
     @property
     def uses_windows(self) -> bool:
@@ -270,7 +295,9 @@ class TopdInputs:
     guidance:    window_logprobs [B, M, K]: student log pi_s(v_k | x, y_<t, v_<k) of the
                  teacher's window tokens; window_mask [B, M, K];
                  topk_fkl: window_student_topk_logprobs / window_teacher_topk_logprobs
-                 [B, M, K, k], both at the teacher's top-k tokens of each window step
+                 [B, M, K, k], both at the teacher's top-k tokens of each window step;
+                 teacher_written [B, T] bool: tokens a teacher segment wrote into the rollout
+                 (guidance relay; its segments are then the windows at positions/valid)
     diagnostics: teacher_agrees [B, T] (teacher argmax == sampled token), finished [B] (EOS)
     """
 
@@ -291,80 +318,7 @@ class TopdInputs:
     teacher_agrees: Array | None = None
     finished: Array | None = None
     candidate_labels: Array | None = None
-
-
-def forward_kl_topk(student_topk_logprobs: Array, teacher_topk_logprobs: Array) -> Array:
-    """KL(p~_T || pi_s) on the teacher's top-k support S: [..., k] x2 -> [...].
-
-        p~_T(v) = pi_T(v) / sum_{u in S} pi_T(u),
-        KL = sum_{v in S} p~_T(v) (log p~_T(v) - log pi_s(v))
-
-    The student keeps its full-vocabulary log-probs (not renormalised), so KL >= 0 and is 0 only
-    when the student puts exactly p~_T on S.
-    """
-    # A -inf teacher entry (a zero-probability token in the support) contributes exactly 0.
-    t = jnp.maximum(jax.lax.stop_gradient(teacher_topk_logprobs).astype(jnp.float32), _LOG_ZERO)
-    t = t - jax.nn.logsumexp(t, axis=-1, keepdims=True)
-    return jnp.sum(jnp.exp(t) * (t - student_topk_logprobs.astype(jnp.float32)), axis=-1)
-
-
-def trajectory_loss(
-    step_loss: Array, window_mask: Array, divergent: Array, *, gamma: float = 1.0, norm: str = "window",
-    rollout_tokens: Array | None = None,
-) -> tuple[Array, Array]:
-    """Near-future guidance [reconstruction]: [B, M, K], [B, M, K], [B, M] -> (L_traj, |R|).
-
-        w_k = gamma^(k-1) / max_k' gamma^(k'-1) (over the window's valid steps)
-        window:        L_traj = sum_{r in R} [sum_k w_k m_k ell_k / sum_k w_k m_k] / max(1, |R|)
-        token:         L_traj = sum_{r in R} sum_k w_k m_k ell_k / max(1, sum_{r in R} sum_k w_k m_k)
-        rollout_token: L_traj = sum_{r in R} sum_k w_k m_k ell_k / max(1, N)
-
-    N = rollout_tokens, the batch's valid rollout tokens (OPD's token_mean denominator), so under
-    rollout_token a guided token weighs what one OPD token weighs. ell_k is -log pi_s(v_k | ...)
-    for the sampled form or the top-k forward KL; windows with no valid token do not count in |R|.
-    """
-    if norm not in TRAJ_NORMS:
-        raise ValueError(f"trajectory_loss: norm must be one of {TRAJ_NORMS}, got {norm!r}")
-    if norm == "rollout_token" and rollout_tokens is None:
-        raise ValueError("trajectory_loss: norm='rollout_token' needs rollout_tokens (N)")
-    k = step_loss.shape[-1]
-    if k == 0:  # K = 0: no window token to guide along, like M = 0
-        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-    mask = window_mask.astype(jnp.float32)
-    # l_r is invariant to rescaling w: divide by the largest valid weight, finite for any gamma.
-    log_w = jnp.arange(k, dtype=jnp.float32) * jnp.log(jnp.asarray(gamma, jnp.float32))
-    log_w_max = jnp.max(jnp.where(mask > 0, log_w, -jnp.inf), axis=-1, keepdims=True)
-    w = jnp.exp(jnp.where(mask > 0, log_w - log_w_max, -jnp.inf))
-    total_w = jnp.sum(w, axis=-1)
-    per_window = jnp.sum(w * jnp.where(mask > 0, step_loss, 0.0), axis=-1) / jnp.where(total_w > 0, total_w, 1.0)
-    counted = (divergent > 0) & (total_w > 0)
-    count = jnp.sum(counted)
-    if norm == "window":
-        return jnp.sum(jnp.where(counted, per_window, 0.0)) / jnp.maximum(count, 1), count
-    guided = jnp.where(counted[..., None] & (mask > 0), w, 0.0)  # [B, M, K]
-    total = jnp.sum(guided * jnp.where(mask > 0, step_loss, 0.0))
-    denominator = jnp.sum(guided) if norm == "token" else jnp.asarray(rollout_tokens, jnp.float32)
-    return total / jnp.maximum(denominator, 1.0), count
-
-
-def near_future_return(divergence: Array, mask: Array, *, window: int, gamma: float = 1.0) -> Array:
-    """The near-future return of every token of the student's own rollout [reconstruction]:
-    [B, T] -> [B, T].
-
-        F_t = sum_{k=1}^{K-1} gamma^k m_{t+k} d_{t+k}      (0 past the rollout's end)
-
-    At a divergent state the advantage becomes A_t = -(d_t + lambda F_t): the teacher's
-    disagreement with the drift that follows the fork is credited to the fork itself, spreading
-    its guidance over the next K tokens without supervising any window.
-    """
-    if window < 1:
-        raise ValueError(f"near_future_return: window must be >= 1, got {window}")
-    d = jnp.where(mask > 0, divergence.astype(jnp.float32), 0.0)
-    t = d.shape[-1]
-    out = jnp.zeros_like(d)
-    for k in range(1, min(window, t)):  # K shifted adds: exact, no cumulative-sum cancellation
-        out = out + (gamma ** k) * jnp.pad(d[:, k:], [(0, 0), (0, k)])
-    return out
+    teacher_written: Array | None = None
 
 
 # The named axes of every TopdInputs field, in order (shapes as in the module docstring).
@@ -386,6 +340,7 @@ FIELD_AXES = {
     "teacher_agrees": "BT",
     "finished": "B",
     "candidate_labels": "BM",
+    "teacher_written": "BT",
 }
 
 
@@ -408,18 +363,6 @@ def check_shapes(inputs: TopdInputs) -> dict[str, int]:
     if (inputs.positions is None) != (inputs.valid is None):
         raise ValueError("TopdInputs.positions and TopdInputs.valid must be given together")
     return sizes
-
-
-def _window_step_loss(inputs: TopdInputs, config: TopdConfig, window_mask: Array) -> Array:
-    """ell_k [B, M, K]: -log pi_s(v_k | ...) or the top-k forward KL at each window step."""
-    if config.traj_loss == "sampled":
-        return -require(inputs.window_logprobs, "window_logprobs", "when traj_weight > 0")
-    why = "for traj_loss='topk_fkl'"
-    student = require(inputs.window_student_topk_logprobs, "window_student_topk_logprobs", why)
-    teacher = require(inputs.window_teacher_topk_logprobs, "window_teacher_topk_logprobs", why)
-    # Steps past a window's end may hold anything (e.g. -inf); keep them out of the arithmetic.
-    step_valid = (window_mask > 0)[..., None]
-    return forward_kl_topk(jnp.where(step_valid, student, 0.0), jnp.where(step_valid, teacher, 0.0))
 
 
 def _mean_where(values: Array, where: Array) -> Array:
@@ -507,42 +450,38 @@ def topd_weights(inputs: TopdInputs, config: TopdConfig) -> Selection:
 
 def topd_objective(inputs: TopdInputs, config: TopdConfig,
                    selection: Selection | None) -> tuple[Array, dict[str, Array]]:
-    """The objective part, by traj_form:
+    """The objective part: OPD with the guidance reading's terms (`GUIDANCE[config.guidance]`).
 
-        window: L = L_OPD(w) + lambda L_traj(R)
-                L_OPD  = opd_loss(s, b, q, m; w)                       (w = 1 without a selection)
-                L_traj = trajectory_loss(ell, window_mask, R; gamma, norm)   (0 when lambda = 0)
-        return: L = opd_loss(s, b, q, m; w, A),  A_t = -(d_t + lambda F_t [t in R]),
-                F = near_future_return(d, m; K, gamma); loss_traj reports the mean F_t over R
+        terms  = reading.objective(inputs, config, selection)         (lambda > 0 and the reading
+                                                                       has what it acts on)
+        L_OPD  = opd_loss(s, b, q, m; w, A)    w = terms.weights, else the selection's w, else 1;
+                                               A = terms.advantage, else -d
+        L      = L_OPD + lambda terms.loss_traj     when the reading adds a term (window readings)
+                 L_OPD                              otherwise (loss_traj is then a reported metric)
 
-    Returns (L, terms): loss_opd, loss_traj and opd_loss's own metrics.
+    Returns (L, terms): loss_opd, loss_traj, the reading's metrics and opd_loss's own.
     """
-    loss_traj = jnp.zeros((), jnp.float32)
-    advantage = None
-    guided = selection is not None and config.traj_weight != 0.0
-    if guided and config.traj_form == "window":
-        window_mask = require(inputs.window_mask, "window_mask", "when traj_weight > 0")
-        step_loss = _window_step_loss(inputs, config, window_mask)
-        loss_traj, _ = trajectory_loss(step_loss, window_mask, selection.divergent, gamma=config.traj_gamma,
-                                       norm=config.traj_norm, rollout_tokens=jnp.sum(inputs.mask > 0))
-    if guided and config.traj_form == "return":
-        divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
-        at_divergent = tokens_at(selection.positions, selection.valid & selection.divergent, divergence.shape[-1])
-        future = near_future_return(divergence, inputs.mask, window=config.window, gamma=config.traj_gamma)
-        advantage = -(divergence + jnp.where(at_divergent, config.traj_weight * future, 0.0))
-        loss_traj = _mean_where(future, at_divergent & (inputs.mask > 0))  # the mean credited drift F_t
-    loss_opd, terms = opd_loss(
+    reading = GUIDANCE[config.guidance]
+    weights = None if selection is None else selection.weights
+    terms = None
+    if config.guided and (selection is not None or not reading.selects):
+        terms = reading.objective(inputs, config, selection)
+    advantage = None if terms is None else terms.advantage
+    if terms is not None and terms.weights is not None:
+        weights = terms.weights if weights is None else weights * terms.weights
+    loss_opd, metrics = opd_loss(
         inputs.student_logprobs,
         inputs.behaviour_logprobs,
         inputs.teacher_logprobs,
         inputs.mask,
-        weights=None if selection is None else selection.weights,
+        weights=weights,
         advantage=advantage,
         clip_eps=config.clip_eps,
         agg=config.agg,
     )
-    loss = loss_opd + (config.traj_weight * loss_traj if config.traj_form == "window" else 0.0)
-    return loss, {**terms, "loss_traj": loss_traj}
+    loss_traj = jnp.zeros((), jnp.float32) if terms is None else terms.loss_traj
+    loss = loss_opd + config.traj_weight * loss_traj if terms is not None and terms.added else loss_opd
+    return loss, {**metrics, **({} if terms is None else terms.extra), "loss_traj": loss_traj}
 
 
 def topd_diagnostics(inputs: TopdInputs, config: TopdConfig, selection: Selection | None) -> dict[str, Array]:

@@ -469,13 +469,13 @@ def _bounds(config, loss, rollout, scores, located, params, t_params, train_para
     t_slot = per_device_bytes((scores.cache.keys, scores.cache.values)) / scores.cache.max_len
     prefix = p + new / 2
     parts = []
-    if locator.branches or loss.traj_window != "greedy":
+    if locator.branches or not loss.greedy_windows:
         parts.append(window_bound(t_cfg, rows=b, points=points, window=loss.window, prefix=prefix, devices=n,
                                   weight_bytes=computed_bytes(t_params), slot_bytes=t_slot))
     if locator.branches and locator.student_window != "rollout":
         parts.append(window_bound(s_cfg, rows=b, points=points, window=loss.window, prefix=prefix, devices=n,
                                   weight_bytes=computed_bytes(params), slot_bytes=s_slot))
-    if guided and loss.traj_window == "greedy":
+    if loss.greedy_windows:
         parts.append(window_bound(t_cfg, rows=b, points=m, window=loss.window, prefix=prefix, devices=n,
                                   weight_bytes=computed_bytes(t_params), slot_bytes=t_slot))
     out["branch"] = Bound(tuple(parts))

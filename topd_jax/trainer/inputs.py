@@ -19,6 +19,7 @@ weight is loaded (a mismatch then costs seconds, not a model load or a step).
 from __future__ import annotations
 
 from topd_jax.errors import CheckpointError, ConfigError, one_line
+from topd_jax.losses.guidance import GUIDANCE
 from topd_jax.models.config import ModelConfig
 from topd_jax.trainer.config import ModelSpec, TrainConfig
 
@@ -79,8 +80,10 @@ def check_inputs(config: TrainConfig) -> list[str]:
         if need > limit:
             raise ConfigError(f"{how} = {need} positions, but the {role}'s max_position_embeddings is {limit}; "
                               "shorten the prompts, completions or windows")
-    if config.loss.traj_loss == "topk_fkl" and config.loss.traj_top_k > vocab_s:
-        raise ConfigError(f"loss.traj_top_k {config.loss.traj_top_k} exceeds the models' vocab_size {vocab_s}")
+    for key in ("top_k", "fkl_top_k"):  # a guidance reading's top-k over the vocabulary
+        if key in GUIDANCE[config.loss.guidance].options and config.loss.option(key) > vocab_s:
+            raise ConfigError(f"loss.guidance_options.{key} {config.loss.option(key)} exceeds the models' "
+                              f"vocab_size {vocab_s}")
 
     dirs = {role: getattr(config, role).path for role in ROLES}
     tokenizers = {}

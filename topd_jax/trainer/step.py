@@ -192,7 +192,7 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
                            D = locator.window_scores(E[student window], E[teacher window]),
                            E the student's or the teacher's table (locator.embedding)
         guidance:          the teacher's windows at C (with its top-k per step for topk_fkl):
-                           the locator's sampled windows, or (traj_window greedy) a second,
+                           the locator's sampled windows, or (window_tokens greedy) a second,
                            argmax decode from the same cache
 
     E_s, the student's input embedding table, is the paper's (TOPD.md section 4). The teacher
@@ -209,12 +209,12 @@ def branch_windows(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
         points = jnp.concatenate([located.positions, located.reference_positions], axis=1)
     window_options = sampling_options(options, window=True)
     guided = loss.guides_windows
-    greedy = guided and loss.traj_window == "greedy"
+    greedy = loss.greedy_windows
     teacher_points = points if locator.branches else located.positions
     teacher_branch = functools.partial(branch, teacher, scores.cache, key=k_teacher, window=loss.window,
                                        prompt_len=rollout.prompt_tokens.shape[1],
                                        tokens=jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1))
-    top_k = loss.traj_top_k if guided and loss.traj_loss == "topk_fkl" else 0
+    top_k = loss.guidance_top_k
     teacher_windows = None
     if locator.branches or not greedy:
         teacher_windows = teacher_branch(teacher_points, top_k_logprobs=0 if greedy else top_k, options=window_options)
