@@ -280,6 +280,128 @@ def test_a_full_disk_is_one_line_naming_the_last_complete_checkpoint(trained, tm
                     f"checkpoint is step 2 in {out / 'checkpoints'}; the next run resumes from it")
 
 
+class _FullDiskFile:
+    """A file whose write raises ENOSPC when `full(data)`: the disk filled up at that write."""
+
+    def __init__(self, f, full):
+        self._f, self._full = f, full
+
+    def write(self, data):
+        if self._full(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._f.name)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __iter__(self):
+        return iter(self._f)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("tensorboard", ["true", "false"])
+@pytest.mark.parametrize("writer", ["metrics.jsonl", "events.log", "checkpoints"])
+def test_a_full_disk_in_any_writer_is_the_same_one_line(trained, tmp_path, capsys, monkeypatch, writer, tensorboard):
+    from topd_jax.trainer import metrics as metrics_module
+    from topd_jax.trainer.checkpointing import Checkpointer
+
+    out = copy_run(trained, tmp_path)
+    full = {"metrics.jsonl": lambda path, data: path.endswith("metrics.jsonl") and '"step": 3' in data,
+            "events.log": lambda path, data: path.endswith("events.log") and "resumed from step 2" in data}.get(writer)
+    if full is not None:
+        def open_on_a_full_disk(path, *args, **kwargs):
+            return _FullDiskFile(open(path, *args, **kwargs), lambda data: full(os.fspath(path), data))
+
+        monkeypatch.setattr(metrics_module, "open", open_on_a_full_disk, raising=False)
+        where = out / writer
+    else:
+        def save(self, step, *args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{self.directory}/{step}.orbax-checkpoint-tmp")
+
+        monkeypatch.setattr(Checkpointer, "save", save)
+        where = f"{out / 'checkpoints'}/3.orbax-checkpoint-tmp"
+    line = one_line_error(capsys, [*TINY, f"output_dir={out}", "steps=3", f"logging.tensorboard={tensorboard}"])
+    assert line == (f"error: No space left on device: {where} (the disk is full); the last complete checkpoint is "
+                    f"step 2 in {out / 'checkpoints'}; the next run resumes from it")
+
+
+def test_a_full_disk_under_tensorboard_ends_the_process_with_one_line_and_resumes_exactly(trained, tmp_path):
+    """tensorboardX's own writer thread died on ENOSPC and left the main thread blocked on its
+    queue for good; the event file is now written in the main thread, so the error ends the run."""
+    import subprocess
+    import sys
+
+    out = copy_run(trained, tmp_path)
+    reference = copy_run(trained, tmp_path / "reference")
+    code = """if True:
+        import errno, os, sys
+        from tensorboardX import record_writer
+        from tensorboardX.proto.event_pb2 import Event
+        from topd_jax import train
+        from topd_jax.errors import exit_quietly
+
+        real = record_writer.RecordWriter.write
+
+        def write(self, data):  # the disk fills up at step 3's first TensorBoard record
+            if Event.FromString(data).step == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+            return real(self, data)
+
+        record_writer.RecordWriter.write = write
+        exit_quietly(train.main(sys.argv[1:]))
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, *TINY, f"output_dir={out}", "steps=3",
+                           "logging.tensorboard=true"], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                          capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert [line for line in err if line.startswith("error: ")] == [err[-1]] and "Traceback" not in proc.stderr
+    assert err[-1].startswith(f"error: No space left on device: {out / 'tensorboard'}/events.out.tfevents.")
+    assert err[-1].endswith(f"(the disk is full); the last complete checkpoint is step 2 in {out / 'checkpoints'}; "
+                            "the next run resumes from it")
+    # Space freed: the rerun resumes from step 2 and computes step 3 as a run that never failed.
+    for run in (out, reference):
+        assert train.main([*TINY, f"output_dir={run}", "steps=3", "logging.tensorboard=true"]) == 0
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time_", "tokens_per_s", "mfu"))}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in rows(out)] == [1, 2, 3] and rows(out) == rows(reference)
+
+
+def test_a_closed_terminal_silences_the_console_but_not_the_run_files(tmp_path, monkeypatch):
+    """After SIGHUP the terminal is gone and every console write fails with EIO: the run still
+    logs its steps and notices to its files (and so reaches its save)."""
+    import sys
+
+    class ClosedTerminal:
+        def write(self, text):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        def flush(self):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        def isatty(self):
+            return True
+
+    with MetricsLogger(tmp_path, total_steps=3, tensorboard=True, progress=True) as logger:
+        logger.log(1, {"loss": 1.0})
+        monkeypatch.setattr(sys, "stderr", ClosedTerminal())
+        monkeypatch.setattr(sys, "stdout", ClosedTerminal())
+        logger.log(2, {"loss": 2.0})
+        logger.warn("SIGHUP: saved")
+        logger.log(3, {"loss": 3.0})
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert "SIGHUP: saved" in (tmp_path / "events.log").read_text()
+
+
 def test_a_full_disk_inside_an_orbax_save_is_recognised(trained, tmp_path, monkeypatch):
     from topd_jax.trainer.checkpointing import Checkpointer
 

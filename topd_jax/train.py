@@ -7,8 +7,9 @@ Overrides use the dotted names of `topd_jax/trainer/config.py` (`steps=2`, `pres
 A run resumes from output_dir/checkpoints when a checkpoint is there (checkpoint.resume=false
 starts over). Writes output_dir/metrics.jsonl, TensorBoard events and config.yaml.
 
-SIGTERM or Ctrl-C (SIGINT) saves a complete checkpoint after the step in progress and exits with
-one line (rerun the same command to resume); a second one exits at once. One trainer at a time
+SIGTERM, Ctrl-C (SIGINT) or SIGHUP (the terminal closed; not under nohup) saves a complete
+checkpoint after the step in progress and exits with one line (rerun the same command to
+resume); a second one exits at once. One trainer at a time
 owns output_dir (a lock file); a second is refused, naming the first.
 
 Every failure a user can act on (a bad key or value, a checkpoint that does not fit or cannot
@@ -55,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from topd_jax.trainer.loop import PREEMPTION, Interrupted, Trainer
 
-    # SIGTERM and SIGINT (Ctrl-C) alike, from here to the exit: while the trainer is built there
+    # SIGTERM, SIGINT (Ctrl-C) and SIGHUP alike, from here to the exit: while the trainer is built there
     # is nothing to save, so the first one stops at once; from then on it saves a complete
     # checkpoint after the step in progress (or, after the last step, lets the run finish).
     with PREEMPTION:

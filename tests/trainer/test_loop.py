@@ -109,6 +109,59 @@ def test_sigterm_leaves_a_complete_checkpoint_and_exits_cleanly(tmp_path):
     trainer.close()
 
 
+def test_sighup_saves_a_complete_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    """The terminal closed: SIGHUP is SIGTERM (save after the step in progress, exit 0), and the
+    resumed run equals one that was never stopped."""
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "topd_jax.train", "--config", "configs/tiny_cpu.yaml", f"output_dir={run}",
+           *RUN, "steps=500", "checkpoint.every=0", "logging.tensorboard=true"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    logged = len(metrics_of(run))
+    assert 2 <= logged < 500
+    checkpoints = run / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == [str(logged)]  # complete, and nothing half-written beside it
+    assert Checkpointer(checkpoints, every=0, keep=3).restore_json(None, "meta")["step"] == logged
+    assert (f"SIGHUP: saved a complete checkpoint at step {logged} in {checkpoints}; exiting (rerun the same "
+            "command to resume)") in (run / "events.log").read_text()
+    resumed, straight = Trainer(config(run, "steps=500", "checkpoint.every=0")), Trainer(
+        config(reference, "steps=500", "checkpoint.every=0"))
+    try:
+        assert resumed.step == logged
+        resumed.run(until=logged + 1)
+        straight.run(until=logged + 1)
+        assert metrics_of(run) == metrics_of(reference)
+        jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))
+    finally:
+        resumed.close()
+        straight.close()
+
+
+def test_sighup_under_nohup_stays_ignored():
+    from topd_jax.trainer.loop import PREEMPTION
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with PREEMPTION:
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == PREEMPTION._handle
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with PREEMPTION:
+            assert signal.getsignal(signal.SIGHUP) == PREEMPTION._handle
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_metrics_hold_every_section_6_diagnostic_and_the_time_split(straight):
     row = straight[0][-1]
     for key in ("loss", "loss_opd", "loss_traj", "low_divergence_share", "loss_ot_spearman", "suppressed_fraction",

@@ -10,9 +10,11 @@ each phase timed (time_sample, time_score, time_branch, time_train), then metric
 checkpoint is saved when due. Everything a step draws comes from (key, s) and the data position,
 both in the checkpoint, so a resumed run continues exactly as an uninterrupted one.
 
-SIGTERM (preemptible TPU VMs) or SIGINT (Ctrl-C) sets a flag that every process checks after
-each step (agreed across hosts); the trainer then saves a complete checkpoint and returns
-cleanly (`stopped_by` names the signal). A second signal exits at once.
+SIGTERM (preemptible TPU VMs), SIGINT (Ctrl-C) or SIGHUP (the terminal closed) sets a flag that
+every process checks after each step (agreed across hosts); the trainer then saves a complete
+checkpoint and returns cleanly (`stopped_by` names the signal). A second signal exits at once.
+No file write can block the main thread (metrics.py writes every file, TensorBoard's included,
+in the calling thread), so a signal always takes effect after the step in progress.
 
 The trainer holds output_dir's run lock (trainer/rundir.py) from construction to close(): a
 second trainer on the same folder is refused, and no file the run did not write is overwritten.
@@ -91,7 +93,8 @@ class Interrupted(BaseException):
 
 
 class _Preemption:
-    """SIGTERM (preemptible TPU VMs) and SIGINT (Ctrl-C) alike, for the whole process.
+    """SIGTERM (preemptible TPU VMs), SIGINT (Ctrl-C) and SIGHUP (the terminal closed) alike, for
+    the whole process. A SIGHUP that is ignored when entered (`nohup`) stays ignored.
 
     While entered (nested entries share one state; main thread only), the first signal sets
     `signal`, which the loop checks after each step to save a complete checkpoint and return;
@@ -101,7 +104,7 @@ class _Preemption:
     restores the previous handlers.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.signal: str | None = None
@@ -113,7 +116,8 @@ class _Preemption:
         if threading.current_thread() is threading.main_thread():
             if self._depth == 0:
                 self.signal = None
-                self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+                self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                                  if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN)}
             self._depth += 1
         return self
 
@@ -327,7 +331,7 @@ class Trainer:
             step, {"params": self.state.params, "opt_state": self.state.opt_state},
             {"meta": meta, "config": self.config.to_dict(),
              "model_config": config_to_hf(self.student.config, dtype=self.config.student.dtype)},
-            force=force)
+            force=force, other=self.prompts.checkpoint_items())  # a prompt stream's state (Grain), if any
 
     def restore(self, step: int | None = None) -> None:
         """Continue from checkpoint `step` (None: the newest readable one; unreadable newer steps
@@ -359,6 +363,8 @@ class Trainer:
             params=restored["params"], opt_state=restored["opt_state"],
             key=placement.put_global(np.asarray(meta["key"], np.uint32), replicated))
         self.data_position = int(meta["data_position"])
+        self.prompts.resumed(self.data_position,
+                             self.checkpointer.restore_other(step, self.prompts.checkpoint_items(restore=True)))
 
     # ------------------------------------------------------------------ one step
 

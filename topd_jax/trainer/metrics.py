@@ -3,10 +3,20 @@
 metrics.jsonl is the record of truth: one line per step, `{"step": s, **metrics}`, flushed as
 it is written so a crash loses at most the line being written. Non-finite floats (NaN, inf)
 are written as JSON `null`, so every line parses with any strict JSON reader.
+
+Every file is written in the calling thread, so a write that fails (a full disk) raises its
+OSError there, at the step that hit it. TensorBoard's event file included: tensorboardX's
+`SummaryWriter` writes from a thread of its own behind a bounded queue, and when that thread
+dies on ENOSPC the next `add_scalar` blocks the main thread on the full queue forever (and
+with it every signal handler's effect); `EventFile` writes the same records (tensorboardX's
+`EventsWriter` and summary protos) synchronously instead. The console (progress bar, notices)
+is not a file the run owns: when it goes away (the terminal was closed: EIO) the run goes on
+without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -58,6 +68,52 @@ def _read_kept_lines(path: str, last_step: int) -> tuple[list[str], int]:
     return kept, dropped
 
 
+class EventFile:
+    """One TensorBoard event file in `logdir`, written in the calling thread.
+
+    The records are tensorboardX's (an `EventsWriter` file named events.out.tfevents.<time>.
+    <host><suffix>, `summary.scalar` / `summary.histogram_raw` protos), as a `SummaryWriter`
+    writes them, without its writer thread: a failed write raises here. `purge_step` is written
+    as SummaryWriter writes it, a SessionLog START at that step, so TensorBoard hides the older
+    files' events from that step on.
+    """
+
+    def __init__(self, logdir: str, *, purge_step: int | None = None, filename_suffix: str = ""):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        os.makedirs(logdir, exist_ok=True)
+        self._event = Event
+        self._writer = EventsWriter(os.path.join(logdir, "events"), filename_suffix)
+        if purge_step is not None:
+            self._writer.write_event(Event(step=purge_step, file_version="brain.Event:2"))
+            self._writer.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, summary, step: int) -> None:
+        self._writer.write_event(self._event(summary=summary, step=step, wall_time=time.time()))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.summary import scalar
+
+        self._write(scalar(tag, value), step)
+
+    def add_histogram_raw(self, tag: str, *, step: int, **histogram) -> None:
+        from tensorboardX.summary import histogram_raw
+
+        self._write(histogram_raw(tag, **histogram), step)
+
+    def flush(self) -> None:
+        """Write what is buffered to the file (and fsync it); a full disk raises here."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close; the file is closed even when the flush fails (the error is raised)."""
+        try:
+            self._writer.flush()
+        finally:
+            self._writer._py_recordio_writer.close()
+
+
 def _format(value: Any) -> str:
     """A compact progress-bar number: 4 significant digits."""
     return f"{float(value):.4g}"
@@ -67,7 +123,9 @@ class MetricsLogger:
     """Per-step metrics of a training run: output_dir/metrics.jsonl, TensorBoard event files
     (output_dir/tensorboard), a tqdm progress bar.
 
-    `enabled=False` (non-primary hosts) makes every method a no-op. Resuming (`start_step > 0`)
+    Every file write happens in the calling thread and raises its OSError there (see the
+    module docstring); a console that went away (EIO, the terminal closed) only silences the
+    bar and printed notices. `enabled=False` (non-primary hosts) makes every method a no-op. Resuming (`start_step > 0`)
     keeps exactly the metrics.jsonl lines with step <= start_step (the steps after the
     checkpoint will be recomputed) and drops a half-written line, rewriting the file atomically;
     TensorBoard likewise purges its events after start_step. `start_step == 0` starts a fresh
@@ -100,12 +158,10 @@ class MetricsLogger:
             fileio.write_file(self.metrics_path, "".join(kept))
         self._file = open(self.metrics_path, "a" if start_step > 0 else "w", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             # purge_step makes TensorBoard drop older events of steps >= purge_step: the steps a
             # crashed run logged after the checkpoint, or all of them for a fresh run. The suffix
             # keeps files apart (their names hold only whole seconds) in creation order.
-            self._writer = SummaryWriter(
+            self._writer = EventFile(
                 os.path.join(self.output_dir, TENSORBOARD_DIR),
                 purge_step=start_step + 1 if start_step > 0 else 0,
                 filename_suffix=f".{time.time_ns():020d}",
@@ -113,7 +169,8 @@ class MetricsLogger:
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
+            with self._console():
+                self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
         if dropped:
             self.warn(f"dropped {dropped} unparsable line(s) of {self.metrics_path} on resume")
 
@@ -145,11 +202,13 @@ class MetricsLogger:
                     self._writer.add_scalar(key, float(value), int(step))
                 elif HISTOGRAM_MARK in key:
                     self._add_histogram(key, value, int(step))
+            self._writer.flush()  # a full disk fails this step, not a later one
         if self._bar is not None:
             shown = {k: _format(values[k]) for k in self.progress_keys if k in values and np.ndim(values[k]) == 0}
-            if shown:
-                self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(max(0, int(step) - self._bar.n))
+            with self._console():
+                if shown:
+                    self._bar.set_postfix(shown, refresh=False)
+                self._bar.update(max(0, int(step) - self._bar.n))
 
     def _add_histogram(self, tag: str, counts: np.ndarray, step: int) -> None:
         """Counts in equal bins over HISTOGRAM_RANGE; min/max/sum use the bin edges and centres."""
@@ -169,7 +228,7 @@ class MetricsLogger:
             sum_squares=float(counts @ centres**2),
             bucket_limits=edges[1:].tolist(),
             bucket_counts=counts.tolist(),
-            global_step=step,
+            step=step,
         )
 
     def warn(self, message: str) -> None:
@@ -177,27 +236,48 @@ class MetricsLogger:
         if not self.enabled:
             return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        if self._bar is not None:
-            self._bar.write(line)
-        else:
-            print(line, flush=True)
-        with open(self.events_path, "a", encoding="utf-8") as f:
+        with open(self.events_path, "a", encoding="utf-8") as f:  # the record first: the console may be gone
             f.write(line + "\n")
+        with self._console():
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                print(line, flush=True)
+
+    @contextlib.contextmanager
+    def _console(self):
+        """Console output that may fail without failing the run: a closed terminal (EIO) or a
+        closed pipe turns the bar off; the files hold the record."""
+        try:
+            yield
+        except OSError:
+            self._bar = None  # closing it would write to the console again
 
     def close(self) -> None:
-        """Flush and close the metrics file, TensorBoard writer and bar; safe to call twice."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Flush and close the metrics file, TensorBoard writer and bar; safe to call twice. Every
+        one is closed even when an earlier one fails (a full disk); the first error is raised."""
+        first: BaseException | None = None
+        for name in ("_file", "_writer"):
+            handle = getattr(self, name)
+            setattr(self, name, None)
+            if handle is not None:
+                try:
+                    handle.close()
+                except OSError as err:
+                    first = first or err
         if self._bar is not None:
-            self._bar.close()
+            with self._console():
+                self._bar.close()
             self._bar = None
+        if first is not None:
+            raise first
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):  # the error in flight is the one to report
+            self.close()
