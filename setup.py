@@ -37,6 +37,8 @@ setup(
         # TFDS 4.9 imports importlib_resources but declares it only for Python < 3.9.
         "tensorflow-datasets>=4.9.4,<4.10",
         "array-record>=0.5,<1",
+        # The prompt stream: sampler, per-process shards, read-ahead, a checkpointable iterator.
+        "grain>=0.2.10,<0.3",
         "pyarrow>=15",
         "importlib_resources>=5",
         # Grading: answers parsed and compared by math-verify (sympy underneath).

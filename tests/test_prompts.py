@@ -1,4 +1,5 @@
-"""Prompt sources: random, synthetic and TFDS (per-host) batches, and a trainer step on TFDS prompts."""
+"""Prompt sources: random, synthetic and TFDS (per-host, through Grain) batches, a trainer step on TFDS
+prompts, and a trainer resuming the TFDS prompt stream exactly."""
 
 import json
 
@@ -27,8 +28,8 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def problems_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    lines = [json.dumps({"problem": " ".join(["What", "is", "1+1?"] + ["w1"] * (i % 3)), "answer": "2"})
-             for i in range(12)]
+    lines = [json.dumps({"problem": " ".join(["What", "is", "1+1?", f"w{10 + i}"] + ["w1"] * (i % 2)), "answer": "2"})
+             for i in range(12)]  # twelve distinct prompts
     lines += ["{not json", json.dumps({"problem": "", "answer": "2"}),
               json.dumps({"problem": " ".join(["w2"] * 40), "answer": "2"})]  # too long for the prompts
     path.write_text("\n".join(lines) + "\n")
@@ -51,17 +52,74 @@ def test_random_and_synthetic_batches_are_pure_functions_of_the_index():
     assert mask[:, -1].all() and np.array_equal(tokens, synthetic.batch(2)[0])
 
 
-def test_tfds_prompts_split_each_global_batch_over_hosts_and_count_skips(hf_dir, problems_file, tmp_path):
+def _rows(tokens):
+    return [tuple(row) for row in tokens.tolist()]
+
+
+def test_tfds_prompts_shard_the_records_over_hosts_and_count_skips(hf_dir, problems_file, tmp_path):
     tokenizer = load_tokenizer(hf_dir)
     kw = dict(layout="prompts", data_dir=tmp_path / "tfds", prompt_length=16, batch_size=4, seed=0)
     hosts = [TfdsPrompts(problems_file, tokenizer, process_index=i, process_count=2, **kw) for i in range(2)]
     assert hosts[0].skipped["not JSON"] == 1 and hosts[0].skipped["empty problem"] == 1
     assert hosts[0].skipped["longer than prompt_length=16 tokens"] == 1
     one = TfdsPrompts(problems_file, tokenizer, process_index=0, process_count=1, **kw)
-    for index in range(5):  # 12 usable prompts: batches 3 and 4 wrap into the second epoch
-        local = [h.batch(index) for h in hosts]
-        assert all(t.shape == (2, 16) for t, _ in local)
-        np.testing.assert_array_equal(np.concatenate([t for t, _ in local]), one.batch(index)[0])
+    every = sum((_rows(one.batch(i)[0]) for i in range(3)), [])  # one epoch: the 12 usable prompts
+    assert len(set(every)) == 12
+    shards = []
+    for host in hosts:  # a shard of 6 prompts, 2 a batch: batches 3 to 5 are its second epoch
+        batches = [host.batch(i) for i in range(6)]
+        assert all(t.shape == (2, 16) and m.shape == (2, 16) and m[:, -1].all() for t, m in batches)
+        rows = sum((_rows(t) for t, _ in batches), [])
+        assert len(set(rows[:6])) == 6 and sorted(rows[6:]) == sorted(rows[:6])
+        shards.append(set(rows))
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(every)
+
+
+def test_tfds_prompts_read_in_order_and_restart_for_an_earlier_index(hf_dir, problems_file, tmp_path):
+    kw = dict(layout="prompts", data_dir=tmp_path / "tfds", prompt_length=16, batch_size=4, seed=3)
+    prompts = TfdsPrompts(problems_file, load_tokenizer(hf_dir), **kw)
+    straight = [_rows(prompts.batch(i)[0]) for i in range(5)]
+    assert prompts.position == 5
+    assert _rows(prompts.batch(1)[0]) == straight[1] and prompts.position == 2  # restarted, read up to 1
+    assert _rows(prompts.batch(4)[0]) == straight[4]  # read on from 2, batches 2 and 3 passed over
+    with pytest.raises(ValueError, match="batch index must be >= 0"):
+        prompts.batch(-1)
+
+
+def test_a_resumed_trainer_continues_the_tfds_prompt_stream_exactly(hf_dir, problems_file, tmp_path):
+    """The Grain stream's state is saved with the Orbax checkpoint and restored on resume: the
+    prompts after the resume are the uninterrupted run's; a checkpoint without it (written before
+    the stream was saved) resumes by reading up to the saved batch index, to the same prompts."""
+    import shutil
+
+    config = load_config("configs/tiny_cpu.yaml", [
+        f"output_dir={tmp_path}", f"student.path={hf_dir}", f"teacher.path={hf_dir}", "data.source=tfds",
+        f"data.path={problems_file}", "data.prompt_length=16", "logging.progress=false",
+        "logging.tensorboard=false", "checkpoint.async_save=false"])
+    trainer = Trainer(config)
+    try:
+        for _ in range(4):  # batches 0-3: past the first epoch of 12 prompts
+            trainer.prompts.batch(trainer.data_position)
+            trainer.data_position += 1
+        assert trainer.save(force=True)
+        uninterrupted = [_rows(trainer.prompts.batch(i)[0]) for i in (4, 5)]
+    finally:
+        trainer.close()
+    state = tmp_path / "checkpoints" / "0" / "prompts" / "process_0-of-1.json"
+    assert json.loads(state.read_text())["worker_count"] == 0  # Grain's own state file
+    resumed = Trainer(config)
+    try:
+        assert resumed.data_position == 4 and resumed.prompts.position == 4  # the restored stream, no read-ahead
+        assert [_rows(resumed.prompts.batch(i)[0]) for i in (4, 5)] == uninterrupted
+    finally:
+        resumed.close()
+    shutil.rmtree(state.parent)  # a checkpoint from before the stream was saved with it
+    older = Trainer(config)
+    try:
+        assert older.data_position == 4 and older.prompts.position == 0
+        assert [_rows(older.prompts.batch(i)[0]) for i in (4, 5)] == uninterrupted
+    finally:
+        older.close()
 
 
 def test_a_trainer_step_on_tfds_prompts(hf_dir, problems_file, tmp_path):

@@ -76,6 +76,16 @@ class PromptSource(abc.ABC):
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded prompt tokens [G, P] int32 and mask [G, P] bool of batch `index`."""
 
+    def checkpoint_items(self, restore: bool = False) -> dict:
+        """Orbax items (name -> save args, or restore args with `restore`) that carry this
+        source's position beyond the trainer's batch index: none when batch(i) is a pure
+        function of i; a stream's iterator state (TfdsPrompts)."""
+        return {}
+
+    def resumed(self, position: int, restored: Sequence[str]) -> None:
+        """Told after a resume: the next batch index, and which of `checkpoint_items` the
+        checkpoint held and were restored."""
+
 
 class RandomPrompts(PromptSource):
     """Batch i: G prompts of uniform random tokens in [1, vocab) and lengths in [ceil(P/2), P]."""
@@ -123,30 +133,37 @@ class SyntheticPrompts(PromptSource):
         return left_pad([self.tokenizer.encode(p.prompt()) for p in self.problems(index)], self.prompt_length)
 
 
-class _Usable(Sequence):
-    """The records of `source` at `indices` (those whose prompt fits), random access."""
+class _EncodeBatch:
+    """The Grain batch function of prompts: records -> left-padded chat-prompt tokens and mask."""
 
-    def __init__(self, source, indices):
-        self.source, self.indices = source, indices
+    def __init__(self, tokenizer, system_prompt: str | None, prompt_length: int):
+        self.tokenizer, self.system_prompt, self.prompt_length = tokenizer, system_prompt, prompt_length
 
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.source[self.indices[i]]
+    def __call__(self, records: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        rows = encode_prompts(self.tokenizer, [r["problem"] for r in records], system=self.system_prompt)
+        return left_pad(rows, self.prompt_length)
 
 
 class TfdsPrompts(PromptSource):
-    """Per-host chat prompts of a TFDS math dataset built from a local file (module docstring).
+    """Per-host chat prompts of a TFDS math dataset built from a local file, read through Grain.
 
     Process 0 builds (or reuses) data_dir/math_source/<name> from `path`; every process then
     tokenizes the problems once, drops those longer than prompt_length (counted in `skipped`,
-    with the bad records the build skipped) and reads its own slice of each global batch with a
-    `ShardedReader` (seeded per-epoch permutation, position = the batch index).
+    with the bad records the build skipped) and streams its own shard of the rest through a
+    `grain.DataLoader` (`tfds_sources.loader`: a seeded permutation of the shard per epoch, G / n
+    prompts a batch, read ahead by Grain's threads, tokenized and padded by its batch function).
+
+    The stream is `stream`, a checkpointable Grain iterator: the trainer saves it with every
+    checkpoint (`checkpoint_items`, Orbax item "prompts", one state file per process) and
+    restores it on resume (`resumed`), so batch i after a resume is the batch i of an
+    uninterrupted run. Batches are read in order: `batch(index)` is the stream's next batch when
+    `index == position` (the trainer's case); any other index restarts the stream and reads up to
+    it (a checkpoint written before the stream was saved with it resumes this way).
     """
 
     local = True
     needs_tokenizer = True
+    ITEM = "prompts"  # the Orbax item of the stream's state
 
     @classmethod
     def from_config(cls, data, *, batch_size, seed, vocab_size, tokenizer, data_dir, process_index=0,
@@ -171,8 +188,8 @@ class TfdsPrompts(PromptSource):
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("topd_jax: prompt dataset built")
-        source = tfds_sources.open_source(data_dir, name)
-        problems = [source[i]["problem"] for i in range(len(source))]
+        every = tfds_sources.open_source(data_dir, name)
+        problems = [every[i]["problem"] for i in range(len(every))]
         lengths = [len(ids) for ids in encode_prompts(tokenizer, problems, system=system_prompt)]
         usable = [i for i, n in enumerate(lengths) if 1 <= n <= prompt_length]
         if len(usable) < len(problems):
@@ -180,13 +197,33 @@ class TfdsPrompts(PromptSource):
         if not usable:
             raise ConfigError(f"data.path {path} has no prompt of at most data.prompt_length={prompt_length} tokens "
                               f"(skipped: {dict(self.skipped)})")
-        self.reader = tfds_sources.ShardedReader(_Usable(source, usable), batch_size=batch_size, seed=seed,
-                                                 process_index=process_index, process_count=process_count)
-        self.encoder, self.prompt_length, self.system_prompt = tokenizer, prompt_length, system_prompt
+        self.records = tfds_sources.open_source(data_dir, name, keys=usable)
+        self.loader = tfds_sources.loader(self.records, batch_size=batch_size, seed=seed, process_index=process_index,
+                                          process_count=process_count,
+                                          batch_fn=_EncodeBatch(tokenizer, system_prompt, prompt_length))
+        self.stream = iter(self.loader)
+        self.position = 0  # the index of the stream's next batch
 
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        problems = [record["problem"] for record in self.reader.batch(index)]
-        return left_pad(encode_prompts(self.encoder, problems, system=self.system_prompt), self.prompt_length)
+        if index < 0:
+            raise ValueError(f"batch index must be >= 0, got {index}")
+        if index < self.position:
+            self.stream, self.position = iter(self.loader), 0
+        while self.position < index:  # read up to it: a restarted stream, or an older checkpoint
+            next(self.stream)
+            self.position += 1
+        self.position += 1
+        return next(self.stream)
+
+    def checkpoint_items(self, restore: bool = False) -> dict:
+        import grain
+
+        return {self.ITEM: (grain.checkpoint.CheckpointRestore if restore else grain.checkpoint.CheckpointSave)(
+            self.stream)}
+
+    def resumed(self, position: int, restored: Sequence[str]) -> None:
+        if self.ITEM in restored:
+            self.position = position
 
 
 class JsonlPrompts(PromptSource):

@@ -1,8 +1,10 @@
-"""TFDS math sources: math_sets records, skip counts stored with the data, no TensorFlow, sharding."""
+"""TFDS math sources: math_sets records, skip counts stored with the data, no TensorFlow; the Grain
+loader: shards per process, seeded epochs, exact resume from a saved state (and across kill -9)."""
 
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -143,7 +145,7 @@ def test_tensorflow_is_never_imported(tmp_path):
         ts.build_dataset({src!r}, layout="prompts", data_dir={str(tmp_path / "tfds")!r})
         source = ts.open_source({str(tmp_path / "tfds")!r}, "p")
         assert source[0] == {{"problem": "P", "answer": "1", "id": "1"}}, source[0]
-        ts.ShardedReader(source, batch_size=1).batch(3)
+        assert [r["id"] for r in next(iter(ts.loader(source, batch_size=2)))] == ["1", "1"]
         bad = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))
         assert not bad, bad
         print("NO_TF")
@@ -185,7 +187,7 @@ def test_real_eval_file_builds_every_row(layout, real_sources):
         assert source[0]["id"] == "1"
 
 
-# --- sharding and resume ----------------------------------------------------------------------
+# --- the Grain loader: sharding and resume ----------------------------------------------------
 
 SOURCE = [{"id": str(i)} for i in range(10)]
 
@@ -194,64 +196,146 @@ def _ids(batch):
     return [r["id"] for r in batch]
 
 
-@pytest.mark.parametrize("hosts", [2, 4])
-def test_hosts_partition_each_global_batch(hosts):
-    whole = ts.ShardedReader(SOURCE, batch_size=8, seed=3)
-    readers = [ts.ShardedReader(SOURCE, batch_size=8, seed=3, process_index=i,
-                                process_count=hosts) for i in range(hosts)]
-    for index in range(7):  # 56 positions: five epochs of ten records, wrapping mid-batch.
-        parts = [_ids(r.batch(index)) for r in readers]
-        assert all(len(p) == 8 // hosts for p in parts)
-        assert sum(parts, []) == _ids(whole.batch(index))
+def _stream(source=SOURCE, **kw):
+    return iter(ts.loader(source, **kw))
 
 
-def test_each_epoch_is_a_seeded_permutation_and_epochs_differ():
-    reader = ts.ShardedReader(SOURCE, batch_size=5, seed=0)
-    epochs = [_ids(reader.batch(2 * e)) + _ids(reader.batch(2 * e + 1)) for e in range(3)]
+def _take(stream, n):
+    return [_ids(next(stream)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("hosts, sizes", [(2, [5, 5]), (4, [3, 3, 2, 2])])
+def test_process_shards_partition_the_records_and_each_epoch_covers_its_shard(hosts, sizes):
+    shards = []
+    for i, size in enumerate(sizes):  # one record a batch: two epochs of process i's shard
+        records = sum(_take(_stream(batch_size=hosts, seed=3, process_index=i, process_count=hosts), 2 * size), [])
+        first, second = records[:size], records[size:]
+        assert len(set(first)) == size and sorted(second) == sorted(first)  # each epoch: the shard once
+        shards.append(sorted(first, key=int))
+    assert sum(shards, []) == [r["id"] for r in SOURCE]  # contiguous n-ths, disjoint, all of the records
+
+
+def test_each_epoch_of_a_shard_is_a_seeded_permutation_and_epochs_differ():
+    stream = _stream(batch_size=5, seed=0)
+    epochs = [sum(_take(stream, 2), []) for _ in range(3)]
     assert all(sorted(e, key=int) == [str(i) for i in range(10)] for e in epochs)
-    assert epochs[0] != epochs[1]
-    assert epochs[1] == [str(i) for i in np.random.default_rng([0, 1]).permutation(10)]
+    assert epochs[0] != epochs[1] != epochs[2]
 
 
 def test_batches_are_deterministic_and_depend_on_the_seed():
-    a = [_ids(ts.ShardedReader(SOURCE, batch_size=4, seed=0).batch(i)) for i in range(5)]
-    b = [_ids(ts.ShardedReader(SOURCE, batch_size=4, seed=0).batch(i)) for i in range(5)]
-    c = [_ids(ts.ShardedReader(SOURCE, batch_size=4, seed=1).batch(i)) for i in range(5)]
+    a, b, c = (_take(_stream(batch_size=4, seed=s), 5) for s in (0, 0, 1))
     assert a == b and a != c
 
 
-def test_unshuffled_reader_streams_in_source_order():
-    reader = ts.ShardedReader(SOURCE, batch_size=4, shuffle=False, process_index=1,
-                              process_count=2)
-    assert [_ids(reader.batch(i)) for i in range(3)] == [["2", "3"], ["6", "7"], ["0", "1"]]
+def test_unshuffled_loader_streams_each_shard_in_record_order():
+    stream = _stream(batch_size=4, shuffle=False, process_index=1, process_count=2)
+    assert _take(stream, 3) == [["5", "6"], ["7", "8"], ["9", "5"]]
 
 
-def test_resume_from_position_matches_the_uninterrupted_stream():
-    straight = ts.ShardedReader(SOURCE, batch_size=4, seed=7, process_index=1, process_count=2)
-    expected = [_ids(straight.next_batch()) for _ in range(9)]
-    first = ts.ShardedReader(SOURCE, batch_size=4, seed=7, process_index=1, process_count=2)
-    got = [_ids(first.next_batch()) for _ in range(4)]
-    saved = first.position
-    restarted = ts.ShardedReader(SOURCE, batch_size=4, seed=7, process_index=1, process_count=2,
-                                 position=saved)
-    got += [_ids(restarted.next_batch()) for _ in range(5)]
-    assert saved == 4 and got == expected
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_a_saved_state_resumes_the_uninterrupted_stream(process_index):
+    kw = dict(batch_size=4, seed=7, process_index=process_index, process_count=2)
+    expected = _take(_stream(**kw), 9)
+    first = _stream(**kw)
+    got = _take(first, 4)
+    state = first.get_state()
+    restarted = _stream(**kw)
+    restarted.set_state(state)
+    assert got + _take(restarted, 5) == expected
+    other = _stream(**{**kw, "seed": 8})  # a state names its sampler: another seed is refused
+    with pytest.raises(ValueError, match="Sampler in checkpoint does not match"):
+        other.set_state(state)
 
 
-def test_batch_size_must_split_evenly_over_hosts():
+def test_batch_size_must_split_evenly_over_processes():
     with pytest.raises(ValueError, match="not a positive multiple of process_count 4"):
-        ts.ShardedReader(SOURCE, batch_size=6, process_index=0, process_count=4)
+        ts.loader(SOURCE, batch_size=6, process_index=0, process_count=4)
     with pytest.raises(ValueError, match="process_index 2 not in"):
-        ts.ShardedReader(SOURCE, batch_size=4, process_index=2, process_count=2)
+        ts.loader(SOURCE, batch_size=4, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="10 records cannot be shared by 16 processes"):
+        ts.loader(SOURCE, batch_size=16, process_index=0, process_count=16)
 
 
-def test_reader_over_a_built_source_returns_text_records(real_sources):
+def test_loader_over_a_built_source_returns_text_records(real_sources):
     data_dir, _ = real_sources
     source = ts.open_source(data_dir, "aime25")
-    hosts = [ts.ShardedReader(source, batch_size=8, seed=0, process_index=i, process_count=2)
-             for i in range(2)]
-    ids = sum((_ids(h.batch(0)) for h in hosts), [])
+    ids = sum((_ids(next(_stream(source, batch_size=8, process_index=i, process_count=2))) for i in range(2)), [])
     assert len(set(ids)) == 8 and all(isinstance(i, str) for i in ids)
+
+
+def test_records_keep_a_subset_and_resume_after_the_run_folder_moved(mixed_jsonl, tmp_path):
+    _build_mixed(mixed_jsonl, tmp_path / "a", id_field="key")
+    subset = ts.open_source(tmp_path / "a", "mixed", keys=[4, 1, 3])
+    assert [subset[i]["id"] for i in range(3)] == ["k4", "k1", "k3"] and len(subset) == 3
+    with pytest.raises(ValueError, match="record keys outside"):
+        ts.open_source(tmp_path / "a", "mixed", keys=[6])
+    stream = _stream(subset, batch_size=2, seed=1)
+    _take(stream, 2)
+    state = stream.get_state()
+    expected = _take(stream, 3)
+    os.rename(tmp_path / "a", tmp_path / "b")  # the repr Grain checks names no path
+    moved = _stream(ts.open_source(tmp_path / "b", "mixed", keys=[4, 1, 3]), batch_size=2, seed=1)
+    moved.set_state(state)
+    assert _take(moved, 3) == expected
+    other = _stream(ts.open_source(tmp_path / "b", "mixed", keys=[4, 1, 2]), batch_size=2, seed=1)
+    with pytest.raises(ValueError, match="DataSource in checkpoint does not match"):
+        other.set_state(state)  # another subset of the records is another stream
+
+
+_KILLED_RUN = textwrap.dedent("""
+    import sys
+    import grain
+    from topd_jax.data import tfds_sources as ts
+    from topd_jax.trainer.checkpointing import Checkpointer
+
+    data_dir, ckpt, process_index, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    stream = iter(ts.loader(ts.open_source(data_dir, "mixed"), batch_size=4, seed=5, process_index=process_index,
+                            process_count=2))
+    checkpointer = Checkpointer(ckpt, every=1, keep=2)
+    step = 0
+    if checkpointer.latest_step() is not None:  # resume: the step and the stream's state
+        step = checkpointer.latest_step()
+        assert checkpointer.restore_other(step, {"prompts": grain.checkpoint.CheckpointRestore(stream)}) == ["prompts"]
+    while step < steps:
+        ids = [r["id"] for r in next(stream)]
+        step += 1
+        checkpointer.save(step, {}, {"meta": {"step": step}}, other={"prompts": grain.checkpoint.CheckpointSave(stream)})
+        print(step, *ids, flush=True)
+    checkpointer.close()
+""")
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_the_stream_resumes_exactly_after_kill_9(mixed_jsonl, tmp_path, process_index):
+    """Process p of 2 reads its shard, saving the Grain state with an Orbax checkpoint every batch;
+    killed (SIGKILL) mid-run and started again, it reads from its newest complete checkpoint on
+    exactly the batches of an uninterrupted run."""
+    _build_mixed(mixed_jsonl, tmp_path / "tfds", id_field="key")
+
+    steps, log = 20, tmp_path / "stderr.txt"
+
+    def run(ckpt, kill_after=None):
+        args = [sys.executable, "-c", _KILLED_RUN, str(tmp_path / "tfds"), str(ckpt), str(process_index), str(steps)]
+        with open(log, "w") as err:
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+            lines = []
+            for line in proc.stdout:
+                lines.append(line.split())
+                if kill_after is not None and len(lines) == kill_after:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            proc.wait(timeout=120)
+        return proc.returncode, {int(s): ids for s, *ids in lines}
+
+    code, straight = run(tmp_path / "straight")
+    assert code == 0 and sorted(straight) == list(range(1, steps + 1)), log.read_text()[-2000:]
+    code, before = run(tmp_path / "killed", kill_after=5)
+    assert code == -signal.SIGKILL and all(before[s] == straight[s] for s in before)
+    code, after = run(tmp_path / "killed")
+    assert code == 0, log.read_text()[-2000:]
+    # From the newest complete checkpoint on (step 4 at least: save 5 waits for save 4 to commit).
+    assert 5 <= min(after) < steps and sorted(after) == list(range(min(after), steps + 1))
+    assert all(after[s] == straight[s] for s in after)
 
 
 def test_a_source_edited_after_its_build_is_a_one_line_error_naming_the_file(mixed_jsonl, tmp_path):

@@ -1,4 +1,4 @@
-"""TFDS builders (ArrayRecord, no TensorFlow) for local math files, and per-host prompt readers.
+"""TFDS builders (ArrayRecord, no TensorFlow) for local math files, read per process through Grain.
 
 Local JSONL or Parquet files become a TFDS dataset of three text features, `problem`, `answer`
 and `id`, written as ArrayRecord in file order (shuffling is the reader's job, not the writer's).
@@ -10,13 +10,20 @@ data (`builder.info.metadata["skipped"]`, in `metadata.json`), so a broken line 
 epoch.
 
 TFDS imports TensorFlow lazily, only for `tf.data`; building with `file_format="array_record"`
-and reading with `as_data_source` never touch it.
+and reading with Grain never touch it.
 
-`ShardedReader` turns a random-access source into deterministic per-host batches: global batch
-`index` is the global stream positions [index * G, (index + 1) * G), epoch `e` of the stream
-being `numpy.random.default_rng([seed, e]).permutation(len(source))`, and host `i` of `n` takes
-the `i`-th contiguous slice of G / n records. A batch is a pure function of (seed, index), so a
-checkpoint stores only `reader.position` (the next batch index) and resuming is `batch(position)`.
+Reading is Grain's (`grain`): `Records` is a Grain data source over the split's ArrayRecord files
+(`grain.sources.ArrayRecordDataSource` reads the serialized examples, TFDS's feature spec decodes
+them with numpy), optionally restricted to some of its records; `loader` is the per-process
+stream of batches over it: a `grain.samplers.IndexSampler` (a seeded permutation per epoch,
+epochs without end) sharded by `grain.sharding.ShardOptions` (process p of n reads the p-th
+contiguous n-th of the records, the shards partitioning the data), batched by Grain and read
+ahead by its threads, through a `grain.DataLoader`. Its iterator is checkpointable:
+`get_state()` / `set_state()`, and `grain.checkpoint.CheckpointSave` / `CheckpointRestore` save
+and restore it as an item of an Orbax checkpoint (one file per process).
+
+What stays ours: `Records` (Grain's ArrayRecord source yields bytes; TFDS's example decoding and
+the subset of usable records are ours, a few lines) and the choice of the pipeline's options.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -80,7 +88,7 @@ class MathSource(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         text = tfds.features.Text()
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({"problem": text, "answer": text, "id": text}),
-            disable_shuffling=True,  # Keep file order; ShardedReader shuffles.
+            disable_shuffling=True,  # Keep file order; the Grain sampler shuffles.
             metadata=tfds.core.MetadataDict(),
         )
 
@@ -147,81 +155,84 @@ def build_dataset(source_path: str | os.PathLike | Sequence[str | os.PathLike], 
     return builder
 
 
-def open_source(data_dir: str | os.PathLike, name: str, split: str = "train") -> "TextSource":
-    """Random-access records (dicts of str) of a dataset that `build_dataset` wrote."""
+def open_source(data_dir: str | os.PathLike, name: str, split: str = "train",
+                keys: Sequence[int] | None = None) -> "Records":
+    """Random-access records (dicts of str) of a dataset that `build_dataset` wrote, a Grain data
+    source (`Records`); `keys`: only those records, in that order."""
     path = os.path.join(os.fspath(data_dir), _BUILDER_NAME, name, _VERSION)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no built math dataset at {path}; call build_dataset first")
-    return TextSource(tfds.builder_from_directory(path).as_data_source(split=split))
+    return Records(tfds.builder_from_directory(path).info, split, keys)
 
 
-class TextSource(Sequence):
-    """A TFDS data source whose byte strings are decoded to python str."""
+class Records:
+    """A Grain data source of a built split: record k is a dict of str {problem, answer, id}.
 
-    def __init__(self, source: Sequence[dict[str, Any]]):
-        self._source = source
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, i: int) -> dict[str, str]:
-        if isinstance(i, slice):
-            raise TypeError("TextSource takes an integer index, not a slice")
-        return {k: v.decode("utf-8") if isinstance(v, bytes) else v
-                for k, v in self._source[int(i)].items()}
-
-
-class ShardedReader:
-    """Deterministic per-host batches of a random-access source, resumable from `position`.
-
-    `batch(index)` is this host's `batch_size // process_count` records of global batch `index`
-    (see the module docstring); it does not move `position`. `next_batch()` returns
-    `batch(position)` and advances `position`, the int to save in a checkpoint.
+    `grain.sources.ArrayRecordDataSource` reads the serialized examples from the split's
+    ArrayRecord files (TFDS's file instructions); TFDS's feature spec decodes them
+    (`deserialize_example_np`: numpy, no TensorFlow) and the bytes become str. With `keys`, record
+    k is the split's record keys[k] (the records a pipeline may use). Its repr names the dataset,
+    its size and a digest of the keys, not the files' location: Grain compares it with the one in
+    a saved iterator state, so a moved run folder still resumes and another subset does not.
     """
 
-    def __init__(self, source: Sequence[dict[str, Any]], *, batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-                 position: int = 0):
-        if len(source) == 0:
-            raise ValueError("ShardedReader needs a non-empty source")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if batch_size <= 0 or batch_size % process_count:
-            raise ValueError(f"global batch_size {batch_size} is not a positive multiple of "
-                             f"process_count {process_count}")
-        self.source, self.batch_size, self.seed, self.shuffle = source, batch_size, seed, shuffle
-        self.process_index, self.process_count = process_index, process_count
-        self.position = position
-        self._order: dict[int, np.ndarray] = {}  # epoch -> permutation; the last two are kept.
+    def __init__(self, info: tfds.core.DatasetInfo, split: str = "train", keys: Sequence[int] | None = None):
+        from tensorflow_datasets.core.data_sources import base
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._order:
-            n = len(self.source)
-            order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                     else np.arange(n))
-            self._order = {e: o for e, o in self._order.items() if e == epoch - 1}
-            self._order[epoch] = order
-        return self._order[epoch]
+        self._info, self._split = info, split
+        self._source = grain.sources.ArrayRecordDataSource(base.file_instructions(info, split))
+        self._keys = None if keys is None else np.asarray(keys, np.int64)
+        if self._keys is not None and len(self._keys) and not 0 <= self._keys.min() <= self._keys.max() < len(
+                self._source):
+            raise ValueError(f"record keys outside [0, {len(self._source)})")
 
-    def indices(self, index: int) -> list[int]:
-        """Source indices of this host's slice of global batch `index`."""
-        if index < 0:
-            raise ValueError(f"batch index must be >= 0, got {index}")
-        n, per_host = len(self.source), self.batch_size // self.process_count
-        start = index * self.batch_size + self.process_index * per_host
-        positions = range(start, start + per_host)
-        return [int(self._epoch_order(p // n)[p % n]) for p in positions]
+    def __len__(self) -> int:
+        return len(self._source) if self._keys is None else len(self._keys)
 
-    def batch(self, index: int) -> list[dict[str, Any]]:
-        """This host's records of global batch `index`, a pure function of (seed, index)."""
-        return [self.source[i] for i in self.indices(index)]
+    def __getitem__(self, k: int) -> dict[str, str]:
+        if isinstance(k, slice):
+            raise TypeError("Records takes an integer index, not a slice")
+        key = int(k) if self._keys is None else int(self._keys[k])
+        example = self._info.features.deserialize_example_np(self._source[key])
+        return {f: v.decode("utf-8") if isinstance(v, bytes) else v for f, v in example.items()}
 
-    def next_batch(self) -> list[dict[str, Any]]:
-        """`batch(position)`, then advances `position` by one."""
-        out = self.batch(self.position)
-        self.position += 1
-        return out
+    def __repr__(self) -> str:
+        keys = "all" if self._keys is None else hashlib.sha1(self._keys.tobytes()).hexdigest()[:16]
+        return (f"Records({self._info.name}/{self._info.config_name}/{self._split}, {len(self)} of "
+                f"{len(self._source)}, keys={keys})")
 
-    def epoch(self, index: int) -> float:
-        """Epochs of the global stream consumed by the end of global batch `index`."""
-        return (index + 1) * self.batch_size / len(self.source)
+
+# Threads that read records ahead of the consumer, and how many records they may hold: a few
+# batches of prompts, not Grain's default of 16 threads and 500 records (tuned for remote disks
+# and large examples; a prompt is a few hundred bytes on a local disk).
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
+
+
+def loader(source: Sequence[Any], *, batch_size: int, seed: int = 0, process_index: int = 0,
+           process_count: int = 1, shuffle: bool = True, batch_fn: Callable[[list], Any] = list,
+           read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
+    """This process's endless stream of batches of `batch_size // process_count` records.
+
+    A `grain.DataLoader` over `source` (any Grain data source: `Records`, a list): an
+    `IndexSampler` (epoch e of a shard is its seeded permutation e; `shuffle=False`: record
+    order) sharded by `ShardOptions(process_index, process_count)` (shard p: the p-th contiguous
+    n-th of the records; the shards partition them), then `grain.transforms.Batch`: a batch is
+    `batch_fn(list of records)`. `iter(loader)` is the checkpointable iterator (`get_state` /
+    `set_state`; in an Orbax checkpoint through `grain.checkpoint`).
+    """
+    if len(source) == 0:
+        raise ValueError("the prompt loader needs a non-empty source")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(f"global batch_size {batch_size} is not a positive multiple of "
+                         f"process_count {process_count}")
+    if process_count > len(source):
+        raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes")
+    shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
+                                        drop_remainder=False)
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
+                                          num_epochs=None, seed=seed % 2**32)  # Grain takes 32-bit seeds
+    batch = grain.transforms.Batch(batch_size=batch_size // process_count, drop_remainder=True, batch_fn=batch_fn)
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=[batch],
+                            worker_count=0, shard_options=shard, read_options=read_options or READ_OPTIONS)

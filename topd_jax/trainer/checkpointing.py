@@ -169,23 +169,28 @@ class Checkpointer:
         json: Mapping[str, Any],
         *,
         force: bool = False,
+        other: Mapping[str, ocp.args.CheckpointArgs] | None = None,
     ) -> bool:
-        """Save the array pytrees `trees` and JSON-serialisable `json` items as checkpoint `step`.
+        """Save the array pytrees `trees` and JSON-serialisable `json` items as checkpoint `step`,
+        and `other` items given as their Orbax save args (a Grain iterator's state:
+        `grain.checkpoint.CheckpointSave`, written before this returns; `restore_other` reads it).
 
         Saves when `force` or `should_save(step)`; a step already saved is never overwritten
         (e.g. a final forced save right after the periodic one). Returns whether a save started.
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only; cannot save step {step}")
-        clash = set(trees) & set(json)
+        other = other or {}
+        clash = (set(trees) & set(json)) | ((set(trees) | set(json)) & set(other))
         if clash:
-            raise CheckpointError(f"item names used for both a tree and a json item: {sorted(clash)}")
+            raise CheckpointError(f"item names used for two items: {sorted(clash)}")
         if not (force or self.should_save(step)):
             return False
         if step in self._manager.all_steps():  # complete or still being written
             return False
         items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
         items.update({name: ocp.args.JsonSave(value) for name, value in json.items()})
+        items.update(other)
         self._pending_step = step
         return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
@@ -310,6 +315,20 @@ class Checkpointer:
                                       f"{len(stored)} arrays): another model or optimizer structure")
             if stored[path] != shape:
                 raise CheckpointError(f"{where} has shape {stored[path]} but the config builds {shape}")
+
+    def restore_other(self, step: int, args: Mapping[str, ocp.args.CheckpointArgs]) -> list[str]:
+        """Restore those of the items `args` (name -> Orbax restore args, e.g. a Grain iterator's
+        `grain.checkpoint.CheckpointRestore`, which restores in place) that checkpoint `step`
+        holds; returns their names (a checkpoint written before an item existed holds none)."""
+        self.wait()
+        held = {name: a for name, a in args.items() if epath.Path(self.directory, str(step), name).exists()}
+        if held:
+            try:
+                self._manager.restore(step, args=ocp.args.Composite(**held))
+            except Exception as e:  # noqa: BLE001 (a damaged or missing state file, another process count)
+                raise UnreadableCheckpoint(f"checkpoint step {step} in {self.directory} is unreadable: "
+                                           f"{', '.join(held)}: {_first_line(e)}") from e
+        return sorted(held)
 
     def restore_tree(self, step: int | None, name: str, abstract_tree: PyTree) -> PyTree:
         """Restore one array pytree item (e.g. only `params`, not `opt_state`)."""
