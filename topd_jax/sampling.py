@@ -292,7 +292,11 @@ class _BranchCarry(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "window", "options", "top_k_logprobs"))
-def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, window, options, top_k_logprobs):
+def _branch(graphdef, state, cache, tokens, positions, key, forced=None, *, prompt_len, window, options,
+            top_k_logprobs):
+    """forced: None, or (tokens [B, M, L], count [B, M], limit [B, M]): step k < count feeds
+    forced[k] instead of a draw (its log-prob under the model is kept), and a branch ends after
+    `limit` steps."""
     model = nnx.merge(graphdef, state)
     b, m = positions.shape
     k = window
@@ -313,6 +317,13 @@ def _branch(graphdef, state, cache, tokens, positions, key, *, prompt_len, windo
         step, alive = c.step, c.alive
         logits, branch_kv = model.branch_step(c.fed, start_pos + step, cache, last, c.branch_kv, step)
         tok, logp, still = _sample_step(logits, key, step, alive, options)
+        if forced is not None:
+            forced_tokens, count, limit = forced
+            index = jnp.minimum(step, forced_tokens.shape[-1] - 1)
+            take = alive & (step < count)
+            tok = jnp.where(take, jax.lax.dynamic_index_in_dim(forced_tokens, index, axis=2, keepdims=False), tok)
+            logp = jnp.where(alive, _token_logprob(logits, tok), 0.0)
+            still = alive & ~_is_eos(tok, options.eos_ids) & (step + 1 < limit)
         top_lp, top_ids = c.topk_logprobs, c.topk_ids
         if kk:
             vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), kk)
@@ -373,6 +384,62 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     return _branch(graphdef, state, cache, ids, positions, key, prompt_len=int(p),
                    window=_check_count("window", window), options=options,
                    top_k_logprobs=_check_topk(top_k_logprobs, model.config.vocab_size))
+
+
+def continuation(model: CausalLM, source: Rollout | KVCache, starts: Array, segment: Array, segment_len: Array, *,
+                 key: Array, options: SamplingOptions = SamplingOptions(), prompt_len: int | None = None,
+                 tokens: Array | None = None) -> Windows:
+    """The model's continuation of each row from completion index t = starts[b] after a given
+    segment: [B] -> Windows [B, 1, N] (N the completion width; rows with t < 0 are unused).
+
+        u_k = segment[b, k]                    k < segment_len[b]  (fed, not drawn: a splice)
+        u_k ~ pi(. | x, y_<t, u_<k)            segment_len[b] <= k < N - t
+
+    One `branch` from (x, y_<t) with the segment's tokens forced: the shared prefix cache is read
+    in place (no re-prefill), and the log-probs are the model's own at temperature 1 for every
+    token, the forced ones included (a student's behaviour log-probs of a teacher's segment). It
+    ends at EOS (forced or drawn) or after N - t tokens. source, prompt_len, tokens as in `branch`.
+    """
+    cache, p, ids = _branch_source(source, prompt_len, tokens)
+    n = ids.shape[1] - p
+    starts = jnp.asarray(starts, jnp.int32)
+    segment = jnp.asarray(segment, jnp.int32)
+    if starts.shape != (cache.valid.shape[0],) or segment.ndim != 2 or segment.shape[0] != starts.shape[0]:
+        raise ValueError(f"starts must be [B] and segment [B, L] with B = {cache.valid.shape[0]}, got "
+                         f"{starts.shape} and {segment.shape}")
+    options = _check_options(options, model.config.vocab_size)
+    graphdef, state = nnx.split(model)
+    t = jnp.clip(starts, 0, n - 1)
+    count = jnp.minimum(jnp.asarray(segment_len, jnp.int32), n - t)
+    forced = (segment[:, None, :], count[:, None], (n - t)[:, None])
+    return _branch(graphdef, state, cache, ids, t[:, None], key, forced, prompt_len=int(p), window=n,
+                   options=options, top_k_logprobs=0)
+
+
+def splice_rollout(rollout: Rollout, starts: Array, after: Windows, segment_len: Array,
+                   eos_ids: tuple[int, ...]) -> tuple[Rollout, Array]:
+    """The rollout with y_t.. replaced by `after` (a `continuation` [B, 1, N]) where starts[b] = t
+    >= 0; rows with t < 0 unchanged. Returns (Rollout without a cache, written [B, N] bool: the
+    tokens of the segment, the first segment_len[b] of `after`).
+
+        y'_s = y_s (s < t),  u_{s - t} (s >= t);  b'_s likewise;  mask'_s = m_s (s < t), mu_{s-t}
+        finished' = an EOS among the valid tokens of y'
+    """
+    n = rollout.tokens.shape[1]
+    starts = jnp.asarray(starts, jnp.int32)
+    rel = jnp.arange(n)[None, :] - starts[:, None]  # [B, N]
+    replaced = (starts[:, None] >= 0) & (rel >= 0)
+    index = jnp.clip(rel, 0, n - 1)
+
+    def take(x):
+        return jnp.take_along_axis(x[:, 0], index, axis=1)
+
+    mask = jnp.where(replaced, take(after.mask), rollout.mask)
+    tokens = jnp.where(mask, jnp.where(replaced, take(after.tokens), rollout.tokens), PAD_ID)
+    logprobs = jnp.where(mask, jnp.where(replaced, take(after.logprobs), rollout.logprobs), 0.0)
+    written = replaced & (rel < jnp.asarray(segment_len, jnp.int32)[:, None]) & mask
+    finished = jnp.any(_is_eos(tokens, eos_ids) & mask, axis=1)
+    return Rollout(rollout.prompt_tokens, rollout.prompt_mask, tokens, mask, logprobs, finished, None), written
 
 
 def _branch_source(source: Rollout | KVCache, prompt_len: int | None,

@@ -4,6 +4,7 @@
     scores  = score_phase(teacher_graphdef, teacher_params, rollout, chunk_size=..., return_cache=...)
     located = locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key,
                            loss=loss, options=sampling)
+    rollout, scores, located = splice_phase(...)    # instead of locate, for a splicing guidance
     rollout, scores, located = no_gradient_phases(run, move, ...)   # the three chained
 
 Each phase is one program over (graphdef, params): no per-call graph traversal of the modules,
@@ -28,7 +29,7 @@ from topd_jax.models.config import DTYPES, ModelConfig
 from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import read_config
 from topd_jax.trainer.config import ComputeConfig, ModelSpec
-from topd_jax.trainer.step import locate, sample, score_teacher
+from topd_jax.trainer.step import locate, sample, score_teacher, splice
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
@@ -49,6 +50,16 @@ def locate_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, sc
     """`step.locate` of student and teacher (labeller: the prompt source's): the `time_branch` phase."""
     return locate(nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params), rollout, scores, key,
                   loss, options, labeller)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "loss", "options", "chunk_size",
+                                             "labeller"))
+def splice_phase(graphdef, params, teacher_graphdef, teacher_params, rollout, scores, key, *, loss, options,
+                 chunk_size, labeller=None):
+    """`step.splice` (guidance relay): teacher segments spliced into the rollouts, the student
+    continuing after them, the teacher rescoring: the `time_branch` phase of a splicing step."""
+    return splice(nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params), rollout, scores, key,
+                  loss, options, chunk_size=chunk_size, labeller=labeller)
 
 
 # Where each no-gradient phase runs: the inference mesh (decoding: tensor and expert parallel
@@ -74,7 +85,11 @@ def no_gradient_phases(run, move, graphdef, params, teacher_graphdef, teacher_pa
     rollout = run("sample", sample_phase, graphdef, params, prompt_tokens, prompt_mask, k_sample, options=options)
     scores = run("score", score_phase, teacher_graphdef, teacher_params[0],
                  move(dataclasses.replace(rollout, cache=None), "score"), chunk_size=chunk_size,
-                 return_cache=loss.uses_windows)
+                 return_cache=loss.uses_windows or loss.splices)
+    if loss.splices:  # the rollout itself changes: spliced, continued, rescored
+        return run("branch", splice_phase, graphdef, params, teacher_graphdef, teacher_params[1],
+                   dataclasses.replace(rollout, cache=None), move(scores, "branch"), k_locate, loss=loss,
+                   options=options, chunk_size=chunk_size, labeller=labeller)
     located = run("branch", locate_phase, graphdef, params, teacher_graphdef, teacher_params[1], rollout,
                   move(scores, "branch"), k_locate, loss=loss, options=options, labeller=labeller)
     return rollout, scores, located
@@ -100,4 +115,4 @@ def abstract_model(cfg: ModelConfig, dtype: str = "float32") -> CausalLM:
     return nnx.eval_shape(lambda: CausalLM(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
 
 
-__all__ = ["DTYPES", "abstract_model", "locate_phase", "model_config", "sample_phase", "score_phase"]
+__all__ = ["DTYPES", "abstract_model", "locate_phase", "model_config", "sample_phase", "score_phase", "splice_phase"]

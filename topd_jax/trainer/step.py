@@ -34,9 +34,10 @@ from flax import nnx
 
 from topd_jax.losses.candidates import reference_positions, select_candidates
 from topd_jax.losses.locators import LOCATORS
-from topd_jax.losses.topd import TopdConfig, TopdInputs, topd_loss
+from topd_jax.losses.topd import TopdConfig, TopdInputs, topd_loss, topd_weights
 from topd_jax.models.decoder import CausalLM
-from topd_jax.sampling import Rollout, SamplingOptions, Windows, branch, generate, window_embeddings
+from topd_jax.sampling import (Rollout, SamplingOptions, Windows, branch, continuation, generate, splice_rollout,
+                               window_embeddings)
 from topd_jax.scoring import Scores, packed_logprobs, score, score_rollout
 from topd_jax.trainer.config import RolloutConfig
 
@@ -70,7 +71,9 @@ class Located:
     reference_ot [B, R]: D of a branching locator (`LOCATORS[...].window_scores`), or None;
     teacher_windows: the teacher's Windows [B, M, K] at C (guidance; with top-k for topk_fkl) or
     None; labels [B, M] int32: the task's fork labels at C for a locator that reads them (the
-    oracle), or None.
+    oracle), or None. From `splice` (guidance relay): positions/valid [B, S] are the segments'
+    starts, teacher_windows their tokens (with top-k for relay loss fkl) and teacher_written
+    [B, N] bool the rollout tokens the teacher's segments wrote.
     """
 
     positions: Array
@@ -81,6 +84,7 @@ class Located:
     reference_ot: Array | None = None
     teacher_windows: Windows | None = None
     labels: Array | None = None
+    teacher_written: Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -253,6 +257,102 @@ def locate(student: CausalLM, teacher: CausalLM, rollout: Rollout, scores: Score
     return branch_windows(student, teacher, rollout, scores, located, (k_student, k_teacher), loss, options)
 
 
+def first_at_or_after(hits: Array, positions: Array, start: Array) -> Array:
+    """The earliest position p >= start[b] with hits, per row: hits [B, X] bool at positions [B, X]
+    int -> [B] int32, -1 where there is none."""
+    ok = hits & (positions >= start[:, None])
+    return jnp.where(jnp.any(ok, axis=1), jnp.min(jnp.where(ok, positions, jnp.iinfo(jnp.int32).max), axis=1),
+                     -1).astype(jnp.int32)
+
+
+def relay_triggers(student: CausalLM, teacher: CausalLM, rollout: Rollout, scores: Scores, student_scores: Scores,
+                   key: Array, start: Array, loss: TopdConfig, options: RolloutConfig,
+                   labeller: Labeller | None = None) -> Array:
+    """Where the teacher takes over: the earliest trigger t >= start[b] per row, [B] int32 (-1: none).
+
+        topk:    argmax pi_T(. | x, y_<t) != y_t  and  not in top-k of pi_S(. | x, y_<t)
+                 (Relay-OPD's vocabulary-agnostic rule; the teacher's argmax is its score's top-1)
+        locator: the locator's divergent states R (`candidates`, `branch_windows`, `topd_weights`
+                 with the run's threshold rule), as TOPD would guide them
+    """
+    if loss.option("trigger") == "topk":
+        argmax = scores.topk_ids[..., 0]
+        inside = jnp.any(student_scores.topk_ids == argmax[..., None], axis=-1)
+        hits = rollout.mask & (argmax != rollout.tokens) & ~inside
+        return first_at_or_after(hits, jnp.broadcast_to(jnp.arange(hits.shape[1]), hits.shape), start)
+    k_ref, k_student, k_teacher = jax.random.split(key, 3)
+    located = candidates(rollout, scores, k_ref, loss, labeller)
+    if LOCATORS[loss.locator].branches:
+        located = branch_windows(student, teacher, rollout, scores, located, (k_student, k_teacher), loss, options)
+    batch = experience(rollout, scores, located)
+    selection = topd_weights(loss_inputs(batch, StudentLogprobs(rollout.logprobs)), loss)
+    return first_at_or_after(selection.valid & selection.divergent, selection.positions, start)
+
+
+def splice(student: CausalLM, teacher: CausalLM, rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig,
+           options: RolloutConfig, *, chunk_size: int, labeller: Labeller | None = None
+           ) -> tuple[Rollout, Scores, Located]:
+    """Relay (guidance relay, Relay-OPD): teacher segments spliced into the student's rollouts.
+
+    For round i < max_segments (1 with stop), from the rollout y and the teacher's scores q:
+        s   = score_rollout(student, y; top-k, cache)     the student's top-k and prefix cache
+        t_b = relay_triggers(...)                          earliest trigger after the last segment
+        v   = branch(teacher, scoring cache, t; L tokens)  the teacher SAMPLES a segment from y_<t
+        u   = continuation(student, its cache, t, v)       v forced, then the student's own draws
+        y   = splice_rollout(y, t, u)                      y_<t, v, the student's continuation
+        q   = score_teacher(teacher, y)                    the teacher scores the spliced rollout
+    stop: the rollout ends at the first trigger instead (mask 0 from t on, no segment).
+
+    The student's log-probs b of the spliced rollout are its own for every token (the teacher's
+    segment included, forced through its decode), so OPD's ratio pi_theta / pi_theta_old is 1
+    on-policy. Returns (rollout, scores, Located): positions/valid [B, S] the segments' starts,
+    teacher_windows the segments [B, S, L] (with the teacher's top-k for loss fkl), teacher_written
+    [B, N].
+    """
+    segment, k = loss.option("segment"), loss.option("top_k")
+    fkl_top_k = loss.option("fkl_top_k") if loss.option("loss") == "fkl" else 0
+    rounds = 1 if loss.option("stop") else loss.option("max_segments")
+    b, n = rollout.tokens.shape
+    p = rollout.prompt_tokens.shape[1]
+    sampling = sampling_options(options)
+    written = jnp.zeros((b, n), bool)
+    start = jnp.zeros((b,), jnp.int32)
+    starts, windows = [], []
+    for i in range(rounds):
+        k_trigger, k_segment, k_continue = jax.random.split(jax.random.fold_in(key, i), 3)
+        mine = score_rollout(student, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask,
+                             chunk_size=chunk_size, top_k=k, return_cache=True)
+        t = relay_triggers(student, teacher, rollout, scores, mine, k_trigger, start, loss, options, labeller)
+        if loss.option("stop"):
+            cut = (t[:, None] >= 0) & (jnp.arange(n)[None, :] >= t[:, None])
+            mask = rollout.mask & ~cut
+            rollout = dataclasses.replace(rollout, mask=mask, tokens=jnp.where(mask, rollout.tokens, 0),
+                                          logprobs=jnp.where(mask, rollout.logprobs, 0.0), cache=None)
+            scores = dataclasses.replace(scores, logprobs=jnp.where(mask, scores.logprobs, 0.0), cache=None)
+            break
+        ids = jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1)
+        v = branch(teacher, scores.cache, jnp.maximum(t, 0)[:, None], key=k_segment, window=segment, prompt_len=p,
+                   tokens=ids, options=sampling, top_k_logprobs=fkl_top_k)
+        length = jnp.where(t >= 0, jnp.sum(v.mask[:, 0], axis=-1), 0)
+        u = continuation(student, mine.cache, t, v.tokens[:, 0], length, key=k_continue, options=sampling,
+                         prompt_len=p, tokens=ids)
+        rollout, new = splice_rollout(rollout, t, u, length, options.eos_ids)
+        written = written | new
+        valid = (t >= 0) & (length > 0)
+        starts.append((jnp.maximum(t, 0), valid))
+        windows.append(jax.tree.map(lambda x: jnp.where(valid.reshape((b,) + (1,) * (x.ndim - 1)), x, 0), v))
+        start = jnp.where(t >= 0, t + length, start)
+        scores = score_teacher(teacher, rollout, chunk_size=chunk_size, return_cache=i + 1 < rounds)
+    if not starts:  # stop: no segment, nothing spliced
+        zero = jnp.zeros((b, 1), jnp.int32)
+        return rollout, scores, Located(zero, jnp.zeros((b, 1), bool), teacher_written=written)
+    positions = jnp.stack([s[0] for s in starts], axis=1)
+    valid = jnp.stack([s[1] for s in starts], axis=1)
+    segments = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *windows) if fkl_top_k else None
+    return rollout, dataclasses.replace(scores, cache=None), Located(positions, valid, teacher_windows=segments,
+                                                                     teacher_written=written)
+
+
 def experience(rollout: Rollout, scores: Scores, located: Located | None) -> Experience:
     """The three no-gradient phases' structures for `update`, their KV caches dropped."""
     return Experience(dataclasses.replace(rollout, cache=None), dataclasses.replace(scores, cache=None), located)
@@ -285,7 +385,8 @@ def loss_inputs(batch: Experience, student: StudentLogprobs) -> TopdInputs:
     if located is not None:
         fields = dict(positions=located.positions, valid=located.valid, ot=located.ot,
                       reference_ot=located.reference_ot, reference_valid=located.reference_valid,
-                      reference_positions=located.reference_positions, candidate_labels=located.labels)
+                      reference_positions=located.reference_positions, candidate_labels=located.labels,
+                      teacher_written=located.teacher_written)
         windows = located.teacher_windows
         if windows is not None:
             fields.update(window_logprobs=student.windows, window_mask=windows.mask,
@@ -366,6 +467,6 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, key: Array)
                       key=jnp.asarray(key, jnp.uint32))
 
 
-__all__ = ["Experience", "Located", "StudentLogprobs", "TrainState", "apply_gradients", "branch_windows", "candidates",
+__all__ = ["Experience", "Located", "first_at_or_after", "relay_triggers", "splice", "StudentLogprobs", "TrainState", "apply_gradients", "branch_windows", "candidates",
            "cross_entropy", "experience", "init_state", "locate", "loss_inputs", "rollout_windows", "sample",
            "sampling_options", "score_teacher", "sft_update", "student_forward", "student_loss", "update"]
