@@ -133,25 +133,15 @@ class SyntheticPrompts(PromptSource):
         return left_pad([self.tokenizer.encode(p.prompt()) for p in self.problems(index)], self.prompt_length)
 
 
-class _EncodeBatch:
-    """The Grain batch function of prompts: records -> left-padded chat-prompt tokens and mask."""
-
-    def __init__(self, tokenizer, system_prompt: str | None, prompt_length: int):
-        self.tokenizer, self.system_prompt, self.prompt_length = tokenizer, system_prompt, prompt_length
-
-    def __call__(self, records: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-        rows = encode_prompts(self.tokenizer, [r["problem"] for r in records], system=self.system_prompt)
-        return left_pad(rows, self.prompt_length)
-
-
 class TfdsPrompts(PromptSource):
     """Per-host chat prompts of a TFDS math dataset built from a local file, read through Grain.
 
     Process 0 builds (or reuses) data_dir/math_source/<name> from `path`; every process then
     tokenizes the problems once, drops those longer than prompt_length (counted in `skipped`,
-    with the bad records the build skipped) and streams its own shard of the rest through a
-    `grain.DataLoader` (`tfds_sources.loader`: a seeded permutation of the shard per epoch, G / n
-    prompts a batch, read ahead by Grain's threads, tokenized and padded by its batch function).
+    with the bad records the build skipped) and streams its own shard of the rest through Grain
+    (`tfds_sources.loader`: a seeded permutation of the shard per epoch, G / n prompts a batch,
+    read ahead by a Grain thread); `batch` tokenizes them (in the calling thread: a Hugging Face
+    tokenizer is not safe to call from two threads at once).
 
     The stream is `stream`, a checkpointable Grain iterator: the trainer saves it with every
     checkpoint (`checkpoint_items`, Orbax item "prompts", one state file per process) and
@@ -189,7 +179,7 @@ class TfdsPrompts(PromptSource):
 
             multihost_utils.sync_global_devices("topd_jax: prompt dataset built")
         every = tfds_sources.open_source(data_dir, name)
-        problems = [every[i]["problem"] for i in range(len(every))]
+        problems = [record["problem"] for record in every.read(range(len(every)))]
         lengths = [len(ids) for ids in encode_prompts(tokenizer, problems, system=system_prompt)]
         usable = [i for i, n in enumerate(lengths) if 1 <= n <= prompt_length]
         if len(usable) < len(problems):
@@ -199,10 +189,10 @@ class TfdsPrompts(PromptSource):
                               f"(skipped: {dict(self.skipped)})")
         self.records = tfds_sources.open_source(data_dir, name, keys=usable)
         self.loader = tfds_sources.loader(self.records, batch_size=batch_size, seed=seed, process_index=process_index,
-                                          process_count=process_count,
-                                          batch_fn=_EncodeBatch(tokenizer, system_prompt, prompt_length))
+                                          process_count=process_count)
         self.stream = iter(self.loader)
         self.position = 0  # the index of the stream's next batch
+        self.encoder, self.prompt_length, self.system_prompt = tokenizer, prompt_length, system_prompt
 
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if index < 0:
@@ -212,8 +202,9 @@ class TfdsPrompts(PromptSource):
         while self.position < index:  # read up to it: a restarted stream, or an older checkpoint
             next(self.stream)
             self.position += 1
+        problems = [record["problem"] for record in next(self.stream)]
         self.position += 1
-        return next(self.stream)
+        return left_pad(encode_prompts(self.encoder, problems, system=self.system_prompt), self.prompt_length)
 
     def checkpoint_items(self, restore: bool = False) -> dict:
         import grain

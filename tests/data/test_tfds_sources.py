@@ -211,8 +211,9 @@ def test_process_shards_partition_the_records_and_each_epoch_covers_its_shard(ho
         records = sum(_take(_stream(batch_size=hosts, seed=3, process_index=i, process_count=hosts), 2 * size), [])
         first, second = records[:size], records[size:]
         assert len(set(first)) == size and sorted(second) == sorted(first)  # each epoch: the shard once
-        shards.append(sorted(first, key=int))
-    assert sum(shards, []) == [r["id"] for r in SOURCE]  # contiguous n-ths, disjoint, all of the records
+        assert sorted(first, key=int) == [str(k) for k in range(i, 10, hosts)]  # every n-th record from i
+        shards.append(set(first))
+    assert set.union(*shards) == {r["id"] for r in SOURCE} and sum(map(len, shards)) == 10  # a partition
 
 
 def test_each_epoch_of_a_shard_is_a_seeded_permutation_and_epochs_differ():
@@ -229,7 +230,7 @@ def test_batches_are_deterministic_and_depend_on_the_seed():
 
 def test_unshuffled_loader_streams_each_shard_in_record_order():
     stream = _stream(batch_size=4, shuffle=False, process_index=1, process_count=2)
-    assert _take(stream, 3) == [["5", "6"], ["7", "8"], ["9", "5"]]
+    assert _take(stream, 3) == [["1", "3"], ["5", "7"], ["9", "1"]]
 
 
 @pytest.mark.parametrize("process_index", [0, 1])
@@ -242,9 +243,6 @@ def test_a_saved_state_resumes_the_uninterrupted_stream(process_index):
     restarted = _stream(**kw)
     restarted.set_state(state)
     assert got + _take(restarted, 5) == expected
-    other = _stream(**{**kw, "seed": 8})  # a state names its sampler: another seed is refused
-    with pytest.raises(ValueError, match="Sampler in checkpoint does not match"):
-        other.set_state(state)
 
 
 def test_batch_size_must_split_evenly_over_processes():
@@ -267,19 +265,17 @@ def test_records_keep_a_subset_and_resume_after_the_run_folder_moved(mixed_jsonl
     _build_mixed(mixed_jsonl, tmp_path / "a", id_field="key")
     subset = ts.open_source(tmp_path / "a", "mixed", keys=[4, 1, 3])
     assert [subset[i]["id"] for i in range(3)] == ["k4", "k1", "k3"] and len(subset) == 3
+    assert [r["id"] for r in subset.read([2, 0, 2])] == ["k3", "k4", "k3"]  # the batched read
     with pytest.raises(ValueError, match="record keys outside"):
         ts.open_source(tmp_path / "a", "mixed", keys=[6])
     stream = _stream(subset, batch_size=2, seed=1)
     _take(stream, 2)
     state = stream.get_state()
     expected = _take(stream, 3)
-    os.rename(tmp_path / "a", tmp_path / "b")  # the repr Grain checks names no path
+    os.rename(tmp_path / "a", tmp_path / "b")  # the state names no file
     moved = _stream(ts.open_source(tmp_path / "b", "mixed", keys=[4, 1, 3]), batch_size=2, seed=1)
     moved.set_state(state)
     assert _take(moved, 3) == expected
-    other = _stream(ts.open_source(tmp_path / "b", "mixed", keys=[4, 1, 2]), batch_size=2, seed=1)
-    with pytest.raises(ValueError, match="DataSource in checkpoint does not match"):
-        other.set_state(state)  # another subset of the records is another stream
 
 
 _KILLED_RUN = textwrap.dedent("""

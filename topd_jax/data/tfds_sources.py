@@ -13,17 +13,21 @@ TFDS imports TensorFlow lazily, only for `tf.data`; building with `file_format="
 and reading with Grain never touch it.
 
 Reading is Grain's (`grain`): `Records` is a Grain data source over the split's ArrayRecord files
-(`grain.sources.ArrayRecordDataSource` reads the serialized examples, TFDS's feature spec decodes
-them with numpy), optionally restricted to some of its records; `loader` is the per-process
-stream of batches over it: a `grain.samplers.IndexSampler` (a seeded permutation per epoch,
-epochs without end) sharded by `grain.sharding.ShardOptions` (process p of n reads the p-th
-contiguous n-th of the records, the shards partitioning the data), batched by Grain and read
-ahead by its threads, through a `grain.DataLoader`. Its iterator is checkpointable:
-`get_state()` / `set_state()`, and `grain.checkpoint.CheckpointSave` / `CheckpointRestore` save
-and restore it as an item of an Orbax checkpoint (one file per process).
+(`grain.sources.ArrayRecordDataSource` reads the serialized examples, many at once in its C++
+threads; TFDS's feature spec decodes them with numpy), optionally restricted to some of its
+records. `loader` is one process's endless stream of batches over it, a Grain dataset pipeline:
+the record keys (`grain.MapDataset.range`), process p of n taking every n-th from p (Grain's
+sharding idiom `ds[p::n]`: the shards partition the records), a seeded permutation per epoch
+(`shuffle`, reseeded by `repeat` each epoch), `batch`, read ahead by Grain's threads
+(`to_iter_dataset`). Its iterator is checkpointable: `get_state()` / `set_state()`, and
+`grain.checkpoint.CheckpointSave` / `CheckpointRestore` save and restore it as an item of an
+Orbax checkpoint (one file per process).
 
-What stays ours: `Records` (Grain's ArrayRecord source yields bytes; TFDS's example decoding and
-the subset of usable records are ours, a few lines) and the choice of the pipeline's options.
+What stays ours: `Records` (Grain's ArrayRecord source yields bytes: the batched read, TFDS's
+example decoding and the subset of usable records are ours, a few lines) and the pipeline's
+options. `grain.DataLoader` with an `IndexSampler` and `ShardOptions` does the same job but reads
+records one at a time behind a per-record sampler (a Philox generator each) and read about a
+sixth as fast as the reader it replaced (benchmarks/bench_prompts.py, docs/data_and_eval.md).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -171,9 +175,8 @@ class Records:
     `grain.sources.ArrayRecordDataSource` reads the serialized examples from the split's
     ArrayRecord files (TFDS's file instructions); TFDS's feature spec decodes them
     (`deserialize_example_np`: numpy, no TensorFlow) and the bytes become str. With `keys`, record
-    k is the split's record keys[k] (the records a pipeline may use). Its repr names the dataset,
-    its size and a digest of the keys, not the files' location: Grain compares it with the one in
-    a saved iterator state, so a moved run folder still resumes and another subset does not.
+    k is the split's record keys[k] (the records a pipeline may use). `read(ks)` reads many
+    records in one call (ArrayRecord's batched read, in its C++ threads), as `loader` does.
     """
 
     def __init__(self, info: tfds.core.DatasetInfo, split: str = "train", keys: Sequence[int] | None = None):
@@ -189,36 +192,40 @@ class Records:
     def __len__(self) -> int:
         return len(self._source) if self._keys is None else len(self._keys)
 
+    def _decode(self, serialized: bytes) -> dict[str, str]:
+        example = self._info.features.deserialize_example_np(serialized)
+        return {f: v.decode("utf-8") if isinstance(v, bytes) else v for f, v in example.items()}
+
     def __getitem__(self, k: int) -> dict[str, str]:
         if isinstance(k, slice):
             raise TypeError("Records takes an integer index, not a slice")
-        key = int(k) if self._keys is None else int(self._keys[k])
-        example = self._info.features.deserialize_example_np(self._source[key])
-        return {f: v.decode("utf-8") if isinstance(v, bytes) else v for f, v in example.items()}
+        return self._decode(self._source[int(k) if self._keys is None else int(self._keys[k])])
+
+    def read(self, ks: Sequence[int]) -> list[dict[str, str]]:
+        """Records ks, in that order, read in one batched call."""
+        keys = [int(k) for k in ks] if self._keys is None else self._keys[np.asarray(ks, np.int64)].tolist()
+        return [self._decode(serialized) for serialized in self._source.__getitems__(keys)]
 
     def __repr__(self) -> str:
-        keys = "all" if self._keys is None else hashlib.sha1(self._keys.tobytes()).hexdigest()[:16]
-        return (f"Records({self._info.name}/{self._info.config_name}/{self._split}, {len(self)} of "
-                f"{len(self._source)}, keys={keys})")
+        return f"Records({self._info.name}/{self._info.config_name}/{self._split}, {len(self)} of {len(self._source)})"
 
 
-# Threads that read records ahead of the consumer, and how many records they may hold: a few
-# batches of prompts, not Grain's default of 16 threads and 500 records (tuned for remote disks
-# and large examples; a prompt is a few hundred bytes on a local disk).
-READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
+# One read-ahead thread, two batches ahead (the elements of the stream are batches): Grain's
+# default of 16 threads and 500 elements is tuned for remote disks; on local ArrayRecord files the
+# decoding (Python, under the GIL) is the cost, which more threads do not share out.
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 
 def loader(source: Sequence[Any], *, batch_size: int, seed: int = 0, process_index: int = 0,
-           process_count: int = 1, shuffle: bool = True, batch_fn: Callable[[list], Any] = list,
-           read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
-    """This process's endless stream of batches of `batch_size // process_count` records.
+           process_count: int = 1, shuffle: bool = True,
+           read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+    """This process's endless stream of batches (lists) of `batch_size // process_count` records.
 
-    A `grain.DataLoader` over `source` (any Grain data source: `Records`, a list): an
-    `IndexSampler` (epoch e of a shard is its seeded permutation e; `shuffle=False`: record
-    order) sharded by `ShardOptions(process_index, process_count)` (shard p: the p-th contiguous
-    n-th of the records; the shards partition them), then `grain.transforms.Batch`: a batch is
-    `batch_fn(list of records)`. `iter(loader)` is the checkpointable iterator (`get_state` /
-    `set_state`; in an Orbax checkpoint through `grain.checkpoint`).
+    A Grain pipeline (module docstring) over `source`: `Records`, or any sequence of records (a
+    list). Process p of n reads the keys p, p + n, p + 2n, ... (the shards partition the
+    records); epoch e of a shard is its seeded permutation e (`shuffle=False`: key order);
+    batches run on across epochs. `iter(loader(...))` is the checkpointable iterator
+    (`get_state` / `set_state`; in an Orbax checkpoint through `grain.checkpoint`).
     """
     if len(source) == 0:
         raise ValueError("the prompt loader needs a non-empty source")
@@ -229,10 +236,9 @@ def loader(source: Sequence[Any], *, batch_size: int, seed: int = 0, process_ind
                          f"process_count {process_count}")
     if process_count > len(source):
         raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes")
-    shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                        drop_remainder=False)
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
-                                          num_epochs=None, seed=seed % 2**32)  # Grain takes 32-bit seeds
-    batch = grain.transforms.Batch(batch_size=batch_size // process_count, drop_remainder=True, batch_fn=batch_fn)
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=[batch],
-                            worker_count=0, shard_options=shard, read_options=read_options or READ_OPTIONS)
+    keys = grain.MapDataset.range(len(source))[process_index::process_count]
+    if shuffle:
+        keys = keys.shuffle(seed=seed % 2**32)  # Grain takes 32-bit seeds; repeat() reseeds each epoch
+    read = source.read if isinstance(source, Records) else (lambda ks: [source[int(k)] for k in ks])
+    batches = keys.repeat().batch(batch_size // process_count, drop_remainder=True, batch_fn=read)
+    return batches.to_iter_dataset(read_options or READ_OPTIONS)
