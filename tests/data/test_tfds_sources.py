@@ -1,5 +1,6 @@
 """TFDS math sources: math_sets records, skip counts stored with the data, no TensorFlow; the Grain
-loader: shards per process, seeded epochs, exact resume from a saved state (and across kill -9)."""
+loader: shards per process, seeded epochs, exact resume from a saved state and, in two JAX
+processes, across kill -9."""
 
 import dataclasses
 import json
@@ -279,59 +280,82 @@ def test_records_keep_a_subset_and_resume_after_the_run_folder_moved(mixed_jsonl
 
 
 _KILLED_RUN = textwrap.dedent("""
+    import os
     import sys
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    data_dir, ckpt, process_id, port, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+
     import grain
     from topd_jax.data import tfds_sources as ts
     from topd_jax.trainer.checkpointing import Checkpointer
 
-    data_dir, ckpt, process_index, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    stream = iter(ts.loader(ts.open_source(data_dir, "mixed"), batch_size=4, seed=5, process_index=process_index,
-                            process_count=2))
+    stream = iter(ts.loader(ts.open_source(data_dir, "mixed"), batch_size=4, seed=5,
+                            process_index=jax.process_index(), process_count=jax.process_count()))
     checkpointer = Checkpointer(ckpt, every=1, keep=2)
     step = 0
-    if checkpointer.latest_step() is not None:  # resume: the step and the stream's state
+    if checkpointer.latest_step() is not None:  # resume: the step and this process's stream state
         step = checkpointer.latest_step()
         assert checkpointer.restore_other(step, {"prompts": grain.checkpoint.CheckpointRestore(stream)}) == ["prompts"]
     while step < steps:
         ids = [r["id"] for r in next(stream)]
         step += 1
         checkpointer.save(step, {}, {"meta": {"step": step}}, other={"prompts": grain.checkpoint.CheckpointSave(stream)})
-        print(step, *ids, flush=True)
+        print("batch", step, *ids, flush=True)
     checkpointer.close()
 """)
 
 
-@pytest.mark.parametrize("process_index", [0, 1])
-def test_the_stream_resumes_exactly_after_kill_9(mixed_jsonl, tmp_path, process_index):
-    """Process p of 2 reads its shard, saving the Grain state with an Orbax checkpoint every batch;
-    killed (SIGKILL) mid-run and started again, it reads from its newest complete checkpoint on
-    exactly the batches of an uninterrupted run."""
-    _build_mixed(mixed_jsonl, tmp_path / "tfds", id_field="key")
+def _free_port() -> int:
+    import socket
 
-    steps, log = 20, tmp_path / "stderr.txt"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_resume_their_streams_exactly_after_kill_9(mixed_jsonl, tmp_path):
+    """Two JAX processes (jax.distributed on localhost) each read their shard, saving the Grain
+    state with one Orbax checkpoint every batch; both killed (SIGKILL) mid-run and started again,
+    each reads from the newest complete checkpoint on exactly the batches of an uninterrupted run."""
+    _build_mixed(mixed_jsonl, tmp_path / "tfds", id_field="key")
+    steps = 16
 
     def run(ckpt, kill_after=None):
-        args = [sys.executable, "-c", _KILLED_RUN, str(tmp_path / "tfds"), str(ckpt), str(process_index), str(steps)]
-        with open(log, "w") as err:
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
-            lines = []
-            for line in proc.stdout:
-                lines.append(line.split())
-                if kill_after is not None and len(lines) == kill_after:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-            proc.wait(timeout=120)
-        return proc.returncode, {int(s): ids for s, *ids in lines}
+        port, logs = _free_port(), [tmp_path / f"stderr{i}.txt" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(tmp_path / "tfds"), str(ckpt), str(i),
+                                   str(port), str(steps)], stdout=subprocess.PIPE, stderr=open(logs[i], "w"),
+                                  text=True) for i in range(2)]
+        lines = [[], []]
+        for line in procs[0].stdout:  # the processes' own lines: 'batch STEP ID ID'
+            lines[0] += [line.split()[1:]] if line.startswith("batch ") else []
+            if kill_after is not None and len(lines[0]) == kill_after:
+                for p in procs:
+                    p.send_signal(signal.SIGKILL)
+                break
+        lines[1] = [line.split()[1:] for line in procs[1].stdout if line.startswith("batch ")]
+        for p in procs:
+            p.wait(timeout=120)
+        errors = "\n".join(log.read_text()[-1500:] for log in logs)
+        return [p.returncode for p in procs], [{int(s): ids for s, *ids in out} for out in lines], errors
 
-    code, straight = run(tmp_path / "straight")
-    assert code == 0 and sorted(straight) == list(range(1, steps + 1)), log.read_text()[-2000:]
-    code, before = run(tmp_path / "killed", kill_after=5)
-    assert code == -signal.SIGKILL and all(before[s] == straight[s] for s in before)
-    code, after = run(tmp_path / "killed")
-    assert code == 0, log.read_text()[-2000:]
-    # From the newest complete checkpoint on (step 4 at least: save 5 waits for save 4 to commit).
-    assert 5 <= min(after) < steps and sorted(after) == list(range(min(after), steps + 1))
-    assert all(after[s] == straight[s] for s in after)
+    codes, straight, errors = run(tmp_path / "straight")
+    assert codes == [0, 0] and all(sorted(s) == list(range(1, steps + 1)) for s in straight), errors
+    shards = [set(sum(s.values(), [])) for s in straight]
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == {g["key"] for g in GOOD}
+    assert sorted(os.listdir(tmp_path / "straight" / str(steps) / "prompts")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]  # Grain's state, one file a process
+    codes, before, _ = run(tmp_path / "killed", kill_after=4)
+    assert codes == [-signal.SIGKILL] * 2
+    assert all(b[s] == a[s] for a, b in zip(straight, before) for s in b)
+    codes, after, errors = run(tmp_path / "killed")
+    assert codes == [0, 0], errors
+    for a, b in zip(straight, after):  # from the newest complete checkpoint (step 3 at least) on
+        assert 4 <= min(b) < steps and sorted(b) == list(range(min(b), steps + 1))
+        assert all(b[s] == a[s] for s in b)
 
 
 def test_a_source_edited_after_its_build_is_a_one_line_error_naming_the_file(mixed_jsonl, tmp_path):
