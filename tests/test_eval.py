@@ -289,3 +289,29 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_tokenizer_without_a_chat_template_falls_back_to_plain_prompts_with_one_warning(hf_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Base models often ship no chat template: the prompts are then the plain text (a warning
+    says so, results.json records it), not a traceback."""
+    from topd_jax.models.tokenizer import encode_prompts
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>").save_pretrained(
+        tmp_path / "base")
+    base = load_tokenizer(tmp_path / "base")
+    assert encode_prompts(base, ["What is 1+1?"], system="be brief", chat=False) == [
+        base("be brief\n\nWhat is 1+1?")["input_ids"]]
+    with pytest.raises(ValueError, match="has no chat_template"):
+        encode_prompts(base, ["What is 1+1?"])  # only eval falls back, and says so
+    write_set(tmp_path / "data", ["2"])
+    fake, calls = fake_generation([["\\boxed{2}"]])
+    monkeypatch.setattr(ev, "generate_completions", fake)
+    assert ev.main(["--checkpoint", str(hf_dir), "--tokenizer", str(tmp_path / "base"), "--datasets", "aime25",
+                    "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: tokenizer {tmp_path / 'base'} has no chat template: ")
+    assert calls[0][2]["chat"] is False
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["chat"] is False

@@ -5,13 +5,16 @@ wrong type names the key, the expected type and the value given. Supported field
 int, float, str, None, Literal, unions of these, `tuple[T, ...]` (from a list or tuple),
 `dict[str, T]` (from a mapping), Any, and nested config dataclasses (from a mapping). Keys of
 nested dataclasses are reported with their full dotted path, e.g. `rollout.max_new_tokens`.
-`parse_yaml` and `apply_override` read YAML files and `section.key=value` command-line overrides.
+`parse_yaml` and `apply_override` read YAML files and `section.key=value` command-line overrides;
+`read_text` reads a config file (not UTF-8: one line naming the byte offset) and
+`check_overrides` refuses a key given twice on one command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -204,6 +207,49 @@ def parse_yaml(text: str, where: str) -> Any:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{where}: invalid YAML: {problem}{at}") from None
+
+
+def read_text(path: str | os.PathLike, what: str = "config file") -> str:
+    """The UTF-8 text of file `path` (a leading byte-order mark dropped), or a one-line
+    ConfigError naming the file and the byte offset where it stops being UTF-8."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not valid UTF-8 text: byte 0x{data[start]:02x} at byte offset {start} (line "
+                          f"{line}); save the {what} as UTF-8") from None
+
+
+def override_key(override: str) -> str:
+    """The dotted key an override sets (`rollout.top_k` of `rollout.top_k=5`)."""
+    return override.partition("=")[0].strip()
+
+
+def check_overrides(overrides: typing.Iterable[str]) -> None:
+    """A one-line ConfigError when two overrides set the same key, or one sets a section and
+    another a key inside it (`loss={window: 3} loss.window=4`): the last would win silently."""
+    seen: dict[str, str] = {}
+    for override in overrides:
+        key = override_key(override)
+        for other, first in seen.items():
+            if key == other or key.startswith(other + ".") or other.startswith(key + "."):
+                raise ConfigError(f"overrides {first!r} and {override!r} both set {max(key, other, key=len)!r} on "
+                                  "the command line (the last would win silently); give each key once")
+        seen[key] = override
+
+
+def check_command_line(config: str | os.PathLike | None, overrides: typing.Iterable[str]) -> None:
+    """What a command line's `--config FILE key=value ...` must pass before the config is read:
+    FILE is UTF-8 text (`read_text`), no key is given twice (`check_overrides`)."""
+    if config is not None:
+        read_text(config)
+    check_overrides(overrides)
 
 
 def apply_override(values: dict[str, Any], override: str, cls: type) -> None:

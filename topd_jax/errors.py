@@ -7,11 +7,15 @@
 
 `python -m topd_jax.{train,export,eval}` print each as `error: <one line>` and exit 2; `--debug`
 or TOPD_DEBUG=1 re-raises it for the traceback. Any other exception is a bug and keeps its
-traceback. docs/faults.md lists what each failure looks like and how to recover.
+traceback. A command line that argparse refuses (an unknown option, `--samples abc`) is one line
+too (`ArgumentParser`, `one_line_usage_errors`), not argparse's usage block. docs/faults.md lists
+what each failure looks like and how to recover.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import functools
 import logging
@@ -119,6 +123,27 @@ def _drop_closed_loop_callbacks(previous: Callable, unraisable) -> None:
     previous(unraisable)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: <what argparse found> (see <prog>
+    --help)` on stderr and exit status 2, instead of the usage block and a second line. Its
+    subparsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+@contextlib.contextmanager
+def one_line_usage_errors():
+    """Every argparse parser built inside (one a command's own module builds, such as the
+    demo's) reports its errors as `ArgumentParser` does: one line, exit 2."""
+    previous = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = ArgumentParser.error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = previous
+
+
 def exit_quietly(code: int) -> None:
     """sys.exit(code) for a `__main__` block. After a reported error (code 2), the libraries'
     own clean-up at exit (TensorBoard's writer flushing onto the same full disk, Orbax's pending
@@ -132,5 +157,6 @@ def exit_quietly(code: int) -> None:
     sys.exit(code)
 
 
-__all__ = ["CheckpointError", "ConfigError", "DEBUG_ENV", "TrainingError", "USER_ERRORS", "debug_requested",
-           "exit_quietly", "first_line", "is_disk_full", "one_line", "run_cli"]
+__all__ = ["ArgumentParser", "CheckpointError", "ConfigError", "DEBUG_ENV", "TrainingError", "USER_ERRORS",
+           "debug_requested", "exit_quietly", "first_line", "is_disk_full", "one_line", "one_line_usage_errors",
+           "run_cli"]

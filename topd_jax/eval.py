@@ -14,7 +14,8 @@ the dtype (student.dtype), the system prompt (data.system_prompt), extra EOS ids
 (rollout.eos_ids) and the default --max-new-tokens (rollout.max_new_tokens).
 
 Protocol: each problem is the user message of the chat template followed by INSTRUCTION (final
-answer in \\boxed{}); k completions are sampled per problem; each is graded by the last \\boxed{}
+answer in \\boxed{}; a tokenizer without a chat template, as base models often have, gets the
+plain text instead, with a one-line warning, and results.json records `"chat": false`); k completions are sampled per problem; each is graded by the last \\boxed{}
 with math-verify (topd_jax.grading). Reported per dataset: accuracy (the first sample of each
 problem; greedy at temperature 0, as the paper reports), avg@k, pass@k, counts, the skipped-record
 summary. Writes OUT/results.json, OUT/results.md (the printed Markdown table) and
@@ -40,7 +41,7 @@ import numpy as np
 from topd_jax import grading
 from topd_jax.configuration import ConfigError
 from topd_jax.data import math_sets
-from topd_jax.errors import exit_quietly, run_cli
+from topd_jax.errors import ArgumentParser, exit_quietly, run_cli
 from topd_jax.fileio import check_writable, write_file
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -49,10 +50,12 @@ DEFAULT_DATASETS = "aime24,aime25,math500,amc23"
 
 def generate_completions(model, tokenizer, problems: Sequence[str], *, samples: int, temperature: float,
                          top_p: float, max_new_tokens: int, batch_size: int, seed: int, system: str | None,
-                         instruction: str, eos_ids: Sequence[int]) -> tuple[list[list[str]], list[list[bool]]]:
+                         instruction: str, eos_ids: Sequence[int],
+                         chat: bool = True) -> tuple[list[list[str]], list[list[bool]]]:
     """Completion texts [P][k] and whether each ended with an EOS [P][k].
 
-    Prompts: encode_prompts(problem + "\\n\\n" + instruction, system=system), left-padded to the
+    Prompts: encode_prompts(problem + "\\n\\n" + instruction, system=system, chat=chat) (chat False:
+    plain text, for a tokenizer without a chat template), left-padded to the
     longest prompt; batches of batch_size prompts (the last one filled up with repeats, so every
     batch has one shape and compiles once) use key fold_in(PRNGKey(seed), batch index).
     Temperature 0 is greedy, so one completion is generated and repeated k times.
@@ -64,7 +67,7 @@ def generate_completions(model, tokenizer, problems: Sequence[str], *, samples: 
     from topd_jax.sampling import SamplingOptions, generate
 
     texts = [f"{p}\n\n{instruction}" if instruction else p for p in problems]
-    rows = encode_prompts(tokenizer, texts, system=system)
+    rows = encode_prompts(tokenizer, texts, system=system, chat=chat)
     width = max(len(r) for r in rows)
     drawn = 1 if temperature == 0 else samples
     key = jax.random.PRNGKey(seed)
@@ -111,7 +114,7 @@ def grade(records: Sequence[math_sets.MathRecord], completions: Sequence[Sequenc
 def evaluate(model, tokenizer, records: Sequence[math_sets.MathRecord], *, samples: int = 1,
              temperature: float = 0.0, max_new_tokens: int = 1024, batch_size: int = 8, seed: int = 0,
              top_p: float = 1.0, system: str | None = None, instruction: str = INSTRUCTION,
-             eos_ids: Sequence[int] | None = None) -> dict[str, Any]:
+             eos_ids: Sequence[int] | None = None, chat: bool = True) -> dict[str, Any]:
     """Sample `samples` completions per record and grade them (module docstring).
 
     Returns n, k, accuracy (first sample), avg@k, pass@k (topd_jax.grading), num_correct (first
@@ -129,7 +132,7 @@ def evaluate(model, tokenizer, records: Sequence[math_sets.MathRecord], *, sampl
     completions, finished = generate_completions(
         model, tokenizer, [r.problem for r in records], samples=samples, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, system=system, instruction=instruction,
-        eos_ids=eos_ids)
+        eos_ids=eos_ids, chat=chat)
     return grade(records, completions, finished)
 
 
@@ -145,21 +148,22 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from topd_jax.models.config import DTYPES
 
-    parser = argparse.ArgumentParser(prog="python -m topd_jax.eval", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m topd_jax.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Hugging Face directory or training run output_dir")
     parser.add_argument("--config", help="training YAML config (default: the run's config.yaml, else defaults)")
     parser.add_argument("--datasets", default=DEFAULT_DATASETS, help=f"comma list of {', '.join(math_sets.LAYOUTS)}")
     parser.add_argument("--data-dir", help="directory of the dataset files (default: math_sets.default_path)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else student.path)")
     parser.add_argument("--samples", type=int, default=1, help="completions per problem k (default 1)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="finite, >= 0; 0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1: off)")
     parser.add_argument("--max-new-tokens", type=int, help="default: rollout.max_new_tokens of the config")
     parser.add_argument("--batch-size", type=int, default=8, help="problems per generate call")
     parser.add_argument("--limit", type=int, help="evaluate only the first n problems of each dataset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: student.dtype of the config")
-    parser.add_argument("--out", help="results directory (default: eval/<checkpoint name>)")
+    parser.add_argument("--out", help="results directory, created if new (its parent folder must exist); default: "
+                        "eval/<checkpoint name>")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted training-config overrides")
     return parser.parse_args(argv)
@@ -229,11 +233,28 @@ def _check_positions(model_config, tokenizer, sets: dict[str, tuple[list, dict, 
     limit, new = model_config.max_position_embeddings, settings["max_new_tokens"]
     for name, (records, _, _) in sets.items():
         texts = [f"{r.problem}\n\n{settings['instruction']}" if settings["instruction"] else r.problem for r in records]
-        longest = max(len(ids) for ids in encode_prompts(tokenizer, texts, system=settings["system"]))
+        longest = max(len(ids) for ids in encode_prompts(tokenizer, texts, system=settings["system"],
+                                                         chat=settings.get("chat", True)))
         if longest + new > limit:
             raise ConfigError(f"{name}: its longest prompt ({longest} tokens) + --max-new-tokens {new} = "
                               f"{longest + new} positions, but the model's max_position_embeddings is {limit}; "
                               "lower --max-new-tokens")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The value range of every numeric option, one line each, before anything is read."""
+    import math
+
+    for flag in ("limit", "samples", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {args.seed}")
 
 
 def _read_all(files: dict[str, str], limit: int | None) -> dict[str, tuple[list, dict, str]]:
@@ -263,20 +284,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     from topd_jax.trainer.config import load_config
 
+    from topd_jax.configuration import check_command_line
+
+    check_options(args)
     run_config = os.path.join(args.checkpoint, "config.yaml")
-    config = load_config(args.config or (run_config if os.path.isfile(run_config) else None), args.overrides)
-    for flag in ("limit", "samples", "batch_size", "max_new_tokens"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    config_file = args.config or (run_config if os.path.isfile(run_config) else None)
+    check_command_line(config_file, args.overrides)
+    config = load_config(config_file, args.overrides)
     sets = _read_all(_dataset_files(args.datasets, args.data_dir), args.limit)
     out = args.out or os.path.join("eval", os.path.basename(os.path.normpath(args.checkpoint)))
-    check_writable(out, directory=True)  # before a model is loaded or anything generated
+    # before a model is loaded or anything generated; the default's eval/ folder is created
+    check_writable(out, directory=True, parents=args.out is None)
     settings = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                     max_new_tokens=args.max_new_tokens or config.rollout.max_new_tokens, batch_size=args.batch_size,
                     system=config.data.system_prompt, instruction=INSTRUCTION)
     with tempfile.TemporaryDirectory(prefix="topd_eval_") as workdir:
         load_model, model_config, tokenizer = _load(args, config, os.path.join(workdir, "hf"))
+        from topd_jax.models.tokenizer import has_chat_template
+
+        settings["chat"] = has_chat_template(tokenizer)
+        if not settings["chat"]:  # base models often have none; the prompts are then plain text
+            print(f"warning: tokenizer {getattr(tokenizer, 'name_or_path', '') or args.tokenizer} has no chat "
+                  "template: each prompt is the plain text (system prompt, problem and instruction, a blank line "
+                  "apart), without chat markup", file=sys.stderr)
         _check_positions(model_config, tokenizer, sets, settings)
         model = load_model()
         eos = sorted({*config.rollout.eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None

@@ -25,7 +25,7 @@ import sys
 from typing import Callable, Sequence
 
 from topd_jax.configuration import ConfigError
-from topd_jax.errors import exit_quietly, run_cli
+from topd_jax.errors import ArgumentParser, exit_quietly, run_cli
 from topd_jax.fileio import check_writable, recover_directory, replace_directory
 from topd_jax.models.checkpoint import is_checkpoint_file
 
@@ -119,7 +119,7 @@ def check_out(out: str | os.PathLike) -> str:
     """Refuse an --out that cannot be written or holds something other than an export, before
     any checkpoint is read; returns what the export will replace there, as a phrase ('' if new)."""
     out = os.fspath(out)
-    check_writable(out, directory=True)
+    check_writable(out, directory=True, parents=False)
     recover_directory(out)  # a killed export's staging folder, or its parked earlier version
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if not entries:
@@ -136,15 +136,18 @@ def check_out(out: str | os.PathLike) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from topd_jax.models.config import DTYPES
 
-    parser = argparse.ArgumentParser(prog="python -m topd_jax.export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m topd_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run output_dir or its checkpoints/ directory")
-    parser.add_argument("--out", required=True, help="Hugging Face checkpoint directory to write")
+    parser.add_argument("--out", required=True, help="Hugging Face checkpoint directory to write (created if new; "
+                        "its parent folder must exist)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast the weights (default: as trained)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.step is not None and args.step < 0:
+            raise ConfigError(f"--step must be >= 0, got {args.step}")
         replaces = check_out(args.out)
         step = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
                       report=lambda message: print(f"warning: {message}", file=sys.stderr))

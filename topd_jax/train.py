@@ -24,7 +24,7 @@ import contextlib
 import sys
 from typing import Sequence
 
-from topd_jax.errors import exit_quietly, run_cli
+from topd_jax.errors import ArgumentParser, exit_quietly, run_cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         from topd_jax.trainer.config import TrainConfig
 
         epilog = "config keys (key=value overrides; values are YAML):\n" + "\n".join(describe_keys(TrainConfig))
-    parser = argparse.ArgumentParser(prog="python -m topd_jax.train", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m topd_jax.train", description=__doc__.split("\n\n")[0],
                                      epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: every key at its default)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
@@ -51,8 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     # Parse the config before importing JAX-heavy modules: a typo fails in a second.
+    from topd_jax.configuration import check_command_line
     from topd_jax.trainer.config import load_config
 
+    check_command_line(args.config, args.overrides)
     config = load_config(args.config, args.overrides)
     from topd_jax.trainer.loop import PREEMPTION, Interrupted, Trainer
 

@@ -28,6 +28,12 @@ def config(output_dir, *extra):
     return load_config("configs/tiny_cpu.yaml", [f"output_dir={output_dir}", *RUN, *extra])
 
 
+def cli_run(*extra):
+    """RUN with `extra` in place of the keys it sets: the command line refuses a key given twice."""
+    keys = {e.partition("=")[0] for e in extra}
+    return [*(r for r in RUN if r.partition("=")[0] not in keys), *extra]
+
+
 def metrics_of(output_dir):
     """metrics.jsonl without the wall-clock fields."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
@@ -86,7 +92,7 @@ def test_kill_9_during_an_async_save_resumes_from_the_last_complete_checkpoint(t
 def test_sigterm_leaves_a_complete_checkpoint_and_exits_cleanly(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "topd_jax.train", "--config", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}",
-           *RUN, "steps=500", "checkpoint.every=0"]
+           *cli_run("steps=500", "checkpoint.every=0")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
@@ -115,7 +121,7 @@ def test_sighup_saves_a_complete_checkpoint_and_the_run_resumes_exactly(tmp_path
     run, reference = tmp_path / "run", tmp_path / "reference"
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "topd_jax.train", "--config", "configs/tiny_cpu.yaml", f"output_dir={run}",
-           *RUN, "steps=500", "checkpoint.every=0", "logging.tensorboard=true"]
+           *cli_run("steps=500", "checkpoint.every=0", "logging.tensorboard=true")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 240

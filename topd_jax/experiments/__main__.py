@@ -60,6 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "or model directories with a config.json")
     errors.add_argument("--problems", type=int, default=1024, help="held-out test problems")
     args = parser.parse_args(argv)
+    if args.command in ("reproduce", "anatomy"):
+        from topd_jax.errors import one_line
+
+        try:  # an --out under a regular file, a link to nothing: one line before any work
+            fileio.check_writable(args.out, directory=True)
+        except OSError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
 
     if args.command == "errors":
         import tempfile

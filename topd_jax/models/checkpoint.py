@@ -4,8 +4,9 @@
 presence and shape against config.json from the headers alone, then creates each parameter with
 `jax.make_array_from_callback` on its (sharded) destination: each device's block is read from
 disk, transposed to our layout and cast, so the host holds at most one parameter's distinct blocks
-at a time, never a second copy of the checkpoint. Pickle checkpoints (*.bin, *.pt) are refused
-and never opened.
+at a time, never a second copy of the checkpoint. Every block read is checked to be finite: a
+NaN or inf weight is a one-line CheckpointError naming the file and tensor, at load, not a run
+whose every step is skipped. Pickle checkpoints (*.bin, *.pt) are refused and never opened.
 
 Tensor names and layouts (HF `nn.Linear` weights are [out, in]; ours are [in, out] with heads
 split out, see layers.py):
@@ -258,7 +259,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh: jax.sh
                          f"{', '.join(unexpected[:5])}{more}")
 
     def read(name, block):
-        return files[name].read(name, block)
+        data = files[name].read(name, block)
+        if data.dtype.kind not in "biu":  # floats; bfloat16 (ml_dtypes) is kind 'V'
+            values = data if data.dtype.kind == "f" else data.astype(np.float32)
+            if not np.isfinite(values).all():  # named at load, not found as a NaN loss at every step
+                raise CheckpointError(f"{files[name].path}: tensor {name!r} holds NaN or inf; a model with "
+                                      "non-finite weights cannot be trained or evaluated")
+        return data
 
     np_dtype = np.dtype(dtype)
     loaded = []

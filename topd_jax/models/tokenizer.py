@@ -73,8 +73,26 @@ def build_prompt(tokenizer, prompt: str | Sequence[Message], *, system: str | No
                                          **template_kwargs)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[Message]], **kwargs: Any) -> list[list[int]]:
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer has a chat template (base models often have none)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def plain_prompt(prompt: str | Sequence[Message], *, system: str | None = None) -> str:
+    """A conversation as plain text, for a tokenizer without a chat template: the system prompt
+    and each message's content, a blank line apart."""
+    parts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    return "\n\n".join([system, *parts] if system is not None else parts)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[Message]], *, chat: bool = True,
+                   **kwargs: Any) -> list[list[int]]:
     """Token ids of each chat prompt (build_prompt kwargs apply). The template already holds any
-    BOS/special tokens, so none are added again."""
+    BOS/special tokens, so none are added again. `chat=False`: each prompt is `plain_prompt`
+    (system prompt and messages as text, for a tokenizer without a chat template) with the
+    tokenizer's own special tokens (a BOS) added."""
+    if not chat:
+        texts = [plain_prompt(p, system=kwargs.get("system")) for p in prompts]
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     texts = [build_prompt(tokenizer, p, **kwargs) for p in prompts]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -21,7 +21,9 @@ from typing import Sequence
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m topd_jax.plan", description=__doc__.split("\n\n")[0],
+    from topd_jax.errors import ArgumentParser  # argparse's errors as one line, exit 2
+
+    parser = ArgumentParser(prog="python -m topd_jax.plan", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML train config (default: every key at its default)")
     parser.add_argument("--topology", required=True, help="TPU topology (v5p:4x4x2, v6e:8x8, v5e:4x4, v4:2x2x2) or local")
@@ -45,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.topology != "local":  # compile-only TPU devices: never open an accelerator here, and
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # cache nothing that cannot be loaded back
         os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
-    from topd_jax.configuration import ConfigError
+    from topd_jax.configuration import ConfigError, check_command_line
     from topd_jax.trainer.config import load_config
 
     if not 0 < args.headroom <= 1:
@@ -53,9 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from topd_jax.errors import one_line
     from topd_jax.fileio import check_writable, write_file
+    from topd_jax.plan import topology
 
     phases = tuple(p.strip() for p in args.phases.split(",")) if args.phases else None
     try:
+        if args.topology != "local":
+            topology.parse_topology(args.topology)  # the chip's grid, before anything is read or compiled
+        check_command_line(args.config, args.overrides)
         config = load_config(args.config, args.overrides)
         from topd_jax.trainer.inputs import check_bounds
 
@@ -66,12 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
         if args.buffers < 0:
             raise ConfigError(f"--buffers must be >= 0, got {args.buffers}")
+        if phases is not None:
+            from topd_jax.plan.measure import PHASES
+
+            unknown = [p for p in phases if p not in PHASES]
+            if unknown or not phases:
+                raise ConfigError(f"--phases: unknown phase {(unknown or [''])[0]!r}; choose from {','.join(PHASES)}")
         if args.json:  # before minutes of compiling, not after
             check_writable(args.json, directory=False)
-    except (ConfigError, OSError) as err:
+    except (ConfigError, ValueError, OSError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    from topd_jax.plan import measure, report, topology
+    from topd_jax.plan import measure, report
 
     try:
         devices, chip = topology.topology_devices(args.topology)

@@ -27,12 +27,27 @@ KNOWN = "known chips: " + ", ".join(TOPOLOGY_CHIPS) + " (e.g. v5p:4x4x2, v6e:8x8
 _SHAPE = re.compile(r"^\d+(x\d+){1,2}$")
 
 
+# The chip grid of a slice: v4 and v5p chips are wired in a 3-D torus (slices AxBxC), v5e and
+# v6e in a 2-D one (slices AxB), as Cloud TPU's --topology names them.
+GRID_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
+_EXAMPLES = {3: "2x2x1, 2x2x2, 2x2x4, 4x4x4", 2: "2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16"}
+
+
 def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
-    """`v5p:4x4x2` -> (the v5p Chip, (4, 4, 2)); a one-line ValueError for anything else."""
+    """`v5p:4x4x2` -> (the v5p Chip, (4, 4, 2)); a one-line ValueError for anything else: an
+    unknown chip, a malformed shape, a grid of the wrong dimension for the chip (GRID_DIMS), a
+    side of 0."""
     chip, _, shape = name.partition(":")
     if chip not in TOPOLOGY_CHIPS or not _SHAPE.match(shape):
         raise ValueError(f"unknown topology {name!r}; {KNOWN}")
-    return TOPOLOGY_CHIPS[chip], tuple(int(n) for n in shape.split("x"))
+    grid = tuple(int(n) for n in shape.split("x"))
+    dims = GRID_DIMS.get(chip)
+    if dims is not None and len(grid) != dims:
+        raise ValueError(f"topology {name!r}: {chip} slices are {dims}-D chip grids "
+                         f"({'x'.join('ABC'[:dims])}, e.g. {_EXAMPLES[dims]}), not {len(grid)}-D")
+    if 0 in grid:
+        raise ValueError(f"topology {name!r}: every side of the chip grid must be >= 1")
+    return TOPOLOGY_CHIPS[chip], grid
 
 
 def compile_only_env(chip: Chip, chips: int) -> None:
@@ -77,4 +92,4 @@ def topology_devices(name: str) -> tuple[list[Any], Chip | None]:
     return devices, chip.per_device(per_chip)
 
 
-__all__ = ["KNOWN", "TOPOLOGY_CHIPS", "compile_only_env", "parse_topology", "topology_devices"]
+__all__ = ["GRID_DIMS", "KNOWN", "TOPOLOGY_CHIPS", "compile_only_env", "parse_topology", "topology_devices"]

@@ -81,6 +81,9 @@ class RunLock:
         path = os.path.join(output_dir, LOCK_FILE)
         if not primary:
             return cls(path, None, None, False)
+        from topd_jax.fileio import check_no_dangling_link
+
+        check_no_dangling_link(output_dir)  # makedirs would say only "File exists"
         foreign = foreign_files(output_dir)
         if foreign:
             raise ConfigError(f"output_dir {output_dir} holds {' and '.join(foreign)} that no run wrote (no "
