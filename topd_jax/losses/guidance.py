@@ -68,13 +68,13 @@ def _one_of(*values: Any) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in values), "one of " + " | ".join(map(str, values))
 
 
-def _real(low: float, high: float = math.inf, *, low_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+def _real(low: float, high: float = math.inf, *, low_open: bool = False,
+          high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
     def check(v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return False
-        return (v > low if low_open else v >= low) and v <= high
-    bracket = "(" if low_open else "["
-    return check, f"a finite number in {bracket}{low:g}, {high:g}]"
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    return check, f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 def _count(low: int) -> tuple[Callable[[Any], bool], str]:
@@ -400,8 +400,8 @@ GUIDANCE: dict[str, Guidance] = {
         "gamma": _option(1.0, _real(0.0, low_open=True), "discount of the near-future return, gamma^k"),
     }, _return_terms),
     "bounded_return": Guidance("bounded_return", "nothing", True, {
-        "alpha": _option(0.5, _real(0.0, 1.0, low_open=True), "alpha of r_t = log(alpha rho_t + 1 - alpha), "
-                         "in (0, 1): the floor is log(1 - alpha)"),
+        "alpha": _option(0.5, _real(0.0, 1.0, low_open=True, high_open=True),
+                         "alpha of r_t = log(alpha rho_t + 1 - alpha), in (0, 1): the floor is log(1 - alpha)"),
         "at": _option("divergent", _one_of("divergent", "every"),
                       "where the return replaces OPD's advantage: the divergent states R | every token"),
     }, _bounded_return_terms),
