@@ -6,14 +6,16 @@ A prompt source maps a batch index to left-padded token arrays, a pure function 
 
 so the position in the data is one integer (the next batch index), which a checkpoint stores and a
 resumed run continues from exactly. Every process computes the same global batch; the trainer
-places each process's shards on its devices.
+places each process's shards on its devices. The TFDS source is a stream instead (below): its
+Grain iterator's state goes into the checkpoint beside the index (`checkpoint_items`).
 
 - `RandomPrompts`: random token prompts of random lengths in [P/2, P] for random models.
 - `SyntheticPrompts`: problems of the synthetic arithmetic task (`data.synthetic`), batch i
   = `synthetic.problems(seed, i, G)`.
 - `TfdsPrompts`: a local JSONL/Parquet math file built once into a TFDS ArrayRecord dataset
-  (`data.tfds_sources`) and read per host: batch i is THIS process's slice of global batch i
-  (`local = True`), so every host reads and tokenizes only its own prompts.
+  (`data.tfds_sources`) and streamed per process through Grain: batch i holds THIS process's
+  G / n prompts of step i, from its own shard of the records (`local = True`), so every host
+  reads and tokenizes only its own prompts; read in order, resumed from the Grain state.
 - `JsonlPrompts`: problems from a local JSONL file, chat-templated with the student's tokenizer;
   visited in a seeded per-epoch permutation. Records that cannot be used (not JSON, missing or
   empty field, longer than P tokens) are counted and skipped, reported in `skipped` (the
@@ -51,7 +53,7 @@ class PromptSource(abc.ABC):
     """What every prompt source shares (the `PROMPT_SOURCES` table reads these):
 
     needs_tokenizer  whether it encodes text with the student's tokenizer
-    local            whether batch(i) is this process's slice of global batch i (else the whole)
+    local            whether batch(i) is this process's part of global batch i (else the whole)
     labeller         fork labels of candidates, (prompt ids [B, P], completion ids [B, N],
                      positions [B, M]) -> int32 [B, M], for locators that read labels (the
                      oracle); None: the source has none
