@@ -11,24 +11,52 @@ from topd_jax.experiments.__main__ import main
 from topd_jax.losses.locators import LOCATORS
 
 
-def test_the_method_table_is_derived_from_the_locator_and_guidance_tables():
+def test_the_method_table_is_derived_from_the_locator_and_reading_tables():
     for locator in LOCATORS:
-        for form in P.GUIDANCE:
+        for form in P.READINGS:
             preset, overrides = P.METHODS[P.method_name(locator, form)]
-            assert preset == "topd" and all(o in overrides for o in P.GUIDANCE[form])
-            assert (f"loss.locator={locator}" in overrides) == (locator != "ot")
+            assert preset == "topd" and all(o in overrides for o in P.READINGS[form])
+            if form not in P.LOCATOR_FREE:
+                assert (f"loss.locator={locator}" in overrides) == (locator != "ot")
         assert P.METHODS[P.method_name(locator, None)][0] == "opd_suppress"
     assert P.method_name("ot", "window") == "topd" and P.method_name("oracle", "return") == "topd@oracle/return"
-    assert all(P.method_name(loc, "window") in P.SCREEN for loc in LOCATORS)
+    assert P.method_name("ot_rollout", "relay-m2") == "topd/relay-m2"  # the top-k trigger reads no locator
     assert P.oracle_bound("topd/greedy") == "topd@oracle/greedy" and P.oracle_bound("opd") is None
     assert P.oracle_bound("opd_suppress") == "opd_suppress@oracle"
+    assert P.oracle_bound("topd/relay-m2") == "topd@oracle/relay_loc-m2"
+    assert P.oracle_bound("topd@ot_rollout/bounded-a0.5-l1") == "topd@oracle/bounded-a0.5-l1"
+
+
+def test_every_screened_method_builds_a_valid_config_and_has_its_oracle_bound():
+    assert len(P.SCREEN) == len(set(P.SCREEN)) and set(P.BASELINES) <= set(P.SCREEN)
+    readings = set()
+    for method in P.SCREEN:
+        config = P.distil_config("s", "t", method=method, seed=0, output_dir="o")
+        readings.add(config.loss.guidance if config.loss.guided else None)
+        assert method == "opd" or P.oracle_bound(method) in P.METHODS
+    # every reading of the loss's table is screened (None: OPD and suppression alone)
+    from topd_jax.losses.guidance import GUIDANCE
+    assert readings == {None, *GUIDANCE}
+
+
+def test_counted_flops_of_relay_by_hand():
+    relay = P.distil_config("s", "t", method="topd/relay-m2", seed=0, output_dir="o", batch=2)
+    # B = 2, P = 14, n = 10, two rounds of: student score 2 N_s B 24, segment 2 N_T B 8,
+    # continuation 2 N_s B 10, rescore 2 N_T B 24
+    base = 2 * 10 * 48 + 2 * 100 * 48 + 6 * 10 * 48
+    per_round = 2 * 10 * 48 + 2 * 100 * 2 * 8 + 2 * 10 * 2 * 10 + 2 * 100 * 48
+    assert P.step_flops(relay, 10, 100, 10.0) == pytest.approx(base + 2 * per_round)
+    stop = P.distil_config("s", "t", method="topd/relay_stop", seed=0, output_dir="o", batch=2)
+    assert P.step_flops(stop, 10, 100, 10.0) == pytest.approx(base + 2 * 10 * 48)
 
 
 def test_the_carry_rule_reads_the_screen_only():
     screen = {m: {"area": a} for m, a in (("opd", 0.7), ("opd_suppress", 0.69), ("topd", 0.4),
-                                          ("topd/return", 0.72), ("topd/greedy", 0.6), ("topd@oracle", 0.9))}
-    assert P.choose_carried(screen, 1) == ["opd", "opd_suppress", "topd", "topd/return", "topd@oracle/return"]
-    assert P.choose_carried(screen, 2)[3:] == ["topd/return", "topd/greedy", "topd@oracle/return",
+                                          ("topd@ot_rollout", 0.5), ("topd/return", 0.72), ("topd/greedy", 0.6),
+                                          ("topd@oracle", 0.9))}
+    assert P.choose_carried(screen, 1) == ["opd", "opd_suppress", "topd", "topd@ot_rollout", "topd/return",
+                                           "topd@oracle/return"]
+    assert P.choose_carried(screen, 2)[4:] == ["topd/return", "topd/greedy", "topd@oracle/return",
                                                "topd@oracle/greedy"]
 
 
@@ -70,7 +98,7 @@ def test_rates_are_chosen_on_the_dev_seed_and_every_test_seed_runs_at_them(tmp_p
     monkeypatch.setattr(P.models, "accuracy", lambda model, problems: 0.5)
     monkeypatch.setattr(P.models, "malformed", lambda model, problems: 0.0)
     protocol = P.Protocol(seeds=(0, 1, 2), dev_seed=7, screen=("opd", "opd_suppress", "topd", "topd/return"),
-                          steps=5, eval_every=5, eval_problems=12, dev_problems=6, locator_batches=0)
+                          carry=1, steps=5, eval_every=5, eval_problems=12, dev_problems=6, locator_batches=0)
     results = P.reproduce(str(tmp_path), protocol)
     screen = [c for c in calls if c[1] == 7 and c[2] == 1e-3 and c[0] in protocol.screen][:4]
     assert [c[0] for c in screen] == list(protocol.screen) and all(c[3] == "dev" for c in screen)

@@ -1,7 +1,7 @@
 """Why guidance helps or hurts: the guidance term's gradient set against OPD's, on one batch.
 
 For the SFT'd pair and one batch of the student's own rollouts (temperature 1), each guidance
-form g of `protocol.GUIDANCE` is taken apart at the student's starting parameters theta:
+form g of `protocol.READINGS` is taken apart at the student's starting parameters theta:
 
     g_opd   = grad L_OPD(w)                  the (suppressed) OPD term alone (lambda = 0)
     g_guide = grad L - g_opd                  what the guidance adds (the window term, or the
@@ -110,9 +110,8 @@ def measure(cache_dir: str, *, batch: int = protocol.BATCH, seed: int = 0) -> di
     out: dict[str, Any] = {"batch": batch, "rollout_tokens": int(np.sum(rollout.mask)), "forms": {}}
     for locator in LOCATORS_MEASURED:
         for form in FORMS:
-            overrides = dict(o.removeprefix("loss.").split("=") for o in protocol.GUIDANCE[form])
-            loss = base.from_dict({**dataclasses.asdict(base), "locator": locator, **{
-                k: (float(v) if k == "traj_weight" else v) for k, v in overrides.items()}})
+            loss = protocol.distil_config(os.devnull, os.devnull, method=protocol.method_name(locator, form), seed=0,
+                                          output_dir=os.devnull).loss
             draws = []
             for key in (1, 2):  # same rollout, candidates and (oracle) R; another teacher window draw
                 located = protocol._locate(graphdef, params, teacher_graphdef, teacher_params, rollout, scores,

@@ -52,57 +52,88 @@ DISTIL = ("data.source=synthetic", f"data.prompt_length={synthetic.PROMPT_LENGTH
 LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 DEFAULT_LEARNING_RATE = 1e-3
 
-# Guidance forms (TOPD.md section 5 and its other readings): name -> loss overrides. "window" is
-# the paper's form as we reconstruct it (sampled teacher window, per-window mean, lambda = 1).
-GUIDANCE: dict[str, tuple[str, ...]] = {
+# Readings of guidance (`losses.guidance.GUIDANCE`) at the settings the protocol runs: name ->
+# loss overrides. "window" is the paper's form as we reconstruct it (sampled teacher window,
+# per-window mean, lambda = 1). The v3 forms keep their names; the v4 grid (fixed before the
+# screen ran) names its point: l = lambda, g = gamma, a = alpha, m = relay's max_segments.
+_RELAY = ("loss.guidance=relay", "loss.suppress_weight=1.0")
+READINGS: dict[str, tuple[str, ...]] = {
     "window": (),
-    "greedy": ("loss.traj_window=greedy",),
-    "topk_fkl": ("loss.traj_loss=topk_fkl",),
-    "token": ("loss.traj_norm=token",),
-    "rollout_token": ("loss.traj_norm=rollout_token",),
+    "greedy": ("loss.guidance_options.window_tokens=greedy",),
+    "topk_fkl": ("loss.guidance_options.step_loss=topk_fkl",),
+    "token": ("loss.guidance_options.norm=token",),
+    "rollout_token": ("loss.guidance_options.norm=rollout_token",),
     "lambda0.1": ("loss.traj_weight=0.1",),
-    "return": ("loss.traj_form=return",),
+    "return": ("loss.guidance=return",),
     "unsuppressed": ("loss.suppress_weight=1.0",),  # guidance alone, alpha = 1
+    **{f"return-l{lam:g}-g{gamma:g}": ("loss.guidance=return", f"loss.traj_weight={lam}",
+                                       f"loss.guidance_options.gamma={gamma}")
+       for lam in (0.1, 0.3, 1.0) for gamma in (0.5, 0.9)},
+    **{f"bounded-a{alpha:g}-l{lam:g}": ("loss.guidance=bounded_return", f"loss.traj_weight={lam}",
+                                        f"loss.guidance_options.alpha={alpha}")
+       for alpha in (0.5, 0.9) for lam in (0.3, 1.0)},
+    **{f"bounded_every-a{alpha:g}": ("loss.guidance=bounded_return", "loss.guidance_options.at=every",
+                                     f"loss.guidance_options.alpha={alpha}") for alpha in (0.5, 0.9)},
+    **{f"clean-l{lam:g}": ("loss.guidance=clean_window", f"loss.traj_weight={lam}") for lam in (0.1, 0.3, 1.0)},
+    **{f"relay-m{m}": (*_RELAY, f"loss.guidance_options.max_segments={m}") for m in (1, 2)},
+    **{f"relay_loc-m{m}": (*_RELAY, "loss.guidance_options.trigger=locator",
+                           f"loss.guidance_options.max_segments={m}") for m in (1, 2)},
+    "relay_fkl": (*_RELAY, "loss.guidance_options.loss=fkl"),
+    "relay_stop": (*_RELAY, "loss.guidance_options.stop=true"),
 }
-BASELINES = ("opd", "opd_suppress", "topd")
+# Readings that never read the locator (relay's top-k trigger, a return at every token): their
+# oracle bound is the locator-triggered / divergent-state form of the same reading.
+LOCATOR_FREE = {"relay-m1": "relay_loc-m1", "relay-m2": "relay_loc-m2", "relay_fkl": "relay_loc-m2",
+                "relay_stop": "relay_loc-m2", "bounded_every-a0.5": "bounded-a0.5-l1",
+                "bounded_every-a0.9": "bounded-a0.9-l1"}
+# The baselines every protocol carries: OPD, suppression alone, the paper's TOPD (ot locator,
+# window guidance) and the window form at the best real locator of v3's analysis (ot_rollout,
+# ROC AUC 0.83), fixed before v4 ran.
+BASELINES = ("opd", "opd_suppress", "topd", "topd@ot_rollout")
 
 
 def method_name(locator: str, guidance: str | None) -> str:
-    """topd (the paper's: ot, window), topd/<guidance>, topd@<locator>[/<guidance>]; guidance None
-    is opd_suppress (no guidance) at that locator."""
+    """topd (the paper's: ot, window), topd/<reading>, topd@<locator>[/<reading>]; guidance None
+    is opd_suppress (no guidance) at that locator. A reading that never reads the locator
+    (`LOCATOR_FREE`) is named without one."""
     base = "opd_suppress" if guidance is None else "topd"
-    at = "" if locator == "ot" else f"@{locator}"
+    at = "" if locator == "ot" or guidance in LOCATOR_FREE else f"@{locator}"
     form = "" if guidance in (None, "window") else f"/{guidance}"
     return f"{base}{at}{form}"
 
 
 def _methods() -> dict[str, tuple[str, tuple[str, ...]]]:
     table = {"opd": ("opd", ())}
-    for locator in LOCATORS:  # every locator of the one table, with every guidance form
+    for locator in LOCATORS:  # every locator of the one table, with every reading
         where = () if locator == "ot" else (f"loss.locator={locator}",)
         table[method_name(locator, None)] = ("opd_suppress", where)
-        for form, overrides in GUIDANCE.items():
-            table[method_name(locator, form)] = ("topd", (*where, *overrides))
+        for form, overrides in READINGS.items():
+            table.setdefault(method_name(locator, form), ("topd", (*where, *overrides)))
     return table
 
 
-# method -> (preset, overrides), derived from LOCATORS x GUIDANCE.
+# method -> (preset, overrides), derived from LOCATORS x READINGS.
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = _methods()
-# What the development seed screens at DEFAULT_LEARNING_RATE: the baselines, every locator with
-# the paper's guidance, every guidance form but rollout_token (a rescaled lambda) with the paper's
-# locator, the return form with the two zero-cost or best-ranked locators, and the oracle's bounds.
-SCREEN = tuple(dict.fromkeys(
-    [*BASELINES, *(method_name(loc, "window") for loc in LOCATORS),
-     *(method_name("ot", form) for form in GUIDANCE if form != "rollout_token"),
-     method_name("window_kl", "return"), method_name("ot_rollout", "return"), method_name("oracle", None),
-     method_name("oracle", "return")]))
+# What the development seed screens at DEFAULT_LEARNING_RATE (v4, fixed before it ran): the
+# baselines; every reading's grid at the best real locator (ot_rollout); each reading at one
+# point with the paper's locator (ot); the locator-free readings once.
+_GRID = ("return-l0.1-g0.5", "return-l0.1-g0.9", "return-l0.3-g0.5", "return-l0.3-g0.9", "return-l1-g0.5",
+         "return-l1-g0.9", "bounded-a0.5-l0.3", "bounded-a0.5-l1", "bounded-a0.9-l0.3", "bounded-a0.9-l1",
+         "clean-l0.1", "clean-l0.3", "clean-l1", "relay_loc-m1", "relay_loc-m2")
+_PAPER_LOCATOR = ("return-l0.3-g0.9", "bounded-a0.5-l1", "clean-l1", "relay_loc-m2")
+_FREE = ("bounded_every-a0.5", "bounded_every-a0.9", "relay-m1", "relay-m2", "relay_fkl", "relay_stop")
+SCREEN = tuple(dict.fromkeys([*BASELINES, *(method_name("ot_rollout", r) for r in _GRID),
+                              *(method_name("ot", r) for r in _PAPER_LOCATOR),
+                              *(method_name("ot", r) for r in _FREE)]))
 
 
 def oracle_bound(method: str) -> str | None:
-    """The same guidance with the oracle locator (its bound), or None for OPD."""
+    """The same reading with the oracle locator (its bound; a locator-free reading's bound is its
+    locator form, `LOCATOR_FREE`), or None for OPD."""
     if method == "opd":
         return None
     base, _, form = method.partition("/")
+    form = LOCATOR_FREE.get(form, form)
     return method_name("oracle", form or ("window" if base.startswith("topd") else None))
 
 
@@ -129,7 +160,11 @@ def step_flops(config: TrainConfig, student_params: int, teacher_params: int, ro
         branch (teacher) 2 N_T B P_T K, P_T = M + R (branching locator) or M (guidance only),
                + 2 N_T B M K for a separate greedy guidance window;
         branch (student) 2 N_s B (M + R) K when the locator decodes a student window;
-        update 6 N_s B (P + n [+ M K with window guidance])
+        relay, per round (max_segments rounds; 1 with stop): the student's scoring 2 N_s B (P + n),
+               the locator's branches when it triggers (as above), and unless stop the teacher's
+               segment 2 N_T B L, the student's continuation 2 N_s B n (counted at the whole
+               completion: an upper bound) and the teacher's rescoring 2 N_T B (P + n);
+        update 6 N_s B (P + n [+ M K with window guidance, + S L with relay's fkl segments])
 
     Windows are counted at their full K (the decode runs K steps unless every branch ended)."""
     loss, rollout = config.loss, config.rollout
@@ -138,13 +173,32 @@ def step_flops(config: TrainConfig, student_params: int, teacher_params: int, ro
     flops = 2 * student_params * b * seq + 2 * teacher_params * b * seq
     k, m, r = loss.window, loss.max_candidates, loss.num_reference
     locator = LOCATORS[loss.locator]
+    locator_branches = 0.0
+    if locator.branches:
+        locator_branches = 2 * teacher_params * b * (m + r) * k
+        if locator.student_window != "rollout":
+            locator_branches += 2 * student_params * b * (m + r) * k
     if loss.uses_windows:
-        greedy = loss.greedy_windows
-        teacher_points = (m + r) if locator.branches else (0 if greedy else m)
-        flops += 2 * teacher_params * b * (teacher_points + (m if greedy else 0)) * k
-        if locator.branches and locator.student_window != "rollout":
-            flops += 2 * student_params * b * (m + r) * k
-    flops += 6 * student_params * b * (seq + (m * k if loss.uses_candidates and loss.guides_windows else 0))
+        flops += locator_branches
+        if loss.guides_windows and not locator.branches:
+            flops += 2 * teacher_params * b * m * k
+        if loss.greedy_windows:
+            flops += 2 * teacher_params * b * m * k
+    packed = m * k if loss.uses_candidates and loss.guides_windows else 0
+    if loss.splices:
+        stop = loss.option("stop")
+        rounds = 1 if stop else loss.option("max_segments")
+        segment = loss.option("segment")
+        per_round = 2 * student_params * b * seq
+        if loss.option("trigger") == "locator":
+            per_round += locator_branches
+        if not stop:
+            per_round += 2 * teacher_params * b * segment + 2 * student_params * b * rollout_tokens
+            per_round += 2 * teacher_params * b * seq
+        flops += rounds * per_round
+        if loss.option("loss") == "fkl" and not stop:
+            packed = rounds * segment
+    flops += 6 * student_params * b * (seq + packed)
     return float(flops)
 
 
@@ -337,13 +391,28 @@ def _distil_task(protocol: "Protocol", student_dir: str, teacher_dir: str, out_d
     return run
 
 
+def use_compile_cache(path: str) -> None:
+    """Keep every compiled program in JAX's persistent cache at `path` (unless a cache directory is
+    already set, e.g. by JAX_COMPILATION_CACHE_DIR), however small or fast to compile: the
+    protocol's runs compile the same programs again and again (a run's update is built per
+    Trainer; JAX's default caches only programs that took over a second), which cost 10-20 s of
+    each ~60 s run (benchmarks/profile_miniature.py)."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 class _Jobs:
     """Runs protocol tasks in this process (workers = 1) or in `workers` spawned processes, and
-    yields (task, run) as each ends."""
+    yields (task, run) as each ends. Every process keeps its compiled programs in the persistent
+    cache at `compile_cache` (`use_compile_cache`)."""
 
-    def __init__(self, protocol, student_dir, teacher_dir, out_dir, workers: int):
+    def __init__(self, protocol, student_dir, teacher_dir, out_dir, workers: int, compile_cache: str):
         self.call = functools.partial(_distil_task, protocol, student_dir, teacher_dir, out_dir)
         self.workers = workers
+        self.compile_cache = compile_cache
+        use_compile_cache(compile_cache)
 
     def map(self, tasks):
         if self.workers <= 1 or len(tasks) <= 1:
@@ -354,7 +423,8 @@ class _Jobs:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # never fork a process that holds a JAX runtime
-        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=use_compile_cache,
+                                                    initargs=(jax.config.jax_compilation_cache_dir,)) as pool:
             futures = {pool.submit(self.call, task): task for task in tasks}
             for future in concurrent.futures.as_completed(futures):
                 yield futures[future], future.result()
@@ -368,7 +438,7 @@ class Protocol:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     dev_seed: int = models.DEV_SEED
     screen: tuple[str, ...] = SCREEN
-    carry: int = 1
+    carry: int = 2
     learning_rates: tuple[float, ...] = LEARNING_RATES
     steps: int = STEPS
     eval_every: int = EVAL_EVERY
@@ -437,7 +507,7 @@ def reproduce(out_dir: str, protocol: Protocol = Protocol(), *, cache_dir: str |
 
     save()
 
-    jobs = _Jobs(protocol, student_dir, teacher_dir, out_dir, workers)
+    jobs = _Jobs(protocol, student_dir, teacher_dir, out_dir, workers, os.path.join(cache_dir, "jax"))
 
     def each(tasks, record):  # run tasks (method, seed, lr, split) and record each as it ends
         for task, run_ in jobs.map(tasks):
@@ -484,7 +554,8 @@ def reproduce(out_dir: str, protocol: Protocol = Protocol(), *, cache_dir: str |
     return results
 
 
-__all__ = ["BASELINES", "BATCH", "DEFAULT_LEARNING_RATE", "DISTIL", "EVAL_EVERY", "GUIDANCE", "LEARNING_RATES",
+__all__ = ["BASELINES", "BATCH", "DEFAULT_LEARNING_RATE", "DISTIL", "EVAL_EVERY", "LEARNING_RATES", "LOCATOR_FREE",
+           "READINGS",
            "METHODS", "Protocol", "SCREEN", "STEPS", "candidate_table", "choose_carried", "distil", "distil_config",
            "located_rollouts", "locator_analysis", "method_name", "oracle_bound", "reproduce", "run_record",
            "step_flops"]
