@@ -58,6 +58,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "export_worker.py")
 
 
+def run_id_of(run_dir, step):
+    from topd_jax.trainer.checkpointing import Checkpointer
+
+    with Checkpointer(run_dir / "checkpoints", every=0, keep=1, read_only=True) as checkpointer:
+        return checkpointer.restore_json(step, "meta")["run_id"]
+
+
 def snapshot(folder):
     """{name: sha256} of every file of `folder`."""
     return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
@@ -104,14 +111,15 @@ def test_an_export_says_what_it_replaces_and_refuses_a_folder_that_holds_no_expo
     out = tmp_path / "hf"
     with caplog.at_level(logging.INFO):
         assert export.main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
-    assert capsys.readouterr().out == f"exported step 2 of {run_dir} to {out}\n"
+    run = run_id_of(run_dir, 2)
+    assert capsys.readouterr().out == f"exported step 2 of {run_dir} (run {run}) to {out}\n"
     # Orbax's "Given directory is read only" WARNING was a second line on every success.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     (out / "notes.txt").write_text("mine")
     assert export.main(["--checkpoint", str(run_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
     captured = capsys.readouterr()
-    assert captured.out == (f"exported step 2 of {run_dir} to {out}; replaced the earlier export there (config.json, "
-                            "model.safetensors), kept notes.txt\n")
+    assert captured.out == (f"exported step 2 of {run_dir} (run {run}) to {out}; replaced the earlier export there "
+                            "(config.json, model.safetensors), kept notes.txt\n")
     assert captured.err == ""  # no library warning on the success path
     user = tmp_path / "mine"
     user.mkdir()
@@ -127,7 +135,71 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_reading_the_checkp
                                                                                     monkeypatch):
     import topd_jax.export as module
 
-    monkeypatch.setattr(module, "export", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    monkeypatch.setattr(module, "export_step", lambda *a, **k: pytest.fail("the checkpoint was read"))
     (tmp_path / "file").write_text("x")
     assert module.main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "file" / "hf")]) == 2
     assert capsys.readouterr().err == f"error: Not a directory: {tmp_path / 'file'}\n"
+
+
+def test_two_exports_into_one_out_at_once_do_not_both_succeed(run_dir, tmp_path, capsys):
+    from topd_jax.fileio import directory_lock
+
+    out = tmp_path / "hf"
+    with directory_lock(out):  # another export is writing --out right now
+        assert export.main(["--checkpoint", str(run_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {out} is being written by another process right now (pid {os.getpid()}, lock "
+                       f"{tmp_path / '.hf.lock'}); wait for it to finish or write elsewhere\n")
+        assert not out.exists()
+    assert os.listdir(tmp_path) == []  # the lock file goes with its holder
+    assert export.main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_directory_lock_is_exclusive_and_free_again_once_released(tmp_path):
+    from topd_jax.fileio import DirectoryBusy, directory_lock
+
+    with directory_lock(tmp_path / "x"):
+        with pytest.raises(DirectoryBusy):
+            with directory_lock(tmp_path / "x"):
+                pass
+        with directory_lock(tmp_path / "y"):  # another folder: its own lock
+            pass
+    with directory_lock(tmp_path / "x"):
+        pass
+
+
+def test_an_export_while_training_reads_a_step_retention_cannot_delete(run_dir, tmp_path, capsys, monkeypatch):
+    """The trainer's retention deletes old steps while export reads one: the export reads a
+    snapshot of hard links, so a step deleted mid-read still exports whole, and says so."""
+    import shutil
+
+    from topd_jax.trainer.checkpointing import Checkpointer
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "before")]) == 0  # no trainer: direct
+    trainer = Trainer(load_config(str(run / "config.yaml"), [f"output_dir={run}"]))  # holds the run, as training
+    try:
+        capsys.readouterr()
+        with monkeypatch.context() as patch:  # no hard links here (another file system): refused, one line
+            patch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(18, os.strerror(18))))
+            assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {run / 'checkpoints'} belongs to a run that is training right now (pid "
+                              f"{os.getpid()} on host ") and "export after the run ends" in err
+        assert err.count("\n") == 1 and not (tmp_path / "refused").exists()
+        restore = Checkpointer.restore
+
+        def retention_deletes_it_first(self, step, *args, **kwargs):
+            shutil.rmtree(run / "checkpoints" / str(step), ignore_errors=True)  # the trainer's retention, mid-read
+            return restore(self, step, *args, **kwargs)
+
+        monkeypatch.setattr(Checkpointer, "restore", retention_deletes_it_first)
+        assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "during")]) == 0
+        assert capsys.readouterr().out.startswith(f"exported step 2 of {run} (run {run_id_of(run_dir, 2)}) to ")
+        assert snapshot(tmp_path / "during") == snapshot(tmp_path / "before")
+        assert not (run / "checkpoints" / "2").exists()  # deleted under the read, and exported whole all the same
+        assert not [e for e in os.listdir(run) if e.startswith(export.SNAPSHOT_PREFIX)]  # removed after the read
+    finally:
+        trainer.close()

@@ -196,6 +196,8 @@ def test_earlier_run_move_moves_the_earlier_run_aside_unchanged_and_starts_over(
     [moved] = glob.glob(f"{out}.earlier-*")
     assert tree_bytes(moved) == before  # every file of the earlier run, byte for byte, and nothing else
     assert Checkpointer(out / "checkpoints", every=1, keep=3, read_only=True).all_steps() == [1]
+    earlier = Checkpointer(os.path.join(moved, "checkpoints"), every=1, keep=3, read_only=True)
+    assert earlier.restore_json(2, "meta")["run_id"] != trainer.run_id  # another run, named apart
     assert [json.loads(row)["step"] for row in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert f"moved the earlier run (checkpoints, config.yaml, metrics.jsonl) to {moved}" in (
         out / "events.log").read_text()

@@ -200,10 +200,10 @@ def _load(args: argparse.Namespace, config, workdir: str):
         raise FileNotFoundError(f"{path} is neither a Hugging Face directory (config.json) nor a training "
                                 f"run (checkpoints/)")
     if is_run:  # export writes the run's tokenizer beside the weights when the run has one
-        from topd_jax.export import export
+        from topd_jax.export import export_step
 
-        step = export(path, workdir, report=lambda message: print(f"warning: {message}", file=sys.stderr))
-        print(f"evaluating step {step} of {path}", file=sys.stderr)
+        exported = export_step(path, workdir, report=lambda message: print(f"warning: {message}", file=sys.stderr))
+        print(f"evaluating {exported.describe(path)}", file=sys.stderr)
     where = workdir if is_run else path
     tokenizer_dir = args.tokenizer or (where if has_tokenizer(where) else config.student.path)
     if tokenizer_dir is None:

@@ -129,6 +129,56 @@ def check_writable(path: str | os.PathLike, *, directory: bool, parents: bool = 
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), where)
 
 
+class DirectoryBusy(OSError):
+    """Another process is writing the directory (it holds `directory_lock`)."""
+
+
+@contextlib.contextmanager
+def directory_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the right to write directory `path` (one writer at a time) for the block.
+
+    The lock is `.<name>.lock` beside `path` (the directory itself is swapped whole by
+    `replace_directory`, so it cannot hold one), taken with `fcntl.flock` without waiting: a
+    second writer gets `DirectoryBusy` naming the holder's pid at once. The file is removed
+    when the block ends; a lock taken on a file that was removed in the meantime is taken again
+    on the new one, so two writers never both hold it. The kernel drops the lock when the
+    process dies, however it dies.
+    """
+    import fcntl
+
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    lock = os.path.join(parent, f".{name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise
+            raise DirectoryBusy(errno.EBUSY, f"{path} is being written by another process right now "
+                                f"({holder or 'pid not recorded yet'}, lock {lock}); wait for it to finish or "
+                                "write elsewhere") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed the file we locked: lock the current one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        try:
+            os.remove(lock)
+        finally:
+            os.close(fd)
+
+
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 

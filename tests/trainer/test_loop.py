@@ -71,6 +71,9 @@ def test_two_steps_stop_and_resume_equals_four_straight_steps(tmp_path, straight
     first.close()
     assert Checkpointer(tmp_path / "checkpoints", every=1, keep=3).latest_step() == 2
     resume_and_compare(tmp_path, straight)
+    with Checkpointer(tmp_path / "checkpoints", every=1, keep=3, read_only=True) as checkpointer:
+        ids = {checkpointer.restore_json(step, "meta")["run_id"] for step in (2, 4)}
+    assert len(ids) == 1 and first.run_id in ids  # one run, named alike before and after its resume
     with open(tmp_path / "events.log") as f:
         assert "resumed from step 2" in f.read()
 

@@ -57,6 +57,14 @@ from topd_jax.trainer.step import TrainState, experience, init_state
 
 
 
+def new_run_id() -> str:
+    """A run's name: its UTC start time and 4 random hex digits, e.g. 20261207T135818Z-3f2a."""
+    import secrets
+    import time
+
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
+
+
 def host_value(x: jax.Array) -> np.ndarray:
     """A replicated (possibly multi-host) array's value on this host."""
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
@@ -278,6 +286,9 @@ class Trainer:
         self.state: TrainState = jax.jit(init, out_shardings=state_shardings)(params, key=key)
         self.inference_shardings = placement.tree_shardings(params, self.inference_mesh)
         self.data_position = 0
+        # Names this run in its checkpoints (and so in what export says it exported); a resume
+        # takes the checkpoint's.
+        self.run_id = new_run_id()
         if not config.checkpoint.resume:  # earlier_run=move (refuse was refused with the lock)
             moved, error = None, None
             try:
@@ -322,11 +333,12 @@ class Trainer:
 
     def save(self, *, force: bool = False) -> bool:
         """Start a checkpoint of the current state if due (or forced): params, optimizer state,
-        step, key, data position, the run's config and the student's HF config (for export)."""
+        step, key, data position, run id, the run's config and the student's HF config (for export)."""
         step = self.step
         if not force and not self.checkpointer.should_save(step):
             return False
-        meta = {"step": step, "key": host_value(self.state.key).tolist(), "data_position": self.data_position}
+        meta = {"step": step, "key": host_value(self.state.key).tolist(), "data_position": self.data_position,
+                "run_id": self.run_id}
         return self.checkpointer.save(
             step, {"params": self.state.params, "opt_state": self.state.opt_state},
             {"meta": meta, "config": self.config.to_dict(),
@@ -363,6 +375,7 @@ class Trainer:
             params=restored["params"], opt_state=restored["opt_state"],
             key=placement.put_global(np.asarray(meta["key"], np.uint32), replicated))
         self.data_position = int(meta["data_position"])
+        self.run_id = meta.get("run_id") or self.run_id  # checkpoints from before run ids get this one
         self.prompts.resumed(self.data_position,
                              self.checkpointer.restore_other(step, self.prompts.checkpoint_items(restore=True)))
 

@@ -156,6 +156,29 @@ class RunLock:
             self._fd = None
 
 
+def held_by(output_dir: str | os.PathLike) -> str | None:
+    """Who holds output_dir's run lock right now ("pid N on host H, started T"), or None when no
+    trainer does. A reader's probe: a shared lock tried and dropped at once, never waited for."""
+    import fcntl
+
+    path = os.path.join(os.fspath(output_dir), LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise
+            return _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def earlier_run(output_dir: str | os.PathLike) -> list[str]:
     """The names of an earlier run's files in output_dir (EARLIER_RUN, config.before-*.yaml) when
     its checkpoints/ holds anything (a step, a save cut off, a step moved aside); else []."""
@@ -233,4 +256,5 @@ def agree(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-__all__ = ["EARLIER_RUN", "LOCK_FILE", "RUN_FILES", "RunLock", "agree", "earlier_run", "foreign_files", "start_over"]
+__all__ = ["EARLIER_RUN", "LOCK_FILE", "RUN_FILES", "RunLock", "agree", "earlier_run", "foreign_files", "held_by",
+           "start_over"]
