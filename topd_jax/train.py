@@ -4,8 +4,10 @@
 
 Overrides use the dotted names of `topd_jax/trainer/config.py` (`steps=2`, `preset=opd`,
 `output_dir=/tmp/run`, `seed=1`, `loss.window=8`, `rollout.max_new_tokens=16`); values are YAML.
-A run resumes from output_dir/checkpoints when a checkpoint is there (checkpoint.resume=false
-starts over). Writes output_dir/metrics.jsonl, TensorBoard events and config.yaml.
+A run resumes from output_dir/checkpoints when a checkpoint is there; a folder holds one run, so
+starting over there takes checkpoint.resume=false checkpoint.earlier_run=move (the earlier run is
+moved aside; resume=false alone is refused). Writes output_dir/metrics.jsonl, TensorBoard events
+and config.yaml. Every key given once: a key twice on the command line is refused.
 
 SIGTERM, Ctrl-C (SIGINT) or SIGHUP (the terminal closed; not under nohup) saves a complete
 checkpoint after the step in progress and exits with one line (rerun the same command to

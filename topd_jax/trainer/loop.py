@@ -363,7 +363,8 @@ class Trainer:
         if changes and not self.config.checkpoint.resume_changed:
             raise ConfigError(f"{self.config.output_dir} holds a checkpoint (step {step}) of another config: "
                               f"{'; '.join(changes)}. Pass checkpoint.resume_changed=true to continue with the new "
-                              "values, or checkpoint.resume=false or another output_dir to start over")
+                              "values, or another output_dir (or checkpoint.resume=false "
+                              "checkpoint.earlier_run=move) to start over")
         if changes:
             self.resume_changes = changes
             self.notices.append(f"resuming step {step} with changed config (checkpoint.resume_changed=true): "
