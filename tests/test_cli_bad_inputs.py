@@ -62,7 +62,7 @@ ROWS = [
                                                               f"{NAN_TENSOR!r} holds NaN or inf"),
     # ------------------------------------------------------------------ export
     ("export", ["--checkpoint", "MISSING/run", "--out", "FILE/hf"], "Not a directory: FILE"),
-    ("export", ["--checkpoint", "MISSING/run", "--out", "MISSING/hf"], "No such file or directory: MISSING"),
+    ("export", ["--checkpoint", "MISSING/run", "--out", "FILE"], "Not a directory: FILE"),
     ("export", ["--checkpoint", "MISSING/run", "--out", "LINK"], "(the target of the symbolic link LINK)"),
     ("export", [*EXPORT, "--dtype", "float7"], "argument --dtype: invalid choice: 'float7'"),
     ("export", [*EXPORT, "--step", "two"], "argument --step: invalid int value: 'two'"),
@@ -82,7 +82,7 @@ ROWS = [
     ("eval", [*EVAL, "--limit", "-2"], "--limit must be >= 1, got -2"),
     ("eval", [*EVAL, "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
     ("eval", [*EVAL, "--dtype", "float7"], "argument --dtype: invalid choice: 'float7'"),
-    ("eval", [*EVAL, "--out", "MISSING/out"], "No such file or directory: MISSING"),
+    ("eval", [*EVAL, "--out", "FILE/out/results"], "Not a directory: FILE"),
     ("eval", [*EVAL, "--out", "FILE"], "Not a directory: FILE"),
     ("eval", [*EVAL, "--out", "LINK"], "(the target of the symbolic link LINK)"),
     ("eval", [*EVAL, "--config", "LATIN1"], "LATIN1: not valid UTF-8 text: byte 0xe9 at byte offset 18"),

@@ -315,3 +315,15 @@ def test_a_tokenizer_without_a_chat_template_falls_back_to_plain_prompts_with_on
     assert len(err) == 1 and err[0].startswith(f"warning: tokenizer {tmp_path / 'base'} has no chat template: ")
     assert calls[0][2]["chat"] is False
     assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["chat"] is False
+
+
+def test_an_out_folder_is_created_with_its_missing_parents(hf_dir, tmp_path, monkeypatch):
+    """As docs/faults.md says: an output folder is made as `mkdir -p` makes it (a fresh clone has
+    no eval/ yet); only a path under a file, a link to nothing or no permission is refused."""
+    write_set(tmp_path / "data", ["2"])
+    fake, _ = fake_generation([["\\boxed{2}"]])
+    monkeypatch.setattr(ev, "generate_completions", fake)
+    out = tmp_path / "results" / "2026" / "run1"
+    assert ev.main(["--checkpoint", str(hf_dir), "--datasets", "aime25", "--data-dir", str(tmp_path / "data"),
+                    "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["complete"] is True

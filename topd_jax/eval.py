@@ -162,8 +162,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="evaluate only the first n problems of each dataset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: student.dtype of the config")
-    parser.add_argument("--out", help="results directory, created if new (its parent folder must exist); default: "
-                        "eval/<checkpoint name>")
+    parser.add_argument("--out", help="results directory, created with its parents if new (default: "
+                        "eval/<checkpoint name>)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted training-config overrides")
     return parser.parse_args(argv)
@@ -293,8 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(config_file, args.overrides)
     sets = _read_all(_dataset_files(args.datasets, args.data_dir), args.limit)
     out = args.out or os.path.join("eval", os.path.basename(os.path.normpath(args.checkpoint)))
-    # before a model is loaded or anything generated; the default's eval/ folder is created
-    check_writable(out, directory=True, parents=args.out is None)
+    check_writable(out, directory=True)  # before a model is loaded or anything generated
     settings = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                     max_new_tokens=args.max_new_tokens or config.rollout.max_new_tokens, batch_size=args.batch_size,
                     system=config.data.system_prompt, instruction=INSTRUCTION)

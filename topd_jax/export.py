@@ -223,7 +223,7 @@ def check_out(out: str | os.PathLike) -> str:
     """Refuse an --out that cannot be written or holds something other than an export, before
     any checkpoint is read; returns what the export will replace there, as a phrase ('' if new)."""
     out = os.fspath(out)
-    check_writable(out, directory=True, parents=False)
+    check_writable(out, directory=True)
     recover_directory(out)  # a killed export's staging folder, or its parked earlier version
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if not entries:
@@ -242,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = ArgumentParser(prog="python -m topd_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run output_dir or its checkpoints/ directory")
-    parser.add_argument("--out", required=True, help="Hugging Face checkpoint directory to write (created if new; "
-                        "its parent folder must exist)")
+    parser.add_argument("--out", required=True, help="Hugging Face checkpoint directory to write (created, with its "
+                        "parents, if new)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast the weights (default: as trained)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TOPD_DEBUG=1)")
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         if args.step is not None and args.step < 0:
             raise ConfigError(f"--step must be >= 0, got {args.step}")
-        check_writable(args.out, directory=True, parents=False)
+        check_writable(args.out, directory=True)
         with directory_lock(args.out):  # a second export into --out meanwhile is refused, in one line
             replaces = check_out(args.out)
             exported = export_step(args.checkpoint, args.out, step=args.step, dtype=args.dtype,

@@ -102,11 +102,11 @@ def check_no_dangling_link(path: str | os.PathLike) -> None:
         path = os.path.dirname(path)
 
 
-def check_writable(path: str | os.PathLike, *, directory: bool, parents: bool = True) -> None:
+def check_writable(path: str | os.PathLike, *, directory: bool) -> None:
     """Refuse, before any work, a `path` that could not be written (an OSError naming where): a
     file whose folder does not exist, a folder whose nearest existing ancestor is not a folder
-    (with `parents=False`: whose own parent folder does not exist, as for `mkdir` without -p),
-    either one where writing is not permitted; a `directory` path that is a file (or a file path
+    (a folder is created with its parents, as by `mkdir -p`), either one where writing is not
+    permitted; a `directory` path that is a file (or a file path
     that is a directory); a symbolic link to nothing (FileNotFoundError naming the link and its
     target: creating the path would fail with a puzzling "File exists")."""
     path = os.path.abspath(os.fspath(path))
@@ -119,7 +119,7 @@ def check_writable(path: str | os.PathLike, *, directory: bool, parents: bool = 
         where = path if directory else os.path.dirname(path)
     else:  # a folder is created with its parents; a file's folder must exist, as for open()
         where = os.path.dirname(path)
-        while directory and parents and not os.path.exists(where):
+        while directory and not os.path.exists(where):
             where = os.path.dirname(where)
         if not os.path.exists(where):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where)
