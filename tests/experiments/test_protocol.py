@@ -125,6 +125,11 @@ def test_rates_are_chosen_on_the_dev_seed_and_every_test_seed_runs_at_them(tmp_p
     assert rows["opd"]["area_vs_opd"] is None and rows["topd/return"]["area_vs_opd"][0] > 0
     text = summary(results)
     assert "| topd/return | 0.003 |" in text and "Per unit of compute" in text and "PARTIAL" not in text
+    table = text.split("Verdict (", 1)[1].splitlines()[4:]
+    verdicts = {line.split(" | ")[0][2:]: line.split(" | ")[-1][:-2] for line in table}
+    assert verdicts["topd/return"] == "beats OPD"  # +10 points every seed, at equal cost
+    assert verdicts["topd"] == "area not distinguishable from OPD"  # the same area on every seed
+    assert "oracle locator: a bound, never a win" in verdicts["topd@oracle/return"]
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):

@@ -129,7 +129,46 @@ def summary(results: dict[str, Any]) -> str:
             lines.append(f"| {method} | {1e3 * r['step_time']:.0f} ms | {time_ratio:.2f} | {r['step_flops'] / 1e9:.1f} | "
                          f"{flop_ratio:.2f} | {pct(_at_cost(results, method, time_ratio))} | "
                          f"{pct(_at_cost(results, method, flop_ratio))} | {pct(opd['final'] if opd else None)} |")
+        lines += ["", "Verdict (the rule, fixed before the runs: a method beats OPD only if its area's 95% "
+                  "interval against OPD lies above 0, with a real locator (not the oracle), and it also leads at "
+                  "OPD's compute, its accuracy at OPD's wall-clock and at OPD's FLOPs above OPD's final):", "",
+                  "| method | area vs OPD | final vs OPD | at OPD's wall-clock - OPD final | at OPD's FLOPs - OPD "
+                  "final | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+        for method, r in rows.items():
+            if method == "opd":
+                continue
+            lines.append(f"| {method} | {interval(r['area_vs_opd'])} | {interval(r['final_vs_opd'])} | "
+                         + " | ".join(_points(_at_cost(results, method, r[key] / opd[key]) - opd["final"])
+                                      for key in ("step_time", "step_flops"))
+                         + f" | {verdict(method, r, results, opd)} |")
     return "\n".join(lines)
+
+
+def _points(difference: float) -> str:
+    return "-" if not np.isfinite(difference) else f"{100 * difference:+.1f}"
+
+
+def verdict(method: str, row: dict[str, Any], results: dict[str, Any], opd: dict[str, Any]) -> str:
+    """What the area's interval and the per-compute comparison say, in the rule's words."""
+    low, high = row["area_vs_opd"][1:] if row["area_vs_opd"] else (float("nan"), float("nan"))
+    at_cost = [_at_cost(results, method, row[key] / opd[key]) - opd["final"] for key in ("step_time", "step_flops")]
+    # a method cheaper than OPD per step leads at OPD's compute when its final does
+    at_cost = [a if np.isfinite(a) else row["final"] - opd["final"] for a in at_cost]
+    if not np.isfinite(low):
+        text = "no paired interval"
+    elif low > 0:
+        text = "area above OPD"
+    elif high < 0:
+        text = "area below OPD"
+    else:
+        text = "area not distinguishable from OPD"
+    if "@oracle" in method:
+        return f"{text} (oracle locator: a bound, never a win)"
+    if low > 0 and all(a > 0 for a in at_cost):
+        return "beats OPD"
+    if low > 0:
+        return f"{text}, but not at OPD's compute"
+    return text
 
 
 def _at_cost(results: dict[str, Any], method: str, ratio: float) -> float:
