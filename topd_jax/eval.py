@@ -292,6 +292,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_command_line(config_file, args.overrides)
     config = load_config(config_file, args.overrides)
     sets = _read_all(_dataset_files(args.datasets, args.data_dir), args.limit)
+    warnings = []  # said once every check has passed: a refused evaluation is its one error line
+    for name, (records, skipped, path) in sets.items():  # n counts only the usable records: say what was not
+        if skipped:
+            count = sum(skipped.values())
+            warnings.append(f"{name}: {len(records)} problems; skipped {count} record{'s' * (count != 1)} of "
+                            f"{path} (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) + ")")
     out = args.out or os.path.join("eval", os.path.basename(os.path.normpath(args.checkpoint)))
     check_writable(out, directory=True)  # before a model is loaded or anything generated
     settings = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -303,11 +309,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         settings["chat"] = has_chat_template(tokenizer)
         if not settings["chat"]:  # base models often have none; the prompts are then plain text
-            print(f"warning: tokenizer {getattr(tokenizer, 'name_or_path', '') or args.tokenizer} has no chat "
-                  "template: each prompt is the plain text (system prompt, problem and instruction, a blank line "
-                  "apart), without chat markup", file=sys.stderr)
+            warnings.append(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or args.tokenizer} has no chat "
+                            "template: each prompt is the plain text (system prompt, problem and instruction, a "
+                            "blank line apart), without chat markup")
         _check_positions(model_config, tokenizer, sets, settings)
         model = load_model()
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         eos = sorted({*config.rollout.eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
                                                  else [])})
         os.makedirs(out, exist_ok=True)

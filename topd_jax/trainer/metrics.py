@@ -107,11 +107,8 @@ class EventFile:
         self._writer.flush()
 
     def close(self) -> None:
-        """Flush and close; the file is closed even when the flush fails (the error is raised)."""
-        try:
-            self._writer.flush()
-        finally:
-            self._writer._py_recordio_writer.close()
+        """Flush and close the file (a full disk raises here)."""
+        self._writer.close()
 
 
 def _format(value: Any) -> str:
