@@ -314,7 +314,8 @@ def test_a_tokenizer_without_a_chat_template_falls_back_to_plain_prompts_with_on
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[1].startswith(f"warning: tokenizer {tmp_path / 'base'} has no chat template: ")
     # n counts the usable problems only; the records passed over are said, not silently dropped
-    assert err[0] == f"warning: aime25: 1 problems; skipped 1 record of {tmp_path / 'data' / 'aime25.jsonl'} (not JSON: 1)"
+    data = tmp_path / "data" / "aime25.jsonl"
+    assert err[0] == f"warning: aime25: 1 problems; skipped 1 record of {data} (not JSON: 1)"
     assert calls[0][2]["chat"] is False
     assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["chat"] is False
 

@@ -15,10 +15,11 @@ the dtype (student.dtype), the system prompt (data.system_prompt), extra EOS ids
 
 Protocol: each problem is the user message of the chat template followed by INSTRUCTION (final
 answer in \\boxed{}; a tokenizer without a chat template, as base models often have, gets the
-plain text instead, with a one-line warning, and results.json records `"chat": false`); k completions are sampled per problem; each is graded by the last \\boxed{}
-with math-verify (topd_jax.grading). Reported per dataset: accuracy (the first sample of each
-problem; greedy at temperature 0, as the paper reports), avg@k, pass@k, counts, the skipped-record
-summary. Writes OUT/results.json, OUT/results.md (the printed Markdown table) and
+plain text instead, with a one-line warning, and results.json records `"chat": false`); k
+completions are sampled per problem; each is graded by the last \\boxed{} with math-verify
+(topd_jax.grading). Reported per dataset: accuracy (the first sample of each problem; greedy at
+temperature 0, as the paper reports), avg@k, pass@k, counts, the skipped-record summary (also a
+warning line before generating: n counts only the usable records). Writes OUT/results.json, OUT/results.md (the printed Markdown table) and
 OUT/<dataset>.samples.jsonl (each problem's completions, extracted answers and grades).
 
 Every requested dataset is read and checked before any generation, and results.json is rewritten
