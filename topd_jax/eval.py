@@ -19,8 +19,9 @@ plain text instead, with a one-line warning, and results.json records `"chat": f
 completions are sampled per problem; each is graded by the last \\boxed{} with math-verify
 (topd_jax.grading). Reported per dataset: accuracy (the first sample of each problem; greedy at
 temperature 0, as the paper reports), avg@k, pass@k, counts, the skipped-record summary (also a
-warning line before generating: n counts only the usable records). Writes OUT/results.json, OUT/results.md (the printed Markdown table) and
-OUT/<dataset>.samples.jsonl (each problem's completions, extracted answers and grades).
+warning line before generating: n counts only the usable records). Writes OUT/results.json,
+OUT/results.md (the printed Markdown table) and OUT/<dataset>.samples.jsonl (each problem's
+completions, extracted answers and grades).
 
 Every requested dataset is read and checked before any generation, and results.json is rewritten
 after each dataset (`"complete": false` until the last), so a bad file fails at once and an
