@@ -192,3 +192,12 @@ def test_walk_marks_local_errors_given_the_chain_as_written():
     assert errors("7 + 4 = 1 ; 1 * 6 = 6 ; answer 6") == ["*@7"]  # the problem's operator is -
     assert errors("7 + 7 = 4") == ["7@2"]
 
+
+
+def test_fork_labels_read_an_id_outside_the_tasks_vocabulary_as_leaving_the_format():
+    # A model with a larger vocabulary (a random one) may sample such ids; the oracle's labeller
+    # runs inside a host callback, where an exception would stall every device.
+    problem = S.problems(0, 0, 1)[0]
+    ids = S.SyntheticTokenizer().encode(S.solution(problem, np.random.default_rng(0)))[:3] + [len(S.VOCAB) + 5]
+    labels = S.fork_labels(problem, ids)
+    assert labels.shape == (4,) and labels[3] == -1

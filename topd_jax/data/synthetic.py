@@ -367,8 +367,9 @@ def is_correct_ids(problem: Problem, completion_ids: Sequence[int]) -> bool:
 
 
 def fork_labels(problem: Problem, completion_ids: Sequence[int]) -> np.ndarray:
-    """Fork labels (1 / 0 / -1) of completion token ids (padding after EOS: -1)."""
-    tokens = [VOCAB[int(i)] for i in completion_ids]
+    """Fork labels (1 / 0 / -1) of completion token ids (padding after EOS: -1). An id outside the
+    task's vocabulary (a model with a larger one) reads as <pad>: it leaves the format."""
+    tokens = [VOCAB[int(i)] if 0 <= int(i) < len(VOCAB) else VOCAB[PAD_ID] for i in completion_ids]
     return parse(problem, tokens)[0]
 
 

@@ -163,9 +163,18 @@ def candidates(rollout: Rollout, scores: Scores, key: Array, loss: TopdConfig,
         if labeller is None:
             raise ValueError(f"loss.locator {loss.locator!r} reads fork labels, but no labeller was given "
                              "(only a prompt source with labels, e.g. data.source synthetic, has one)")
-        labels = jax.pure_callback(labeller, jax.ShapeDtypeStruct(positions.shape, jnp.int32),
-                                   rollout.prompt_tokens, rollout.tokens, positions)
+        # The host reads whole arrays: replicate the operands on purpose (one all-gather each)
+        # rather than leave the partitioner to gather them to device 0 behind our back.
+        operands = replicated((rollout.prompt_tokens, rollout.tokens, positions))
+        labels = jax.pure_callback(labeller, jax.ShapeDtypeStruct(positions.shape, jnp.int32), *operands)
     return Located(positions, valid, ref_positions, ref_valid, labels=labels)
+
+
+def replicated(tree: Any) -> Any:
+    """`tree` constrained to be whole on every device of the current mesh (as is without one)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, jax.sharding.PartitionSpec())
 
 
 def rollout_windows(rollout: Rollout, points: Array, window: int) -> Windows:
