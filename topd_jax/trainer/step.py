@@ -291,8 +291,9 @@ def relay_triggers(student: CausalLM, teacher: CausalLM, rollout: Rollout, score
         return first_at_or_after(hits, jnp.broadcast_to(jnp.arange(hits.shape[1]), hits.shape), start)
     k_ref, k_student, k_teacher = jax.random.split(key, 3)
     located = candidates(rollout, scores, k_ref, loss, labeller)
-    if LOCATORS[loss.locator].branches:
-        located = branch_windows(student, teacher, rollout, scores, located, (k_student, k_teacher), loss, options)
+    if LOCATORS[loss.locator].branches:  # the student branches from its own prefix cache
+        located = branch_windows(student, teacher, dataclasses.replace(rollout, cache=student_scores.cache), scores,
+                                 located, (k_student, k_teacher), loss, options)
     batch = experience(rollout, scores, located)
     selection = topd_weights(loss_inputs(batch, StudentLogprobs(rollout.logprobs)), loss)
     return first_at_or_after(selection.valid & selection.divergent, selection.positions, start)
