@@ -19,7 +19,6 @@ weight is loaded (a mismatch then costs seconds, not a model load or a step).
 from __future__ import annotations
 
 from topd_jax.errors import CheckpointError, ConfigError, one_line
-from topd_jax.losses.guidance import GUIDANCE
 from topd_jax.models.config import ModelConfig
 from topd_jax.trainer.config import ModelSpec, TrainConfig
 
@@ -80,10 +79,14 @@ def check_inputs(config: TrainConfig) -> list[str]:
         if need > limit:
             raise ConfigError(f"{how} = {need} positions, but the {role}'s max_position_embeddings is {limit}; "
                               "shorten the prompts, completions or windows")
-    for key in ("top_k", "fkl_top_k"):  # a guidance reading's top-k over the vocabulary
-        if key in GUIDANCE[config.loss.guidance].options and config.loss.option(key) > vocab_s:
-            raise ConfigError(f"loss.guidance_options.{key} {config.loss.option(key)} exceeds the models' "
-                              f"vocab_size {vocab_s}")
+    loss = config.loss
+    used = {"top_k": loss.guidance_top_k}  # a guidance reading's top-k over the vocabulary, where used
+    if loss.splices:
+        used = {"top_k": loss.option("top_k") if loss.option("trigger") == "topk" else 0,
+                "fkl_top_k": loss.option("fkl_top_k") if loss.option("loss") == "fkl" else 0}
+    for key, k in used.items():
+        if k > vocab_s:
+            raise ConfigError(f"loss.guidance_options.{key} {k} exceeds the models' vocab_size {vocab_s}")
 
     dirs = {role: getattr(config, role).path for role in ROLES}
     tokenizers = {}
