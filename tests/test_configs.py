@@ -119,9 +119,10 @@ def test_presets_differ_from_the_yaml_defaults_only_where_documented():
 
 
 def test_yaml_is_generated_from_the_dataclass_docstring():
-    # configs/topd_loss.yaml is not a hand-kept copy: it is exactly what defaults_yaml writes
+    # configs/topd_loss.yaml is not a hand-kept copy: it is exactly what loss_yaml writes
     # from TopdConfig's docstring and defaults (regenerate it as its header says).
-    from topd_jax.losses.topd import defaults_yaml, key_docs
+    from topd_jax.configuration import section_docs
+    from topd_jax.trainer.config import loss_yaml
 
-    assert YAML_PATH.read_text(encoding="utf-8") == defaults_yaml()
-    assert [key for key, _ in key_docs() if key != "--"] == FIELDS
+    assert YAML_PATH.read_text(encoding="utf-8") == loss_yaml()
+    assert [key for key, _ in section_docs(TopdConfig) if key != "--"] == FIELDS

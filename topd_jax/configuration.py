@@ -282,6 +282,50 @@ def apply_override(values: dict[str, Any], override: str, cls: type) -> None:
 
 
 
+def section_docs(cls: type) -> list[tuple[str, str]]:
+    """The key list of a config dataclass's docstring as ("--" for a `-- section` line, or key,
+    text) pairs, in order: the docstring's first paragraph is skipped, a line starting with a
+    field's name (indented 4) opens its entry, deeper lines continue it."""
+    entries: list[tuple[str, str]] = []
+    fields = {f.name for f in dataclasses.fields(cls)}
+    body = (cls.__doc__ or "").split("\n\n", 1)[1]
+    for line in body.splitlines():
+        text = line.strip()
+        if not text:
+            continue
+        head = text.split(maxsplit=1)
+        if text.startswith("-- "):
+            entries.append(("--", text[3:]))
+        elif head[0] in fields and line.startswith("    " + head[0]):
+            entries.append((head[0], head[1] if len(head) > 1 else ""))
+        elif entries:
+            entries[-1] = (entries[-1][0], f"{entries[-1][1]} {text}")
+    return entries
+
+
+def documented_yaml(cls: type, header: str, width: int = 100) -> str:
+    """A YAML file of `cls`'s defaults: `header`, then per docstring entry (`section_docs`) its
+    text as a comment and `key: default`. Every field must be documented, in field order (a
+    missing one is an error here)."""
+    import textwrap
+
+    entries = section_docs(cls)
+    documented = [key for key, _ in entries if key != "--"]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if documented != fields:
+        raise ValueError(f"{cls.__name__}'s docstring documents {documented}, but its fields are {fields}")
+    defaults = cls()
+    out = [header, "\n"]
+    for key, text in entries:
+        if key == "--":
+            out.append(f"# {'-' * 64} {text}\n\n")
+            continue
+        value = getattr(defaults, key)
+        out.append(textwrap.fill(text, width, initial_indent="# ", subsequent_indent="# ") + "\n")
+        out.append(f"{key}: {'null' if value is None else value}\n\n")
+    return "".join(out).rstrip("\n") + "\n"
+
+
 def _field_docs(cls: type) -> dict[str, str]:
     """{field: description} from a docstring laid out as `name   description` lines with indented
     continuation lines (the convention of every config dataclass here)."""

@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclasses.dataclass(frozen=True)
 class TopdConfig:
     """Every knob of the method, documented once: this list is the reference of each key, and
-    `configs/topd_loss.yaml` is generated from it with the defaults (`defaults_yaml`). Symbols
+    `configs/topd_loss.yaml` is generated from it with the defaults (`trainer.config.loss_yaml`). Symbols
     refer to TOPD.md; [reconstruction] marks our design where the paper's choice is unknown.
 
     -- 1. OPD (the baseline)
@@ -223,61 +223,6 @@ class TopdConfig:
         """Whether the teacher must branch K-token windows from the candidates (a branching
         locator, or window guidance)."""
         return self.uses_candidates and (LOCATORS[self.locator].branches or self.guides_windows)
-
-
-YAML_HEADER = """\
-# TOPD loss: every key of `topd_jax.losses.TopdConfig` with its default (the `topd` preset).
-#
-# GENERATED from TopdConfig's docstring by `topd_jax.losses.topd.defaults_yaml`; do not edit by
-# hand (tests/test_configs.py checks it). Regenerate with
-#   python -c "from topd_jax.losses.topd import defaults_yaml; print(defaults_yaml(), end='')" > configs/topd_loss.yaml
-# Load with `TopdConfig.from_dict(yaml.safe_load(open("configs/topd_loss.yaml")))`. The presets:
-# opd sets suppress_weight: 1.0, traj_weight: 0.0; opd_suppress sets traj_weight: 0.0.
-"""
-
-
-def key_docs() -> list[tuple[str, str]]:
-    """The key list of TopdConfig's docstring as ("-- section" or key, text) pairs, in order."""
-    entries: list[tuple[str, str]] = []
-    fields = {f.name for f in dataclasses.fields(TopdConfig)}
-    body = (TopdConfig.__doc__ or "").split("\n\n", 1)[1]
-    for line in body.splitlines():
-        text = line.strip()
-        if not text:
-            continue
-        head = text.split(maxsplit=1)
-        if text.startswith("-- "):
-            entries.append(("--", text[3:]))
-        elif head[0] in fields and line.startswith("    " + head[0]):
-            entries.append((head[0], head[1] if len(head) > 1 else ""))
-        elif entries:
-            entries[-1] = (entries[-1][0], f"{entries[-1][1]} {text}")
-    return entries
-
-
-def _yaml_value(value: Any) -> str:
-    return "null" if value is None else str(value)
-
-
-def defaults_yaml(width: int = 100) -> str:
-    """configs/topd_loss.yaml: YAML_HEADER, then per docstring entry its text as a comment and
-    `key: default`. Every field must be documented (a missing one is an error here)."""
-    import textwrap
-
-    entries = key_docs()
-    documented = [key for key, _ in entries if key != "--"]
-    fields = [f.name for f in dataclasses.fields(TopdConfig)]
-    if documented != fields:
-        raise ValueError(f"TopdConfig's docstring documents {documented}, but its fields are {fields}")
-    defaults = TopdConfig()
-    out = [YAML_HEADER, "\n"]
-    for key, text in entries:
-        if key == "--":
-            out.append(f"# {'-' * 64} {text}\n\n")
-            continue
-        out.append(textwrap.fill(text, width, initial_indent="# ", subsequent_indent="# ") + "\n")
-        out.append(f"{key}: {_yaml_value(getattr(defaults, key))}\n\n")
-    return "".join(out).rstrip("\n") + "\n"
 
 
 @jax.tree_util.register_dataclass

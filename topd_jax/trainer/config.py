@@ -30,6 +30,22 @@ from topd_jax.models.sharding import MESH_AXES
 _check = configuration.check  # the one validation style of trainer, loss and model configs
 
 
+
+LOSS_YAML_HEADER = """\
+# TOPD loss: every key of `topd_jax.losses.TopdConfig` with its default (the `topd` preset).
+#
+# GENERATED from TopdConfig's docstring by `topd_jax.trainer.config.loss_yaml`; do not edit by
+# hand (tests/test_configs.py checks it). Regenerate with
+#   python -c "from topd_jax.trainer.config import loss_yaml; print(loss_yaml(), end='')" > configs/topd_loss.yaml
+# Load with `TopdConfig.from_dict(yaml.safe_load(open("configs/topd_loss.yaml")))`. The presets:
+# opd sets suppress_weight: 1.0, traj_weight: 0.0; opd_suppress sets traj_weight: 0.0.
+"""
+
+
+def loss_yaml() -> str:
+    """configs/topd_loss.yaml: TopdConfig's documented defaults (`configuration.documented_yaml`)."""
+    return configuration.documented_yaml(TopdConfig, LOSS_YAML_HEADER)
+
 @dataclasses.dataclass(frozen=True)
 class RandomModelConfig:
     """A tiny randomly initialised decoder, used when `ModelSpec.path` is null.
