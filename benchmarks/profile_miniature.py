@@ -9,8 +9,16 @@ seconds: start-up (checkpoints loaded, programs built), the first step (compilin
 median steady step split into sample / score / branch / train and the rest of the step (host
 glue: prompt transfer, the student's reshard, metric transfers), JAX's own compile time
 (`jax.monitoring` backend-compile events, first step and evaluation included), and one greedy
-evaluation of the development problems (first: compiling; then steady). The last line projects
-a 100-step run with 5 evaluations from those figures.
+evaluation of the development problems (first: compiling; then steady). The last column
+projects a 100-step run with 5 evaluations from those figures.
+
+    python benchmarks/profile_miniature.py --compile-cache /tmp/c --policy default   # JAX's own
+    python benchmarks/profile_miniature.py --compile-cache /tmp/c --policy all       # the protocol's
+
+With --compile-cache, programs go to that persistent cache under JAX's default policy (only
+programs that took over a second to compile) or the protocol's (`protocol.use_compile_cache`:
+every program): run the same command twice and the second run's `step 1` and `compile` show
+what the cache saves a protocol run, which starts a Trainer (and its update) afresh.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cache", default="/tmp/topd_models", help="SFT'd models (trained once if missing)")
     parser.add_argument("--problems", type=int, default=512)
+    parser.add_argument("--compile-cache", default=None, help="a persistent compilation cache directory")
+    parser.add_argument("--policy", choices=("default", "all"), default="all",
+                        help="what goes to --compile-cache: JAX's default or every program (the protocol's)")
     args = parser.parse_args()
     from topd_jax.experiments import models, protocol  # first: it keeps JAX off a TPU it may find
 
@@ -35,6 +46,10 @@ def main() -> None:
 
     from topd_jax.trainer.loop import Trainer
 
+    if args.compile_cache and args.policy == "all":
+        protocol.use_compile_cache(args.compile_cache)
+    elif args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     compiles: list[float] = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(secs) if event == "/jax/core/compile/backend_compile_duration"
