@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 from topd_jax.configuration import ConfigError
 from topd_jax.errors import ArgumentParser, exit_quietly, run_cli
-from topd_jax.fileio import check_writable, directory_lock, recover_directory, replace_directory
+from topd_jax.fileio import check_writable, directory_lock, process_alive, recover_directory, replace_directory
 from topd_jax.models.checkpoint import is_checkpoint_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -170,7 +170,7 @@ def _steps_to_read(directory: str) -> Iterator[str]:
     output_dir = os.path.dirname(os.path.abspath(directory))
     for entry in os.listdir(output_dir):
         pid = entry[len(SNAPSHOT_PREFIX):].split("-", 1)[0] if entry.startswith(SNAPSHOT_PREFIX) else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
     holder = held_by(output_dir)
     if holder is None:
@@ -201,16 +201,6 @@ def _busy(directory: str, holder: str, err: OSError) -> str:
     return (f"{directory} belongs to a run that is training right now ({holder}) and its steps cannot be "
             f"snapshotted to be read safely ({one_line(err)}): its retention may delete the step being read; "
             "export after the run ends, or from a copy of the run")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def is_export_file(name: str) -> bool:

@@ -201,7 +201,8 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a, None, b)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0; another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -220,7 +221,7 @@ def _stale(parent: str, name: str) -> list[tuple[str, str]]:
             prefix = f".{name}.{kind}-"
             if entry.startswith(prefix):
                 pid = entry[len(prefix):].split("-", 1)[0]
-                if not (pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid()):
+                if not (pid.isdigit() and process_alive(int(pid)) and int(pid) != os.getpid()):
                     found.append((kind, os.path.join(parent, entry)))
     return found
 

@@ -92,20 +92,26 @@ def test_kill_9_during_an_async_save_resumes_from_the_last_complete_checkpoint(t
     resume_and_compare(tmp_path, straight)
 
 
-def test_sigterm_leaves_a_complete_checkpoint_and_exits_cleanly(tmp_path):
+def signal_after_two_steps(run, signum, *overrides):
+    """Train the tiny config (500 steps) into `run` in a subprocess, send `signum` once two steps
+    are logged, and require a clean exit (status 0)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "topd_jax.train", "--config", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}",
-           *cli_run("steps=500", "checkpoint.every=0")]
+    cmd = [sys.executable, "-m", "topd_jax.train", "--config", "configs/tiny_cpu.yaml", f"output_dir={run}",
+           *cli_run("steps=500", "checkpoint.every=0", *overrides)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
+    metrics = run / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
+
+
+def test_sigterm_leaves_a_complete_checkpoint_and_exits_cleanly(tmp_path):
+    signal_after_two_steps(tmp_path, signal.SIGTERM)
     logged = len(metrics_of(tmp_path))
     assert 2 <= logged < 500
     checkpointer = Checkpointer(tmp_path / "checkpoints", every=0, keep=3)
@@ -122,19 +128,7 @@ def test_sighup_saves_a_complete_checkpoint_and_the_run_resumes_exactly(tmp_path
     """The terminal closed: SIGHUP is SIGTERM (save after the step in progress, exit 0), and the
     resumed run equals one that was never stopped."""
     run, reference = tmp_path / "run", tmp_path / "reference"
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "topd_jax.train", "--config", "configs/tiny_cpu.yaml", f"output_dir={run}",
-           *cli_run("steps=500", "checkpoint.every=0", "logging.tensorboard=true")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGHUP)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    signal_after_two_steps(run, signal.SIGHUP, "logging.tensorboard=true")
     logged = len(metrics_of(run))
     assert 2 <= logged < 500
     checkpoints = run / "checkpoints"

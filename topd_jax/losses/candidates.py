@@ -107,10 +107,19 @@ def reference_positions(key: Array, mask: Array, num_reference: int) -> tuple[Ar
     return positions, valid
 
 
+def tokens_at(positions: Array, slots: Array, t: int) -> Array:
+    """[B, M] positions and a [B, M] bool choice of slots -> [B, T] bool: the tokens the chosen
+    slots point at. A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B
+    as is."""
+    return jnp.any((positions[..., None] == jnp.arange(t)) & slots[..., None], axis=1)
+
+
 __all__ = [
     "candidate_count",
     "gather_tokens",
     "reference_positions",
     "select_candidates",
+    "tokens_at",
     "window_kl_proxy",
 ]
+

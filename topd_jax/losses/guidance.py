@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 import jax
 import jax.numpy as jnp
 
-from topd_jax.losses.candidates import gather_tokens
+from topd_jax.losses.candidates import gather_tokens, tokens_at
 from topd_jax.losses.locators import require
 
 if TYPE_CHECKING:  # topd.py imports this module
@@ -324,8 +324,6 @@ def _clean_window_terms(inputs, config, selection) -> Terms:
 
 
 def _at_divergent(inputs, selection) -> Array:
-    from topd_jax.losses.topd import tokens_at  # one definition of "the tokens R points at"
-
     at = tokens_at(selection.positions, selection.valid & selection.divergent, inputs.mask.shape[-1])
     return at & (inputs.mask > 0)
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from topd_jax import configuration
-from topd_jax.losses.candidates import gather_tokens, select_candidates
+from topd_jax.losses.candidates import gather_tokens, select_candidates, tokens_at
 from topd_jax.losses.divergence import THRESHOLD_MODES, divergent_states
 from topd_jax.losses.guidance import (GUIDANCE, Options, forward_kl_topk, near_future_return,
                                       trajectory_loss)
@@ -336,13 +336,6 @@ class Selection:
     divergent: Array
     suppressed: Array
     weights: Array
-
-
-def tokens_at(positions: Array, slots: Array, t: int) -> Array:
-    """[B, M] positions and a [B, M] bool choice of slots -> [B, T] bool: the tokens the chosen
-    slots point at. A [B, M, T] one-hot rather than a scatter: elementwise, so it shards along B
-    as is."""
-    return jnp.any((positions[..., None] == jnp.arange(t)) & slots[..., None], axis=1)
 
 
 def candidate_slots(inputs: TopdInputs, config: TopdConfig, divergence: Array) -> tuple[Array, Array]:
