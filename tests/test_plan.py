@@ -254,3 +254,14 @@ def test_inference_meshes_lay_out_on_a_torus_jax_cannot_split_by_whole_axes(monk
     mesh = make_mesh(tensor=4, expert=16, devices=devices)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 4, "expert": 16}
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
+def test_plan_compiles_relays_splice_phase_and_trains_on_the_spliced_rollout(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["--config", TINY, "--topology", TOPOLOGY, "--json", str(out), f"output_dir={tmp_path}",
+                 "loss.guidance=relay", "loss.suppress_weight=1.0", "loss.guidance_options.loss=fkl",
+                 "loss.guidance_options.fkl_top_k=4", "--phases", "branch,train"]) == 0
+    plan = json.loads(out.read_text())
+    branch, train = (p for p in plan["phases"] if p["phase"] in ("branch", "train"))
+    assert branch["error"] is None and train["error"] is None and branch["tflop"] > 0
+    assert not branch["decode_steps"]  # the splice phase's loops have no separate step model

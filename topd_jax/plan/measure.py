@@ -424,10 +424,14 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
     rollout, scores, located = (outputs.get(name) for name in ("sample", "score", "branch"))
     if scores is not None:  # as the branch phase reads them (its cache included)
         scores = with_shardings(scores, placement.phase_shardings(scores, meshes["branch"]))
+    trained = rollout, scores, located
+    if loss.splices and located is not None:  # the splice phase remade the rollout and its scores
+        trained = located
+        located = trained[2]
     if failed:
         missing("train", ", ".join(sorted(failed)))
     else:
-        batch = jax.eval_shape(experience, rollout, scores, located)
+        batch = jax.eval_shape(experience, *trained)
         batch = with_shardings(batch, placement.experience_shardings(batch, mesh))
         jitted = placement.jit_update(state, batch, mesh, graphdef=graphdef, optimizer=optimizer, loss=loss,
                                       chunk_size=config.chunk_size)
@@ -458,7 +462,7 @@ def _bounds(config, loss, rollout, scores, located, params, t_params, train_para
                                  slot_bytes=s_slot)
     guided = located is not None and located.teacher_windows is not None
     m = 0 if located is None else located.positions.shape[1]
-    packed = p + new + (m * loss.window if guided else 0)
+    packed = p + new + (m * located.teacher_windows.tokens.shape[-1] if guided else 0)
     out["train"] = update_bound(s_cfg, rows=b, length=packed, scored=packed - p, devices=n,
                                 weight_bytes=computed_bytes(train_params))
     if located is None or not loss.uses_windows or scores is None or scores.cache is None:
