@@ -114,6 +114,9 @@ ROWS = [
     ("experiments", ["reproduce", "--out", "FILE/results"], "Not a directory: FILE"),
     ("experiments", ["reproduce", "--out", "LINK"], "(the target of the symbolic link LINK)"),
     ("experiments", ["anatomy", "--out", "FILE"], "Not a directory: FILE"),
+    ("experiments", ["reproduce", "--out", "OUT", "--seeds", "0,x"], "--seeds must be a comma list of numbers"),
+    ("experiments", ["reproduce", "--out", "OUT", "--screen", "opd,magic"], "unknown method 'magic'"),
+    ("experiments", ["reproduce", "--out", "OUT", "--steps", "0"], "--steps"),
 ]
 
 

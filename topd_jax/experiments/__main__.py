@@ -11,6 +11,7 @@ import sys
 from typing import Sequence
 
 from topd_jax import fileio
+from topd_jax.errors import ArgumentParser
 
 
 def _numbers(text: str, kind, name: str, parser) -> tuple:
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from topd_jax.experiments import protocol as proto
 
     defaults = proto.Protocol()
-    parser = argparse.ArgumentParser(prog="python -m topd_jax.experiments", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m topd_jax.experiments", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("reproduce", help="the whole protocol; writes OUT/results.json and OUT/results.md",
