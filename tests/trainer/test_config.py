@@ -449,3 +449,10 @@ def test_window_temperature_is_a_rollout_option():
     assert load_config(None, ["rollout.window_temperature=0.5"]).rollout.window_temperature == 0.5
     assert error(None, ["rollout.window_temperature=-1"]) == "rollout.window_temperature must be >= 0 or null, got -1.0"
     assert error(None, ["loss.window_temperature=0.5"]).startswith("unknown config key 'loss.window_temperature'")
+
+
+def test_load_config_names_a_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("steps: 3\nname: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not valid UTF-8 text: byte 0xe9 at byte offset 22 \(line 2\)"):
+        load_config(bad)

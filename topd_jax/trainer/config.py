@@ -502,14 +502,14 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     """TrainConfig from a YAML file (None = all defaults) and `dotted.key=value` overrides.
 
     Override values are YAML (`eos_ids=[1,2]`, `student.path=null`, `preset=opd`); files and
-    values are read with configuration.parse_yaml (1e-5 is a float, off is a string).
+    values are read with configuration.parse_yaml (1e-5 is a float, off is a string); a file that
+    is not UTF-8 is a one-line ConfigError. Later overrides win here (the protocol layers its
+    settings); the CLIs refuse a key given twice before they call this
+    (`configuration.check_overrides`).
     """
     values: Any = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {os.fspath(path)}")
-        with open(path, encoding="utf-8") as f:
-            values = configuration.parse_yaml(f.read(), os.fspath(path))
+    if path is not None:  # one-line errors for a missing file or one that is not UTF-8
+        values = configuration.parse_yaml(configuration.read_text(path), os.fspath(path))
         if values is None:  # an empty file: all defaults
             values = {}
         if not isinstance(values, dict):
