@@ -454,5 +454,5 @@ def test_window_temperature_is_a_rollout_option():
 def test_load_config_names_a_file_that_is_not_utf8(tmp_path):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("steps: 3\nname: caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin1.yaml: not valid UTF-8 text: byte 0xe9 at byte offset 22 \(line 2\)"):
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not valid UTF-8 text: byte 0xe9 at byte offset 18 \(line 2\)"):
         load_config(bad)
