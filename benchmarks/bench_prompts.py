@@ -13,7 +13,8 @@ seeded per-epoch permutation, as training reads them), through
          topd_jax/data/tfds_sources.py up to commit 582c5a3, kept below verbatim as the baseline):
          a numpy permutation per epoch, TFDS decoding each record in the calling thread;
   grain  `next()` of the `tfds_sources.loader` iterator (the trainer's path): a Grain dataset
-         pipeline (record keys, shard, shuffle, repeat, batch) whose batches read their records
+         pipeline (record keys, shard, `EpochBatches`: a numpy permutation per epoch and
+         batches of keys) whose batches read their records
          in one call (grain's ArrayRecordDataSource, batched) and decode them (`Records`), one
          Grain thread reading ahead (`tfds_sources.READ_OPTIONS`);
   grain, no read-ahead   the same with `ReadOptions(num_threads=0)`: every batch read in the

@@ -16,16 +16,19 @@ Reading is Grain's (`grain`): `Records` is a Grain data source over the split's 
 (`grain.sources.ArrayRecordDataSource` reads the serialized examples, many at once in its C++
 threads; TFDS's feature spec decodes them with numpy), optionally restricted to some of its
 records. `loader` is one process's endless stream of batches over it, a Grain dataset pipeline:
-the record keys (`grain.MapDataset.range`), process p of n taking every n-th from p (Grain's
-sharding idiom `ds[p::n]`: the shards partition the records), a seeded permutation per epoch
-(`shuffle`, reseeded by `repeat` each epoch), `batch`, read ahead by Grain's threads
+the record keys, process p of n taking every n-th from p (Grain's sharding idiom `ds[p::n]`:
+the shards partition the records), batches of keys in a seeded permutation per epoch
+(`EpochBatches`, a Grain MapDataset of ours, see its docstring), each batch read in one call
+(`map`), read ahead by Grain's threads
 (`to_iter_dataset`). Its iterator is checkpointable: `get_state()` / `set_state()`, and
 `grain.checkpoint.CheckpointSave` / `CheckpointRestore` save and restore it as an item of an
 Orbax checkpoint (one file per process).
 
 What stays ours: `Records` (Grain's ArrayRecord source yields bytes: the batched read, TFDS's
-example decoding and the subset of usable records are ours, a few lines) and the pipeline's
-options. `grain.DataLoader` with an `IndexSampler` and `ShardOptions` does the same job but reads
+example decoding and the subset of usable records are ours, a few lines), `EpochBatches` (one
+numpy permutation per epoch and one gather per batch: Grain's index shuffle costs 17-20 ms per
+epoch of a small set) and
+the pipeline's options. `grain.DataLoader` with an `IndexSampler` and `ShardOptions` does the same job but reads
 records one at a time behind a per-record sampler (a Philox generator each) and read about a
 sixth as fast as the reader it replaced (benchmarks/bench_prompts.py, docs/data_and_eval.md).
 """
@@ -36,6 +39,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -216,6 +220,52 @@ class Records:
 READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 
+class EpochBatches(grain.MapDataset):
+    """Batches of record keys from `keys` [n] repeated without end, epoch e in the seeded
+    permutation `numpy.random.default_rng([seed, e]).permutation(n)` (key order when seed is
+    None): element j holds the keys of stream positions [j G, (j + 1) G), an epoch's last batch
+    running on into the next.
+
+    Ours rather than Grain's `shuffle().repeat().batch()`: Grain's stateless `index_shuffle`
+    permutes a domain of at least 2^16 indices and walks each index's cycle back into [0, n),
+    17-20 ms per epoch of a set under 65,536 records (340 us per index at n = 50), and its batch
+    gathers a Python call per element; here a batch is one numpy gather from a permutation drawn
+    once per epoch (docs/data_and_eval.md). Random access by batch index, so Grain's iterator
+    state checkpoints it as before.
+    """
+
+    def __init__(self, keys: np.ndarray, batch_size: int, seed: int | None):
+        super().__init__()
+        self._keys = np.asarray(keys, np.int64)
+        self._batch = int(batch_size)
+        self._seed = None if seed is None else int(seed)
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def _order(self, epoch: int) -> np.ndarray:
+        order = self._epochs.get(epoch)  # a dict read: safe beside Grain's read-ahead thread
+        if order is None:
+            n = self._keys.size
+            order = (self._keys if self._seed is None
+                     else self._keys[np.random.default_rng([self._seed, epoch]).permutation(n)])
+            self._epochs = {epoch: order, **{e: o for e, o in self._epochs.items() if e == epoch - 1}}
+        return order
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        start = int(index) * self._batch
+        first, last = start // self._keys.size, (start + self._batch - 1) // self._keys.size
+        stream = np.concatenate([self._order(e) for e in range(first, last + 1)])
+        offset = start - first * self._keys.size
+        return stream[offset:offset + self._batch]
+
+    def __str__(self) -> str:
+        return f"EpochBatches(batch_size={self._batch}, seed={self._seed})"
+
+
 def loader(source: Sequence[Any], *, batch_size: int, seed: int = 0, process_index: int = 0,
            process_count: int = 1, shuffle: bool = True,
            read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
@@ -236,9 +286,7 @@ def loader(source: Sequence[Any], *, batch_size: int, seed: int = 0, process_ind
                          f"process_count {process_count}")
     if process_count > len(source):
         raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes")
-    keys = grain.MapDataset.range(len(source))[process_index::process_count]
-    if shuffle:
-        keys = keys.shuffle(seed=seed % 2**32)  # Grain takes 32-bit seeds; repeat() reseeds each epoch
+    keys = np.arange(len(source))[process_index::process_count]  # Grain's sharding idiom ds[p::n]
     read = source.read if isinstance(source, Records) else (lambda ks: [source[int(k)] for k in ks])
-    batches = keys.repeat().batch(batch_size // process_count, drop_remainder=True, batch_fn=read)
+    batches = EpochBatches(keys, batch_size // process_count, seed % 2**32 if shuffle else None).map(read)
     return batches.to_iter_dataset(read_options or READ_OPTIONS)
