@@ -445,3 +445,18 @@ def test_pinned_to_the_code_before_the_guidance_table(case, make, overrides, los
     got, metrics = topd_loss(make(), TopdConfig.preset("topd", **overrides))
     np.testing.assert_allclose(float(got), loss, rtol=1e-6, err_msg=case)
     np.testing.assert_allclose(float(metrics["loss_traj"]), loss_traj, rtol=1e-6, err_msg=case)
+
+
+def test_a_mask_without_valid_tokens_is_said_not_silent():
+    import warnings
+
+    from topd_jax.losses import TopdConfig, TopdInputs, topd_loss
+
+    zeros = jnp.zeros((2, 3))
+    inputs = TopdInputs(zeros, zeros, zeros, jnp.zeros((2, 3), bool))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, _ = topd_loss(inputs, TopdConfig.preset("opd"))
+    assert float(loss) == 0.0
+    assert [str(w.message) for w in caught] == [
+        "TopdInputs.mask (2, 3) has no valid token: the loss is 0 with zero gradients"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Literal, Mapping
 
 import jax
@@ -289,6 +290,16 @@ FIELD_AXES = {
 }
 
 
+def warn_without_tokens(mask: Array) -> None:
+    """A one-line warning when a concrete mask has no valid token: the loss is then 0 with zero
+    gradients, which is defined (padding-only batches are allowed) but rarely meant. Under jit the
+    mask is abstract; the metric `rollout_length_mean` reports 0 there."""
+    if isinstance(mask, jax.core.Tracer) or bool(jnp.any(jnp.asarray(mask) > 0)):
+        return
+    warnings.warn(f"TopdInputs.mask {tuple(mask.shape)} has no valid token: the loss is 0 with zero gradients",
+                  stacklevel=3)
+
+
 def check_shapes(inputs: TopdInputs) -> dict[str, int]:
     """The named sizes {B, T, M, K, R, k} of `inputs`, or a one-line error naming the first field
     whose shape disagrees with the others."""
@@ -485,6 +496,7 @@ def topd_loss(inputs: TopdInputs, config: TopdConfig) -> tuple[Array, dict[str, 
     everything `topd_diagnostics` lists.
     """
     check_shapes(inputs)
+    warn_without_tokens(inputs.mask)
     selection = None
     if config.uses_candidates or inputs.ot is not None:
         selection = topd_weights(inputs, config)
