@@ -205,7 +205,8 @@ class DataConfig:
                    synthetic: the seeded arithmetic task of `topd_jax.data.synthetic` (its own
                    word-level tokenizer of 30 tokens; models need vocab_size >= 30) |
                    tfds: a local JSONL or Parquet math file built once into a TFDS ArrayRecord
-                   dataset (in data_dir) and read per host, each process its own slice
+                   dataset (in data_dir) and read through Grain, each process its own shard
+                   of the records (every n-th from its index) in a seeded order per epoch
     path           the JSONL (or, for tfds, Parquet) file; required for jsonl and tfds
     layout         tfds: how the file's fields map to problem/answer (prompts | aime24 | aime25 |
                    amc23 | math500 | gsm8k; see topd_jax.data.math_sets)
