@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from topd_jax.losses.candidates import gather_tokens, tokens_at
 from topd_jax.losses.locators import require
+from topd_jax.losses.stats import mean_where
 
 if TYPE_CHECKING:  # topd.py imports this module
     from topd_jax.losses.topd import Selection, TopdConfig, TopdInputs
@@ -328,17 +329,13 @@ def _at_divergent(inputs, selection) -> Array:
     return at & (inputs.mask > 0)
 
 
-def _mean_where(values: Array, where: Array) -> Array:
-    return jnp.sum(jnp.where(where, values, 0.0)) / jnp.maximum(jnp.sum(where), 1)
-
-
 def _return_terms(inputs, config, selection) -> Terms:
     """A_t = -(d_t + lambda F_t) at R; loss_traj reports the mean credited drift F_t over R."""
     divergence = inputs.behaviour_logprobs - inputs.teacher_logprobs
     at = _at_divergent(inputs, selection)
     future = near_future_return(divergence, inputs.mask, window=config.window, gamma=config.option("gamma"))
     advantage = -(divergence + jnp.where(at, config.traj_weight * future, 0.0))
-    return Terms(advantage, None, _mean_where(future, at))
+    return Terms(advantage, None, mean_where(future, at))
 
 
 def _bounded_return_terms(inputs, config, selection) -> Terms:
@@ -353,7 +350,7 @@ def _bounded_return_terms(inputs, config, selection) -> Terms:
     g = zscore(r + config.traj_weight * future, mask)
     at = mask if config.option("at") == "every" else _at_divergent(inputs, selection)
     advantage = jnp.where(at, g, -divergence)
-    return Terms(advantage, None, _mean_where(future, at))
+    return Terms(advantage, None, mean_where(future, at))
 
 
 def _relay_terms(inputs, config, selection) -> Terms:
@@ -362,7 +359,7 @@ def _relay_terms(inputs, config, selection) -> Terms:
     tokens only (w = 0 on the segment) + lambda mean over segment tokens of the top-k forward KL
     (the segments arrive as windows at their start positions)."""
     written = require(inputs.teacher_written, "teacher_written", "for guidance 'relay'") > 0
-    share = _mean_where(written.astype(jnp.float32), inputs.mask > 0)
+    share = mean_where(written.astype(jnp.float32), inputs.mask > 0)
     if config.option("loss") == "advantage":
         return Terms(None, None, jnp.zeros((), jnp.float32), extra={"teacher_token_share": share})
     window_mask = require(inputs.window_mask, "window_mask", "for guidance_options.loss='fkl'")

@@ -82,3 +82,8 @@ def masked_histogram(values: Array, valid: Array, *, bins: int, low: float, high
     x = values.reshape(-1).astype(jnp.float32)
     idx = jnp.clip(jnp.floor((x - low) / (high - low) * bins), 0, bins - 1).astype(jnp.int32)
     return jnp.zeros((bins,), jnp.float32).at[idx].add(valid.reshape(-1).astype(jnp.float32))
+
+
+def mean_where(values: Array, where: Array) -> Array:
+    """The mean of values over the entries `where` (0 when there is none)."""
+    return jnp.sum(jnp.where(where, values, 0.0)) / jnp.maximum(jnp.sum(where), 1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Literal, Mapping
 
 import jax
@@ -28,7 +27,8 @@ from topd_jax.losses.guidance import (GUIDANCE, Options, forward_kl_topk, near_f
 from topd_jax.losses.locators import LOCATORS, get_locator
 from topd_jax.losses.opd import AGGREGATIONS, opd_loss
 from topd_jax.losses.ot import DEFAULT_EPSILON, DEFAULT_NUM_ITERS
-from topd_jax.losses.stats import masked_histogram, spearman
+from topd_jax.losses.checks import FIELD_AXES, check_shapes, warn_without_tokens  # noqa: F401 (public here)
+from topd_jax.losses.stats import masked_histogram, mean_where, spearman
 
 Array = jax.Array
 OT_HISTOGRAM_BINS = 20
@@ -267,64 +267,6 @@ class TopdInputs:
     teacher_written: Array | None = None
 
 
-# The named axes of every TopdInputs field, in order (shapes as in the module docstring).
-FIELD_AXES = {
-    "student_logprobs": "BT",
-    "behaviour_logprobs": "BT",
-    "teacher_logprobs": "BT",
-    "mask": "BT",
-    "positions": "BM",
-    "valid": "BM",
-    "ot": "BM",
-    "reference_ot": "BR",
-    "reference_valid": "BR",
-    "reference_positions": "BR",
-    "window_logprobs": "BMK",
-    "window_mask": "BMK",
-    "window_student_topk_logprobs": "BMKk",
-    "window_teacher_topk_logprobs": "BMKk",
-    "teacher_agrees": "BT",
-    "finished": "B",
-    "candidate_labels": "BM",
-    "teacher_written": "BT",
-}
-
-
-def warn_without_tokens(mask: Array) -> None:
-    """A one-line warning when a concrete mask has no valid token: the loss is then 0 with zero
-    gradients, which is defined (padding-only batches are allowed) but rarely meant. Under jit the
-    mask is abstract; the metric `rollout_length_mean` reports 0 there."""
-    if isinstance(mask, jax.core.Tracer) or bool(jnp.any(jnp.asarray(mask) > 0)):
-        return
-    warnings.warn(f"TopdInputs.mask {tuple(mask.shape)} has no valid token: the loss is 0 with zero gradients",
-                  stacklevel=3)
-
-
-def check_shapes(inputs: TopdInputs) -> dict[str, int]:
-    """The named sizes {B, T, M, K, R, k} of `inputs`, or a one-line error naming the first field
-    whose shape disagrees with the others."""
-    sizes: dict[str, int] = {}
-    for name, axes in FIELD_AXES.items():
-        value = getattr(inputs, name)
-        if value is None:
-            continue
-        if value.ndim != len(axes):
-            raise ValueError(f"TopdInputs.{name} must be [{', '.join(axes)}], got shape {tuple(value.shape)}")
-        for axis, size in zip(axes, value.shape):
-            if sizes.setdefault(axis, size) != size:
-                raise ValueError(
-                    f"TopdInputs.{name} has {axis}={size} but earlier fields have {axis}={sizes[axis]} "
-                    f"(shape {tuple(value.shape)})"
-                )
-    if (inputs.positions is None) != (inputs.valid is None):
-        raise ValueError("TopdInputs.positions and TopdInputs.valid must be given together")
-    return sizes
-
-
-def _mean_where(values: Array, where: Array) -> Array:
-    return jnp.sum(jnp.where(where, values, 0.0)) / jnp.maximum(jnp.sum(where), 1)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Selection:
@@ -452,7 +394,7 @@ def topd_diagnostics(inputs: TopdInputs, config: TopdConfig, selection: Selectio
     if selection is not None:
         s = selection
         if config.suppress_weight != 1.0:
-            metrics["suppressed_fraction"] = _mean_where(s.suppressed.astype(jnp.float32), valid_tokens)
+            metrics["suppressed_fraction"] = mean_where(s.suppressed.astype(jnp.float32), valid_tokens)
         low = s.valid & ~s.divergent
         num_valid = jnp.sum(s.valid)
         prefix = get_locator(config.locator).metric_prefix
@@ -462,25 +404,25 @@ def topd_diagnostics(inputs: TopdInputs, config: TopdConfig, selection: Selectio
             "low_divergence_share": jnp.sum(low) / jnp.maximum(num_valid, 1),
             "loss_ot_spearman": spearman(s.candidate_divergence, s.scores, s.valid),
             "divergence_threshold": jnp.where(s.tau_defined, s.tau, 0.0),
-            f"{prefix}_candidates_mean": _mean_where(s.scores, s.valid),
+            f"{prefix}_candidates_mean": mean_where(s.scores, s.valid),
             f"{prefix}_hist_candidates": masked_histogram(s.scores, s.valid, bins=OT_HISTOGRAM_BINS, low=0.0,
                                                           high=2.0),
         })
         if s.reference is not None:
-            metrics[f"{prefix}_reference_mean"] = _mean_where(s.reference, s.reference_valid)
+            metrics[f"{prefix}_reference_mean"] = mean_where(s.reference, s.reference_valid)
             metrics[f"{prefix}_hist_reference"] = masked_histogram(s.reference, s.reference_valid,
                                                                    bins=OT_HISTOGRAM_BINS, low=0.0, high=2.0)
         if inputs.window_mask is not None:
             lengths = jnp.sum(inputs.window_mask > 0, axis=-1)
-            metrics["window_length_mean"] = _mean_where(lengths.astype(jnp.float32), s.valid)
+            metrics["window_length_mean"] = mean_where(lengths.astype(jnp.float32), s.valid)
     # Per-rollout diagnostics count only rollouts with tokens, so padded rows change nothing.
     lengths = jnp.sum(valid_tokens, axis=-1)
     has_tokens = lengths > 0
-    metrics["rollout_length_mean"] = _mean_where(lengths.astype(jnp.float32), has_tokens)
+    metrics["rollout_length_mean"] = mean_where(lengths.astype(jnp.float32), has_tokens)
     if inputs.finished is not None:
-        metrics["eos_rate"] = _mean_where((inputs.finished > 0).astype(jnp.float32), has_tokens)
+        metrics["eos_rate"] = mean_where((inputs.finished > 0).astype(jnp.float32), has_tokens)
     if inputs.teacher_agrees is not None:
-        metrics["teacher_agreement"] = _mean_where((inputs.teacher_agrees > 0).astype(jnp.float32), valid_tokens)
+        metrics["teacher_agreement"] = mean_where((inputs.teacher_agrees > 0).astype(jnp.float32), valid_tokens)
     return metrics
 
 
