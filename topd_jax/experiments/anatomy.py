@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from topd_jax.data import synthetic
+from topd_jax.experiments.locator_analysis import jit_locate
 from topd_jax.experiments import models, protocol
 from topd_jax.losses.opd import reverse_kl
 from topd_jax.trainer.step import experience, student_loss
@@ -114,7 +115,7 @@ def measure(cache_dir: str, *, batch: int = protocol.BATCH, seed: int = 0) -> di
                                           output_dir=os.devnull).loss
             draws = []
             for key in (1, 2):  # same rollout, candidates and (oracle) R; another teacher window draw
-                located = protocol._locate(graphdef, params, teacher_graphdef, teacher_params, rollout, scores,
+                located = jit_locate(graphdef, params, teacher_graphdef, teacher_params, rollout, scores,
                                            jax.random.PRNGKey(key), loss=loss)
                 batch_ = experience(rollout, scores, located)
                 g_full = _grad(params, graphdef, batch_, loss=loss)
