@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from topd_jax.hardware.chips import CHIPS
-from topd_jax.plan import measure, report, topology
+from topd_jax.plan import measure, report, steps, topology
 from topd_jax.plan.cli import main
 from topd_jax.trainer.config import load_config
 from topd_jax.trainer.flops import PhaseTimer
@@ -61,6 +61,13 @@ def test_plan_tiny_config_on_a_tpu_topology(tmp_path, capsys):
     assert plan["step"]["bound_s"] == pytest.approx(sum(p["bound_s"] for p in plan["phases"]))
     assert plan["step"]["roofline_s"] == pytest.approx(sum(p["roofline_s"] for p in plan["phases"]))
     assert sample["decode_tokens_per_device"] == 8 * 24 / 4  # 8 rollouts x 24 tokens over 4 chips
+    # --lengths max, rollout.mode static (the defaults): the sample row is its loop run to the cap.
+    static, chip = plan["sampling"]["modes"]["static"], plan["chip_figures"]
+    assert plan["step"]["rollout_mode"] == "static" and plan["sampling"]["lengths"] == "max"
+    assert static["decode_steps"] == 24 and static["roofline_s"] == pytest.approx(sample["roofline_s"])
+    loops = sample["with_loops"]
+    assert sample["roofline_s"] == pytest.approx(max(loops["tflop"] * 1e12 / chip["peak_flops"], loops["hbm_bytes"]
+                                                     / chip["hbm_bandwidth"], loops["collective_bytes"] / chip["ici_bandwidth"]))
     assert all(d["weight_bytes"] > 0 and d["cache_bytes"] > 0 for d in sample["decode_steps"] + branch["decode_steps"])
     # The inference layout: auto, tensor 2 over the models' 2 kv heads, data over the rest.
     assert plan["inference_mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 1}
@@ -216,8 +223,8 @@ def test_a_decode_step_reads_about_its_weights_and_filled_cache_once():
     alive = jax.ShapeDtypeStruct((8,), jnp.bool_, sharding=batch_sharding(mesh, (8,)))
     index = 1023
     with jax.set_mesh(mesh):
-        compiled = measure._lower_step(functools.partial(measure._generate_step, index=index), graphdef, params, rows,
-                                       alive, keys, values, valid, carried=(3, 4)).compile()
+        compiled = steps.lower_step(functools.partial(steps.generate_step, index=index), graphdef, params, rows,
+                                    alive, keys, values, valid, carried=(3, 4)).compile()
     cache_share = measure.per_device_bytes((keys, values))
     must = measure.per_device_bytes(params) + cache_share * (index + 1) / 2048
     read = hlo.hbm_bytes(hlo.parse(compiled.as_text()))

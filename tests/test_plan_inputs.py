@@ -12,6 +12,9 @@ from topd_jax.plan import cli, measure
     (["loss.max_candidates=100000"], "error: loss.max_candidates: 100000 positions per rollout, but a rollout has "
                                      "only rollout.max_new_tokens=24 positions; use at most 24"),
     (["--student-layers", "0"], "error: --student-layers must be >= 1, got 0"),
+    (["--lengths", "lognormal:3000"], "error: lengths 'lognormal:3000': expected lognormal:MEAN,SIGMA (two numbers), "
+                                      "e.g. lognormal:3276.8,0.8"),
+    (["--lengths", "MISSING/l.json"], "error: lengths 'MISSING/l.json': No such file or directory"),
 ])
 def test_bad_input_is_exit_2_before_compiling(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(measure, "plan_step", lambda *a, **k: pytest.fail("compiled"))

@@ -15,9 +15,10 @@ each run `times` times; a part costs max(F / peak FLOP/s, H / HBM bandwidth) (pe
        their weights once
 
 Decode parts use the average filled length: the sampling loop's step t reads P + t slots, so
-the mean step reads P + N / 2; the window steps read the prefix (P + N / 2 on average, each row's
+the mean step of a loop run to the cap N reads P + N / 2 (a rollout mode's own steps and mean
+filled length: `plan.modes`); the window steps read the prefix (P + N / 2 on average, each row's
 cache once for all its M branches). Each device's shares come from the abstract arrays with their
-shardings (`measure.per_device_bytes`), so they follow the inference mesh.
+shardings (`figures.per_device_bytes`), so they follow the inference mesh.
 
 Recomputation (remat), masked padding, per-expert capacity and every elementwise op are excluded:
 the bound is what no program can beat, not what this one should reach.
@@ -38,7 +39,7 @@ class Part:
     what: str
     flops: float
     hbm_bytes: float
-    times: int = 1
+    times: float = 1  # a rollout mode's expected steps need not be whole
 
     def seconds(self, chip: Chip) -> float:
         return self.times * max(self.flops / chip.peak_flops, self.hbm_bytes / chip.hbm_bandwidth)
@@ -73,16 +74,29 @@ def forward_flops(cfg: ModelConfig, tokens: float, context: float, scored: float
     return tokens * per_token + scored * 2 * cfg.hidden_size * cfg.vocab_size
 
 
+def prefill_part(cfg: ModelConfig, *, rows: int, prompt: int, devices: int, weight_bytes: float) -> Part:
+    """The prefill of `rows` prompts of `prompt` tokens (weight_bytes: one device's share)."""
+    return Part("prefill", forward_flops(cfg, rows * prompt, prompt / 2, rows) / devices, weight_bytes)
+
+
+def decode_part(cfg: ModelConfig, *, rows: int, filled: float, steps: float, devices: int, weight_bytes: float,
+                slot_bytes: float) -> Part:
+    """`steps` decode steps of `rows` rows, each reading `filled` cache slots per row on average."""
+    return Part("decode step", forward_flops(cfg, rows, filled, rows) / devices, weight_bytes + slot_bytes * filled,
+                steps)
+
+
 def sample_bound(cfg: ModelConfig, *, rows: int, prompt: int, new: int, devices: int, weight_bytes: float,
                  slot_bytes: float) -> Bound:
-    """The prefill of `rows` prompts of `prompt` tokens, then `new` decode steps.
+    """The prefill of `rows` prompts of `prompt` tokens, then `new` decode steps (the loop run to
+    its cap; `plan.modes` for the steps a rollout mode runs).
 
     weight_bytes: one device's share of the student's weights (inference layout); slot_bytes: one
     device's share of one cache slot of every row (its rows x its kv heads x layers x K and V)."""
-    prefill = Part("prefill", forward_flops(cfg, rows * prompt, prompt / 2, rows) / devices, weight_bytes)
-    step = Part("decode step", forward_flops(cfg, rows, prompt + new / 2, rows) / devices,
-                weight_bytes + slot_bytes * (prompt + new / 2), new)
-    return Bound((prefill, step), decode_tokens=rows * new / devices)
+    return Bound((prefill_part(cfg, rows=rows, prompt=prompt, devices=devices, weight_bytes=weight_bytes),
+                  decode_part(cfg, rows=rows, filled=prompt + new / 2, steps=new, devices=devices,
+                              weight_bytes=weight_bytes, slot_bytes=slot_bytes)),
+                 decode_tokens=rows * new / devices)
 
 
 def score_bound(cfg: ModelConfig, *, rows: int, length: int, scored: int, devices: int,
@@ -106,5 +120,5 @@ def update_bound(cfg: ModelConfig, *, rows: int, length: int, scored: int, devic
                        / devices, 3 * weight_bytes),))
 
 
-__all__ = ["Bound", "Part", "forward_flops", "layer_flops_per_token", "sample_bound", "score_bound",
-           "update_bound", "window_bound"]
+__all__ = ["Bound", "Part", "decode_part", "forward_flops", "layer_flops_per_token", "prefill_part", "sample_bound",
+           "score_bound", "update_bound", "window_bound"]

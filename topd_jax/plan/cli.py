@@ -7,7 +7,10 @@ Same config file and `key=value` overrides as `python -m topd_jax.train`. TOPOLO
 (`v5p:4x4x2`, `v6e:8x8`, `v5e:4x4`: chip and chip grid) compiled for on any machine through libtpu
 (`pip install -e ".[tpu]"`; no TPU is opened), or `local` for this machine's devices. Models need
 only their config.json (no weight file is read). Prints per-device memory, FLOPs, HBM bytes,
-collective bytes and a roofline estimate per phase (sample, score, branch, train); exit status 1
+collective bytes and a roofline estimate per phase (sample, score, branch, train), and the sample
+phase per rollout mode (static, continuous) side by side at the rollouts' lengths: --lengths max
+(every rollout runs to max_new_tokens), lognormal:MEAN,SIGMA (E[length] = MEAN tokens before the
+cap, SIGMA its log-space sigma) or PATH.json ({"lengths": [...], "counts": [...]}); exit status 1
 with one line per phase that exceeds --headroom x HBM or does not compile, 2 for bad input.
 """
 
@@ -36,6 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="skip compiling one decode step of each loop alone")
     parser.add_argument("--phases", metavar="LIST",
                         help="compile only these of sample,score,branch,train (the others are lowered for shapes)")
+    parser.add_argument("--lengths", default="max", metavar="SPEC",
+                        help="rollout lengths: max (default), lognormal:MEAN,SIGMA or PATH.json (docs/plan.md)")
     parser.add_argument("--buffers", type=int, default=0, metavar="N",
                         help="also list each phase's N largest arrays of the compiled program")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -78,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             unknown = [p for p in phases if p not in PHASES]
             if unknown or not phases:
                 raise ConfigError(f"--phases: unknown phase {(unknown or [''])[0]!r}; choose from {','.join(PHASES)}")
+        from topd_jax.plan.lengths import parse_lengths
+        from topd_jax.plan.modes import check_mode
+
+        lengths = parse_lengths(args.lengths)
+        check_mode(getattr(config.rollout, "mode", "static"))
         if args.json:  # before minutes of compiling, not after
             check_writable(args.json, directory=False)
     except (ConfigError, ValueError, OSError) as err:
@@ -89,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices, chip = topology.topology_devices(args.topology)
         plan = measure.plan_step(config, devices, student_layers=args.student_layers,
                                  teacher_layers=args.teacher_layers, decode_steps=not args.no_decode_steps,
-                                 buffers=args.buffers, only=phases,
+                                 buffers=args.buffers, only=phases, lengths=lengths,
                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ConfigError, ValueError, OSError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)

@@ -39,9 +39,9 @@ XLA's cost analysis counts a while loop's body once (checked: a loop of 4 and on
 both report one matmul's FLOPs); `hlo` reads the trip count of counted loops from the program's
 structure. The decode loops (`generate`'s one-token steps, `branch`'s K window steps) stop when
 every row has sampled an EOS, so they have no trip count and their body counts once; one step is
-also compiled on its own through the model's step function (`CausalLM.__call__` on one token with
-the cache, `CausalLM.branch_step`) and reported with the number of steps the phase runs at most;
-`DecodeStep.loop_*` are steps x step.
+also compiled on its own (`plan.steps`) and reported with the number of steps the phase runs at
+most; `DecodeStep.loop_*` are steps x step. The sample phase is also planned per rollout mode at
+the rollouts' lengths (`plan.lengths`, `plan.modes`): `StepPlan.sampling`.
 """
 
 from __future__ import annotations
@@ -57,15 +57,17 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.experimental.layout import Format, Layout
 
 from topd_jax.losses.locators import LOCATORS
-from topd_jax.models.decoder import KVCache, init_branch_cache
-from topd_jax.models.sharding import batch_sharding, logical_sharding, mesh_axes
+from topd_jax.models.sharding import batch_sharding
 from topd_jax.errors import first_line
 from topd_jax.hardware import hlo
 from topd_jax.hardware.hlo import KINDS
+from topd_jax.plan import modes, steps
 from topd_jax.plan.bound import Bound, sample_bound, score_bound, update_bound, window_bound
+from topd_jax.plan.figures import ProgramFigures, computed_bytes, per_device_bytes, program_figures, with_shardings
+from topd_jax.plan.lengths import Lengths, parse_lengths
+from topd_jax.plan.steps import DecodeStep
 from topd_jax.trainer import placement, phases
 from topd_jax.trainer.config import TrainConfig
 from topd_jax.trainer.runtime import inference_mesh, mesh_from_config
@@ -76,60 +78,6 @@ PHASES = ("sample", "score", "branch", "train")  # the trainer's time keys, in s
 
 class _ChainStopped(Exception):
     """A phase did not lower or compile to outputs: the phases after it cannot be lowered."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ProgramFigures:
-    """The FLOPs, bytes and loops of one compiled program, per device (module docstring)."""
-
-    flops: float = 0.0
-    hbm_bytes: float = 0.0
-    collectives: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
-    xla_flops: float = 0.0
-    xla_hbm_bytes: float = 0.0
-    loops: tuple[int | None, ...] = ()
-    uncounted: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def program_figures(compiled: Any, module: hlo.Module | None = None) -> ProgramFigures:
-    """`ProgramFigures` of a compiled program (`module`: its parsed `as_text()`, when at hand)."""
-    module = module if module is not None else hlo.parse(compiled.as_text())
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    return ProgramFigures(
-        flops=hlo.flops(module), hbm_bytes=hlo.hbm_bytes(module),
-        collectives={k: float(v) for k, v in hlo.collective_bytes(module).items()},
-        xla_flops=float(cost.get("flops", 0.0)), xla_hbm_bytes=float(cost.get("bytes accessed", 0.0)),
-        loops=tuple(n for _, _, n in module.trip_counts), uncounted=hlo.uncounted_kernels(module))
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeStep:
-    """One step of a decode loop compiled alone: its model, FLOPs and HBM bytes per device
-    (`ProgramFigures`: the step's scanned layers per iteration; xla_*: XLA's cost analysis), and
-    the number of steps the phase runs at most (max_new_tokens or the window K). weight_bytes and
-    cache_bytes: the device's share of the model's weights and of the KV cache slots the step
-    attends to, the bytes it must read (the plan prints hbm_bytes / their sum)."""
-
-    model: str
-    steps: int
-    flops: float
-    hbm_bytes: float
-    collectives: dict[str, float]
-    compile_s: float
-    xla_flops: float = 0.0
-    xla_hbm_bytes: float = 0.0
-    uncounted: dict[str, int] = dataclasses.field(default_factory=dict)
-    weight_bytes: float = 0.0
-    cache_bytes: float = 0.0
-
-    @property
-    def loop_flops(self) -> float:
-        return self.steps * self.flops
-
-    @property
-    def loop_hbm_bytes(self) -> float:
-        return self.steps * self.hbm_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,33 +123,7 @@ class StepPlan:
     student_layers: tuple[int, int]  # (compiled, in config.json)
     teacher_layers: tuple[int, int]
     inference_mesh_shape: dict[str, int] = dataclasses.field(default_factory=dict)  # sample, branch
-
-
-def per_device_bytes(tree: Any) -> float:
-    """Bytes one device holds of a tree of sharded arrays or ShapeDtypeStructs (its largest shard)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
-    return float(total)
-
-
-def computed_bytes(params: Any) -> float:
-    """Bytes of the weights one device computes with: its share under the model-parallel axes
-    (`tensor`, `expert`) only. Weights split over `fsdp` or `data` are gathered before use, so a
-    decode step must read (receive) all of them; this is the weights term of its bound."""
-
-    def one(x):
-        share = math.prod(x.sharding.mesh.shape[a] for entry in x.sharding.spec for a in mesh_axes(entry)
-                          if a in ("tensor", "expert"))
-        return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize / share
-
-    return float(sum(one(x) for x in jax.tree.leaves(params)))
-
-
-def with_shardings(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs of `tree`'s leaves placed on the matching leaves of `shardings`."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    sampling: modes.Sampling | None = None  # the sample phase per rollout mode at the plan's lengths
 
 
 def _batch_split(tree: Any, mesh) -> Any:
@@ -268,55 +190,6 @@ def _compile(phase: str, lower: Callable[[], Any], held: float, mesh, buffers: i
     return _figures(phase, compiled, held, time.perf_counter() - begin, buffers), out
 
 
-def _generate_step(graphdef, params, tokens, alive, keys, values, valid, *, index):
-    """One sampling step with the cache filled to slot `index` (a Python int: the step's reads are
-    static, so the plan counts them; `generate` runs the same code at a traced index)."""
-    cache = KVCache(keys, values, valid, index)
-    return nnx.merge(graphdef, params)(tokens[:, None], attention_mask=alive[:, None], cache=cache)
-
-
-def _branch_step(graphdef, params, fed, positions, cache, last, branch_kv, step, *, prefix_end):
-    """One window step with every branch's prefix read up to `prefix_end` slots (static)."""
-    return nnx.merge(graphdef, params).branch_step(fed, positions, cache, last, branch_kv, step, prefix_end)
-
-
-def _lower_step(step, graphdef, *args, carried: tuple[int, ...], invariant: tuple[int, ...] = ()):
-    """Lower one loop step alone, for its FLOPs and bytes, as the loop runs it: the carried buffers
-    (args[carried]: the cache, or the branches' cache) donated and in a layout the compiler picks,
-    in and out, and the loop-invariant ones it only reads (args[invariant]: the prefix cache of the
-    windows) in a layout it picks too. In the loop the carry keeps one layout from step to step and
-    an invariant input is laid out once before the first; a step compiled alone with the caller's
-    default layouts would copy the whole cache into its preferred one at every step, a conversion
-    the loop makes once or never."""
-    fn = functools.partial(step, graphdef)
-    shardings = [jax.tree.map(lambda x: x.sharding, a) for a in args]
-    for i in (*carried, *invariant):
-        shardings[i] = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding) if x.ndim >= 3 else x.sharding, args[i])
-    out = jax.eval_shape(fn, *args)
-    mesh = next(x.sharding.mesh for x in jax.tree.leaves(args))
-    # The carried outputs keep the carried inputs' formats (the loop's next step reads them).
-    formats = {a.shape: f for i in carried for a, f in zip(jax.tree.leaves(args[i]), jax.tree.leaves(shardings[i]))}
-    out_shardings = jax.tree.map(lambda x: formats.get(x.shape) if x.ndim >= 3 and x.shape in formats
-                                 else batch_sharding(mesh, x.shape) if x.ndim else placement.replicated(mesh), out)
-    return jax.jit(fn, in_shardings=tuple(shardings), out_shardings=out_shardings,
-                   donate_argnums=carried).lower(*args)
-
-
-def _decode_step(model: str, steps: int, lower: Callable[[], Any], mesh, weight_bytes: float,
-                 cache_bytes: float) -> DecodeStep | None:
-    begin = time.perf_counter()
-    try:
-        with jax.set_mesh(mesh), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Error reading persistent compilation cache entry")
-            compiled = lower().compile()
-    except Exception:  # the phase's own figures carry the reason
-        return None
-    p = program_figures(compiled)
-    return DecodeStep(model, steps, p.flops, p.hbm_bytes, p.collectives, time.perf_counter() - begin,
-                      xla_flops=p.xla_flops, xla_hbm_bytes=p.xla_hbm_bytes, uncounted=p.uncounted,
-                      weight_bytes=weight_bytes, cache_bytes=cache_bytes)
-
-
 def _abstract_params(cfg, dtype: str, mesh):
     graphdef, params = nnx.split(phases.abstract_model(cfg, dtype), nnx.Param)
     return graphdef, with_shardings(params, placement.tree_shardings(params, mesh))
@@ -324,19 +197,24 @@ def _abstract_params(cfg, dtype: str, mesh):
 
 def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None,
               teacher_layers: int | None = None, decode_steps: bool = True, buffers: int = 0,
-              only: tuple[str, ...] | None = None, progress: Callable[[str], None] = lambda line: None) -> StepPlan:
+              only: tuple[str, ...] | None = None, lengths: Lengths | str = "max",
+              progress: Callable[[str], None] = lambda line: None) -> StepPlan:
     """Compile the four phases of `config`'s train step for `devices` (module docstring).
 
     student_layers / teacher_layers cut the models to their first layers (compile time grows with
     depth); decode_steps=False skips the separately compiled loop steps; buffers > 0 lists each
     phase's largest materialised arrays (`hlo.largest_arrays`). `only` compiles just these phases:
     the others are lowered for their outputs' shapes, which take the batch-split shardings the decode
-    loops pin (the update's input shardings are its own either way). `progress` gets one line per
+    loops pin (the update's input shardings are its own either way). `lengths` (a `plan.lengths`
+    spec or its parse) gives the rollouts' lengths the sample phase is planned at per rollout mode
+    (`plan.modes`; the config's `rollout.mode` is the sample phase's). `progress` gets one line per
     compiled program.
     """
     bad = sorted(set(only or ()) - set(PHASES))
     if bad:
         raise ValueError(f"unknown phase {', '.join(bad)}; phases: {', '.join(PHASES)}")
+    lengths = parse_lengths(lengths) if isinstance(lengths, str) else lengths
+    modes.check_mode(getattr(config.rollout, "mode", "static"))
     mesh = mesh_from_config(config.mesh, devices)
     r = config.rollout
     placement.batch_size_divides(r.prompts_per_step * r.num_samples, mesh)
@@ -440,11 +318,19 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
 
     bounds = _bounds(config, loss, rollout, scores, located, params, t_params, state.params, s_cfg, t_cfg, len(devices))
     results = [dataclasses.replace(r, bound=bounds.get(r.phase)) for r in results]
+    mid = first = None
     if decode_steps and rollout is not None and wanted & {"sample", "branch"}:
-        results = _with_decode_steps(results, rollout, scores, located, graphdef, params, t_graphdef, t_params,
-                                     s_cfg, t_cfg, config, loss, inf_mesh, progress)
+        mid, first = steps.sample_steps(rollout, graphdef, params, config, inf_mesh, progress,
+                                        first="sample" in wanted)
+        windows = steps.branch_steps(rollout, scores, located, graphdef, params, t_graphdef, t_params, s_cfg, t_cfg,
+                                     config, loss, inf_mesh, progress)
+        results = [dataclasses.replace(r, decode=(mid,)) if r.phase == "sample" and mid is not None else
+                   dataclasses.replace(r, decode=windows) if r.phase == "branch" and windows else r for r in results]
+    sample = next((r for r in results if r.phase == "sample"), None)
+    sampling = None if rollout is None else modes.plan_sampling(
+        config, lengths, rollout.cache, params, s_cfg, len(devices), sample, mid, first)
     return StepPlan(tuple(results), dict(mesh.shape), len(devices), (s_cfg.num_layers, s_full.num_layers),
-                    (t_cfg.num_layers, t_full.num_layers), dict(inf_mesh.shape))
+                    (t_cfg.num_layers, t_full.num_layers), dict(inf_mesh.shape), sampling)
 
 
 def _bounds(config, loss, rollout, scores, located, params, t_params, train_params, s_cfg, t_cfg, n) -> dict:
@@ -483,56 +369,6 @@ def _bounds(config, loss, rollout, scores, located, params, t_params, train_para
         parts.append(window_bound(t_cfg, rows=b, points=m, window=loss.window, prefix=prefix, devices=n,
                                   weight_bytes=computed_bytes(t_params), slot_bytes=t_slot))
     out["branch"] = Bound(tuple(parts))
-    return out
-
-
-def _with_decode_steps(results, rollout, scores, located, graphdef, params, t_graphdef, t_params, s_cfg, t_cfg,
-                       config, loss, mesh, progress):
-    """Attach the separately compiled loop steps to the sample and branch phases."""
-    b = rollout.tokens.shape[0]
-    rows = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding(mesh, (b,)))
-    alive = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sharding(mesh, (b,)))
-    progress("compiling one decode step of sample ...")
-    # The step at the mean filled length: step t of the loop reads P + t + 1 slots.
-    cache, n = rollout.cache, config.rollout.max_new_tokens
-    index = config.data.prompt_length + n // 2
-    sample_step = _decode_step("student", n, lambda: _lower_step(
-        functools.partial(_generate_step, index=index), graphdef, params, rows, alive, cache.keys, cache.values,
-        cache.valid, carried=(3, 4)), mesh, computed_bytes(params),
-        per_device_bytes((cache.keys, cache.values)) * (index + 1) / cache.max_len)
-    branch_steps = []
-    if located is not None and loss.uses_windows and scores is not None and scores.cache is not None:
-        points = located.positions.shape[1]
-        ot = LOCATORS[loss.locator].branches
-        if ot and located.reference_positions is not None:
-            points += located.reference_positions.shape[1]
-        shape = (b, points)
-        index = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
-        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=placement.replicated(mesh))
-        models = [("teacher", t_graphdef, t_params, t_cfg, scores.cache, config.teacher.dtype)]
-        if ot:
-            models.append(("student", graphdef, params, s_cfg, rollout.cache, config.student.dtype))
-        # The window step with prefixes of the mean length (a candidate t of the N completion tokens
-        # is N / 2 in on average); the branch caches split as the KV cache is.
-        prefix_end = config.data.prompt_length + config.rollout.max_new_tokens // 2
-        for name, gd, ps, cfg, cache, dtype in models:
-            kv = jax.eval_shape(lambda: init_branch_cache(cfg, b, points, loss.window, phases.DTYPES[dtype]))
-            kv = with_shardings(kv, jax.tree.map(lambda x: logical_sharding(
-                ("batch", "layers", None, None, "kv_heads", "head_dim"), x.shape, mesh), kv))
-            progress(f"compiling one window step of branch ({name}) ...")
-            found = _decode_step(name, loss.window, functools.partial(
-                _lower_step, functools.partial(_branch_step, prefix_end=prefix_end), gd, ps, index, index, cache,
-                index, kv, step, carried=(5,), invariant=(3,)), mesh, computed_bytes(ps),
-                per_device_bytes((cache.keys, cache.values)) * prefix_end / cache.max_len + per_device_bytes(kv))
-            if found is not None:
-                branch_steps.append(found)
-    out = []
-    for figures in results:
-        if figures.phase == "sample" and sample_step is not None:
-            figures = dataclasses.replace(figures, decode=(sample_step,))
-        elif figures.phase == "branch" and branch_steps:
-            figures = dataclasses.replace(figures, decode=tuple(branch_steps))
-        out.append(figures)
     return out
 
 
