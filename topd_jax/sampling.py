@@ -11,9 +11,12 @@
 Sampling (both functions, one `SamplingOptions`): temperature T = 0 is greedy (argmax). Otherwise
 the token is drawn from softmax(z / T) truncated to the top_k most likely tokens (top_k > 0; top_k
 >= V keeps all), then to the smallest most-likely set whose renormalised probability is >= top_p
-(always at least one token), and renormalised (the order of Hugging Face's logits warpers). Step i
-of a loop draws with `jax.random.fold_in(key, i)` for all rows at once, so a fixed key gives
-identical output. The returned log-probs are always log softmax(z)[y] at temperature 1 without
+(always at least one token), and renormalised (the order of Hugging Face's logits warpers). A
+rollout's row r (prompt i, sample j: r = i * num_samples + j) draws its token t with
+fold_in(fold_in(key, r), t) (`row_keys`, `draw`), so its completion depends on its prompt, the key
+and r only, whichever batch or decode slot it is in (`topd_jax.slots` draws the same tokens); a
+window (b, m) is row r = b M + m of its [B, M] branches, drawn likewise (the same tokens as
+`generate` from its re-prefilled prefix, row for row). A fixed key gives identical output. The returned log-probs are always log softmax(z)[y] at temperature 1 without
 truncation: the behaviour log-prob b_t that OPD compares with the teacher (TOPD.md, section 1).
 
 Completion masks are 1 through the first EOS inclusive and 0 after; after a row finished, its
@@ -120,7 +123,7 @@ class SamplingOptions:
             object.__setattr__(self, name, value)
 
 
-def _check_options(options, vocab: int) -> SamplingOptions:
+def check_options(options, vocab: int) -> SamplingOptions:
     """Refuse a non-SamplingOptions or EOS ids outside the model's vocabulary [0, vocab)."""
     if not isinstance(options, SamplingOptions):
         raise TypeError(f"options must be a SamplingOptions, got {type(options).__name__}")
@@ -137,7 +140,7 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_count(name: str, value) -> int:
+def check_count(name: str, value) -> int:
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
@@ -170,25 +173,46 @@ def sample_tokens(logits: Array, key: Array, *, temperature: float = 1.0, top_p:
     return jnp.take_along_axis(ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
 
-def _token_logprob(logits: Array, tokens: Array) -> Array:
+def token_logprob(logits: Array, tokens: Array) -> Array:
     """log softmax(logits)[token] at temperature 1: [..., V], [...] -> float32 [...]."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
 
 
-def _is_eos(tokens: Array, eos: tuple[int, ...]) -> Array:
+def is_eos(tokens: Array, eos: tuple[int, ...]) -> Array:
     if not eos:
         return jnp.zeros(tokens.shape, bool)
     return jnp.any(tokens[..., None] == jnp.asarray(eos, jnp.int32), axis=-1)
 
 
-def _sample_step(logits, key, step, alive, options: SamplingOptions):
-    """Draw for rows still alive: (tokens, logprobs, still-alive-after) with pads for dead rows."""
-    tok = sample_tokens(logits, jax.random.fold_in(key, step), temperature=options.temperature,
-                        top_p=options.top_p, top_k=options.top_k)
-    tok = jnp.where(alive, tok, PAD_ID)
-    logp = jnp.where(alive, _token_logprob(logits, tok), 0.0)
-    return tok, logp, alive & ~_is_eos(tok, options.eos_ids)
+def row_keys(key: Array, rows: int, first: Array | int = 0) -> Array:
+    """The keys of rows first .. first + rows - 1 of a request: k_r = fold_in(key, r) -> [rows, ...].
+    A row's draws depend on its key and its own token index only (`draw`), never on the other rows
+    of the batch or the slot it decodes in: the static and the continuous sampler agree."""
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(first + jnp.arange(rows, dtype=jnp.int32))
+
+
+def draw(logits: Array, keys: Array, t: Array, options: SamplingOptions) -> Array:
+    """Row r's token t: y ~ sample_tokens(logits[r], fold_in(keys[r], t[r])): logits [..., V], keys
+    [..., key] (`row_keys`, the same leading shape), t [...] int (or a scalar) -> int32 [...]."""
+    lead = logits.shape[:-1]
+    rows = math.prod(lead)
+
+    def one(z, k, i):
+        return sample_tokens(z, jax.random.fold_in(k, i), temperature=options.temperature, top_p=options.top_p,
+                             top_k=options.top_k)
+
+    flat = jax.vmap(one)(logits.reshape(rows, logits.shape[-1]), keys.reshape(rows, *keys.shape[len(lead):]),
+                         jnp.broadcast_to(t, lead).reshape(rows))
+    return flat.reshape(lead)
+
+
+def _sample_step(logits, keys, step, alive, options: SamplingOptions):
+    """Draw for rows still alive: (tokens, logprobs, still-alive-after) with pads for dead rows;
+    row r's token from fold_in(keys[r], step) (`draw`)."""
+    tok = jnp.where(alive, draw(logits, keys, step, options), PAD_ID)
+    logp = jnp.where(alive, token_logprob(logits, tok), 0.0)
+    return tok, logp, alive & ~is_eos(tok, options.eos_ids)
 
 
 class _DecodeCarry(NamedTuple):
@@ -223,8 +247,10 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, opt
     def cond(c: _DecodeCarry):
         return (c.step < n) & jnp.any(c.alive)
 
+    keys = row_keys(key, b)
+
     def body(c: _DecodeCarry) -> _DecodeCarry:
-        tok, logp, still = _sample_step(c.logits, key, c.step, c.alive, options)
+        tok, logp, still = _sample_step(c.logits, keys, c.step, c.alive, options)
         # Write the token into the cache (valid only while alive) so the rollout's cache holds the
         # whole completion for branching; padding after EOS is never read.
         logits, cache = model(tok[:, None], attention_mask=c.alive[:, None], cache=c.cache)
@@ -253,9 +279,9 @@ def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array,
         raise ValueError(f"prompts and prompt_mask must both be [batch, P], got {prompts.shape} and "
                          f"{prompt_mask.shape}")
     check_left_padded(prompt_mask)
-    options = _check_options(options, model.config.vocab_size)
-    steps = _check_count("max_new_tokens", max_new_tokens)
-    samples = _check_count("num_samples", num_samples)
+    options = check_options(options, model.config.vocab_size)
+    steps = check_count("max_new_tokens", max_new_tokens)
+    samples = check_count("num_samples", num_samples)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompts, prompt_mask, key, max_new_tokens=steps, options=options,
                      num_samples=samples)
@@ -301,6 +327,8 @@ def _branch(graphdef, state, cache, tokens, positions, key, forced=None, *, prom
     b, m = positions.shape
     k = window
     last, start_pos, first_tok = _branch_points(cache, tokens, positions, prompt_len)
+    keys = row_keys(key, b * m)
+    keys = keys.reshape(b, m, *keys.shape[1:])  # branch (b, m) is row b * M + m
     kk = top_k_logprobs
     # constrain_batch pins every carry array's B axis under a mesh (the scalar step is left alone).
     init = constrain_batch(_BranchCarry(
@@ -316,14 +344,14 @@ def _branch(graphdef, state, cache, tokens, positions, key, forced=None, *, prom
     def body(c: _BranchCarry) -> _BranchCarry:
         step, alive = c.step, c.alive
         logits, branch_kv = model.branch_step(c.fed, start_pos + step, cache, last, c.branch_kv, step)
-        tok, logp, still = _sample_step(logits, key, step, alive, options)
+        tok, logp, still = _sample_step(logits, keys, step, alive, options)
         if forced is not None:
             forced_tokens, count, limit = forced
             index = jnp.minimum(step, forced_tokens.shape[-1] - 1)
             take = alive & (step < count)
             tok = jnp.where(take, jax.lax.dynamic_index_in_dim(forced_tokens, index, axis=2, keepdims=False), tok)
-            logp = jnp.where(alive, _token_logprob(logits, tok), 0.0)
-            still = alive & ~_is_eos(tok, options.eos_ids) & (step + 1 < limit)
+            logp = jnp.where(alive, token_logprob(logits, tok), 0.0)
+            still = alive & ~is_eos(tok, options.eos_ids) & (step + 1 < limit)
         top_lp, top_ids = c.topk_logprobs, c.topk_ids
         if kk:
             vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), kk)
@@ -366,8 +394,8 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     `CausalLM.branch_step`: the [B, M] queries attend to the shared cache [B, S] in place (masks
     [B, M, S]) and to a branch-local cache [B, M, K] per layer, one softmax over both blocks. The
     loop (`lax.while_loop`, jitted) stops when every window has sampled an EOS or after K steps.
-    `options` (`SamplingOptions`) as in `generate`; step k draws with fold_in(key, k) over all
-    [B, M] branches.
+    `options` (`SamplingOptions`) as in `generate`; branch (b, m) is row b M + m of the request
+    (`row_keys`): its step k draws from fold_in(fold_in(key, b M + m), k).
     top_k_logprobs = k > 0 also returns each step's k most likely tokens and their log-probs.
     Returns Windows [B, M, K].
     """
@@ -379,10 +407,10 @@ def branch(model: CausalLM, source: Rollout | KVCache, positions: Array, *, key:
     if ids.ndim != 2 or ids.shape[0] != batch or not 1 <= p <= ids.shape[1] <= cache.max_len:
         raise ValueError(f"tokens of shape {ids.shape} and prompt_len {p} do not fit a cache of shape "
                          f"{cache.valid.shape} (need 1 <= P <= P + N <= S)")
-    options = _check_options(options, model.config.vocab_size)
+    options = check_options(options, model.config.vocab_size)
     graphdef, state = nnx.split(model)
     return _branch(graphdef, state, cache, ids, positions, key, prompt_len=int(p),
-                   window=_check_count("window", window), options=options,
+                   window=check_count("window", window), options=options,
                    top_k_logprobs=_check_topk(top_k_logprobs, model.config.vocab_size))
 
 
@@ -407,7 +435,7 @@ def continuation(model: CausalLM, source: Rollout | KVCache, starts: Array, segm
     if starts.shape != (cache.valid.shape[0],) or segment.ndim != 2 or segment.shape[0] != starts.shape[0]:
         raise ValueError(f"starts must be [B] and segment [B, L] with B = {cache.valid.shape[0]}, got "
                          f"{starts.shape} and {segment.shape}")
-    options = _check_options(options, model.config.vocab_size)
+    options = check_options(options, model.config.vocab_size)
     graphdef, state = nnx.split(model)
     t = jnp.clip(starts, 0, n - 1)
     count = jnp.minimum(jnp.asarray(segment_len, jnp.int32), n - t)
@@ -438,7 +466,7 @@ def splice_rollout(rollout: Rollout, starts: Array, after: Windows, segment_len:
     tokens = jnp.where(mask, jnp.where(replaced, take(after.tokens), rollout.tokens), PAD_ID)
     logprobs = jnp.where(mask, jnp.where(replaced, take(after.logprobs), rollout.logprobs), 0.0)
     written = replaced & (rel < jnp.asarray(segment_len, jnp.int32)[:, None]) & mask
-    finished = jnp.any(_is_eos(tokens, eos_ids) & mask, axis=1)
+    finished = jnp.any(is_eos(tokens, eos_ids) & mask, axis=1)
     return Rollout(rollout.prompt_tokens, rollout.prompt_mask, tokens, mask, logprobs, finished, None), written
 
 

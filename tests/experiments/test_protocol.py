@@ -92,6 +92,9 @@ def test_rates_are_chosen_on_the_dev_seed_and_every_test_seed_runs_at_them(tmp_p
                 calls.append(task)
                 yield task, fake_run(task)
 
+        def close(self):
+            pass
+
     monkeypatch.setattr(P, "_Jobs", Jobs)
     monkeypatch.setattr(P.models, "cached_sft", lambda config, cache, name: name)
     monkeypatch.setattr(P.models, "load", lambda path: path)
@@ -101,7 +104,7 @@ def test_rates_are_chosen_on_the_dev_seed_and_every_test_seed_runs_at_them(tmp_p
                           carry=1, steps=5, eval_every=5, eval_problems=12, dev_problems=6, locator_batches=0)
     results = P.reproduce(str(tmp_path), protocol)
     screen = [c for c in calls if c[1] == 7 and c[2] == 1e-3 and c[0] in protocol.screen][:4]
-    assert [c[0] for c in screen] == list(protocol.screen) and all(c[3] == "dev" for c in screen)
+    assert sorted(c[0] for c in screen) == sorted(protocol.screen) and all(c[3] == "dev" for c in screen)
     assert results["carried"] == ["opd", "opd_suppress", "topd", "topd/return", "topd@oracle/return"]
     # The screen's run is the sweep's 1e-3 cell; an unscreened bound sweeps every rate.
     assert sum(1 for c in calls if c[0] == "opd" and c[1] == 7) == 3
@@ -141,3 +144,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert capsys.readouterr().err.count("error:") == 7
     with pytest.raises(ValueError, match="development seed 0 must not be a test seed"):
         P.Protocol(seeds=(0,), dev_seed=0)
+
+
+def test_longest_first_orders_by_screened_step_time_then_kind():
+    from topd_jax.experiments.protocol import longest_first
+    tasks = [("opd", 0, 1e-3, "test"), ("topd", 0, 1e-3, "test"), ("topd@ot_rollout/relay_loc-m1", 0, 1e-3, "dev"),
+             ("opd_suppress", 1, 1e-3, "test")]
+    assert [t[0] for t in longest_first(tasks, {})] == ["topd@ot_rollout/relay_loc-m1", "topd", "opd", "opd_suppress"]
+    # Screened: its own step time; unscreened: its kind's mean (opd_suppress: OPD's kind, 0.9 s).
+    screen = {"opd": {"step_time": 0.9}, "topd": {"step_time": 0.5}}
+    assert [t[0] for t in longest_first(tasks, screen)] == ["opd", "opd_suppress", "topd",
+                                                           "topd@ot_rollout/relay_loc-m1"]

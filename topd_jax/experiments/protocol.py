@@ -311,13 +311,15 @@ def use_compile_cache(path: str) -> None:
 
 class _Jobs:
     """Runs protocol tasks in this process (workers = 1) or in `workers` spawned processes, and
-    yields (task, run) as each ends. Every process keeps its compiled programs in the persistent
-    cache at `compile_cache` (`use_compile_cache`)."""
+    yields (task, run) as each ends. The processes are started once and serve every stage (screen,
+    sweep, test: no start-up, import or program load per stage); each keeps its compiled programs
+    in the persistent cache at `compile_cache` (`use_compile_cache`). `close` stops them."""
 
     def __init__(self, protocol, student_dir, teacher_dir, out_dir, workers: int, compile_cache: str):
         self.call = functools.partial(_distil_task, protocol, student_dir, teacher_dir, out_dir)
         self.workers = workers
         self.compile_cache = compile_cache
+        self.pool = None
         use_compile_cache(compile_cache)
 
     def map(self, tasks):
@@ -328,12 +330,45 @@ class _Jobs:
         import concurrent.futures
         import multiprocessing
 
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds a JAX runtime
-        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=use_compile_cache,
-                                                    initargs=(jax.config.jax_compilation_cache_dir,)) as pool:
-            futures = {pool.submit(self.call, task): task for task in tasks}
-            for future in concurrent.futures.as_completed(futures):
-                yield futures[future], future.result()
+        if self.pool is None:
+            context = multiprocessing.get_context("spawn")  # never fork a process that holds a JAX runtime
+            self.pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context,
+                                                               initializer=use_compile_cache,
+                                                               initargs=(jax.config.jax_compilation_cache_dir,))
+        futures = {self.pool.submit(self.call, task): task for task in tasks}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+def _kind(method: str) -> int:
+    """A method's cost class before it ran: relay (rounds of decoding), window or branching
+    methods, OPD's (sample, score, update only)."""
+    return 2 if "relay" in method else 1 if method.startswith("topd") else 0
+
+
+def longest_first(tasks, screen: dict[str, dict[str, Any]]) -> list:
+    """Tasks (method, seed, lr, split) ordered by expected run time, longest first, so that a stage
+    does not end on one long run with the other workers idle: a method's screened step time when
+    it has one, else the mean screened step time of its kind (`_kind`), else its kind's rank. The
+    order changes no result (each run is a pure function of its task)."""
+    by_kind: dict[int, list[float]] = {}
+    for method, record in screen.items():
+        by_kind.setdefault(_kind(method), []).append(record["step_time"])
+
+    def cost(task):
+        method = task[0]
+        if method in screen:
+            return (1, screen[method]["step_time"])
+        if _kind(method) in by_kind:
+            return (1, float(np.mean(by_kind[_kind(method)])))
+        return (0, _kind(method))
+
+    return sorted(tasks, key=cost, reverse=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,9 +451,20 @@ def reproduce(out_dir: str, protocol: Protocol = Protocol(), *, cache_dir: str |
     jobs = _Jobs(protocol, student_dir, teacher_dir, out_dir, workers, os.path.join(cache_dir, "jax"))
 
     def each(tasks, record):  # run tasks (method, seed, lr, split) and record each as it ends
-        for task, run_ in jobs.map(tasks):
+        for task, run_ in jobs.map(longest_first(tasks, results["screen"])):
             record(task, run_)
             save()
+
+    try:
+        stages(each, results, save, protocol, say)
+    finally:
+        jobs.close()
+    return results
+
+
+def stages(each, results, save, protocol, say) -> None:
+    """The screen, the carry, the sweep and the test seeds (`reproduce`), each stage resumed from
+    what results.json holds."""
 
     def screened(task, run_):
         method, seed, lr, _ = task
@@ -457,7 +503,6 @@ def reproduce(out_dir: str, protocol: Protocol = Protocol(), *, cache_dir: str |
           if f"{m}|{seed}" not in results["runs"]], tested)  # 4. the test seeds
     results["complete"] = True
     save()
-    return results
 
 
 __all__ = ["BASELINES", "BATCH", "DEFAULT_LEARNING_RATE", "DISTIL", "EVAL_EVERY", "LEARNING_RATES", "LOCATOR_FREE",

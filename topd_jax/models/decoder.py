@@ -56,6 +56,9 @@ class KVCache(NamedTuple):
     slots holding real tokens; index int32 [] is the next slot to write (slots [0, index) are
     filled), or the Python int 0 of a fresh cache (`init_cache`): then the prefill is known to
     be causal from slot 0 (`Visibility.causal_len`), so the fused attention kernels serve it.
+    index may also be int32 [B], a next slot per row (the slots of `topd_jax.slots`, each row at
+    its own length): then a call is one decode step (T = 1) and row r writes slot index[r] (an
+    index >= S_max writes nothing: a slot that is not decoding).
     """
 
     keys: Array
@@ -234,16 +237,24 @@ class CausalLM(nnx.Module):
             index, kv_len = cache.index, cache.max_len
             if t > kv_len:
                 raise ValueError(f"{t} tokens do not fit a cache of {kv_len} slots")
+            per_row = jnp.ndim(index) == 1  # slots of a continuous decoder, each at its own index
+            if per_row and (t != 1 or given or explicit):
+                raise ValueError("a per-row cache index [B] serves one-token decode steps with a padding mask only")
             new = jnp.ones((b, t), bool) if padding is None else padding
-            valid = jax.lax.dynamic_update_slice(cache.valid, new, (0, index))
+            if per_row:  # row r writes slot index[r]; an index past the cache writes nothing
+                valid = cache.valid.at[jnp.arange(b), index].set(new[:, 0], mode="drop")
+            else:
+                valid = jax.lax.dynamic_update_slice(cache.valid, new, (0, index))
             if given:
                 mask = attention_mask
             elif explicit:
                 mask = explicit_mask(attention_mask, b, t, kv_len)
             else:
-                mask = causal_visibility(new, start=index, key_valid=valid)
+                mask = causal_visibility(new, start=index[:, None] if per_row else index, key_valid=valid)
             if positions is None:
-                counts = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid.astype(jnp.int32), axis=1), index, t, axis=1)
+                counts = jnp.cumsum(valid.astype(jnp.int32), axis=1)
+                counts = (jnp.take_along_axis(counts, jnp.minimum(index, kv_len - 1)[:, None], axis=1) if per_row
+                          else jax.lax.dynamic_slice_in_dim(counts, index, t, axis=1))
                 positions = jnp.maximum(counts - 1, 0)
         cos, sin = rope_angles(positions, self.config)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)

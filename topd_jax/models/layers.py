@@ -156,7 +156,8 @@ class Attention(nnx.Module):
         """x [B, T, D] -> ([B, T, D], cache). Without a cache, attention over this call's T keys
         (cache None is returned). With cache = (keys, values) [B, L, S, K, H], the stacked cache of
         every layer, this call's keys and values are first written in place at layer `layer`, slots
-        [index, index + T) (one [B, T, K, H] `dynamic_update_slice` into the carried buffer), and
+        [index, index + T) (one [B, T, K, H] `dynamic_update_slice` into the carried buffer; with a
+        per-row index [B], a decode step, one scatter of row r to slot index[r]), and
         only then is layer `layer` read: by a decode step (T = 1) in key blocks up to its own slot
         (`attention.decode_attend`), by a prefill as its [B, S, K, H] for the attention backend.
         Every read of the buffer follows its one write, so XLA updates it in place instead of
@@ -164,9 +165,14 @@ class Attention(nnx.Module):
         `attention`."""
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
-            start = (0, layer, index, 0, 0)
-            cache = tuple(jax.lax.dynamic_update_slice(c, new[:, None].astype(c.dtype), start)
-                          for c, new in zip(cache, (k, v)))
+            if jnp.ndim(index) == 1:  # one token per row, each at its own slot (a continuous decoder)
+                rows = jnp.arange(x.shape[0])
+                cache = tuple(c.at[rows, layer, index].set(new[:, 0].astype(c.dtype), mode="drop")
+                              for c, new in zip(cache, (k, v)))
+            else:
+                start = (0, layer, index, 0, 0)
+                cache = tuple(jax.lax.dynamic_update_slice(c, new[:, None].astype(c.dtype), start)
+                              for c, new in zip(cache, (k, v)))
             if x.shape[1] == 1 and isinstance(mask, Visibility):  # a decode step: its filled blocks only
                 return self.output(decode_attend(q, *cache, layer, mask, block=block)), cache
             k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False) for c in cache)

@@ -173,6 +173,14 @@ class RolloutConfig:
                       tokenizer, else none (random models run to max_new_tokens)
     window_temperature  sampling temperature of the look-ahead windows both models branch
                       (>= 0); null = temperature
+    mode              static: each step decodes its batch in lockstep until every row ended
+                      (`sampling.generate`); continuous: decode slots refilled as rows end and
+                      rollouts carried across steps (`trainer.rollouts`, docs/sampling.md)
+    slots             continuous: decode slots (>= num_samples); 0 = the batch,
+                      prompts_per_step * num_samples
+    check_every       continuous: decode steps between the loop's checks for ended rows (>= 1)
+    max_staleness     continuous: a prompt's rollouts whose first token was drawn more than this
+                      many updates ago are dropped, unfinished or not (>= 0; 0 = on-policy only)
     """
 
     prompts_per_step: int = 8
@@ -183,6 +191,10 @@ class RolloutConfig:
     top_k: int = 0
     eos_ids: tuple[int, ...] = ()
     window_temperature: float | None = None
+    mode: Literal["static", "continuous"] = "static"
+    slots: int = 0
+    check_every: int = 8
+    max_staleness: int = 1
 
     def __post_init__(self):
         _check(("prompts_per_step", self.prompts_per_step >= 1, ">= 1", self.prompts_per_step),
@@ -193,7 +205,16 @@ class RolloutConfig:
                ("top_k", self.top_k >= 0, ">= 0", self.top_k),
                ("eos_ids", all(i >= 0 for i in self.eos_ids), "token ids >= 0", self.eos_ids),
                ("window_temperature", self.window_temperature is None or self.window_temperature >= 0, ">= 0 or null",
-                self.window_temperature))
+                self.window_temperature),
+               ("slots", self.slots == 0 or self.slots >= self.num_samples, f"0 or >= num_samples ({self.num_samples})",
+                self.slots),
+               ("check_every", self.check_every >= 1, ">= 1", self.check_every),
+               ("max_staleness", self.max_staleness >= 0, ">= 0", self.max_staleness))
+
+    @property
+    def num_slots(self) -> int:
+        """Decode slots of the continuous mode: `slots`, or the batch when 0."""
+        return self.slots or self.prompts_per_step * self.num_samples
 
 
 @dataclasses.dataclass(frozen=True)

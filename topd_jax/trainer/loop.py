@@ -51,6 +51,7 @@ from topd_jax.trainer.config import ComputeConfig, ModelSpec, TrainConfig, resum
 from topd_jax.trainer.flops import PhaseTimer, compiled_flops, device_peak_flops, measure_matmul_peak, mfu
 from topd_jax.trainer.inputs import check_inputs
 from topd_jax.trainer.metrics import MetricsLogger
+from topd_jax.trainer.rollouts import RolloutPool
 from topd_jax.trainer.rundir import RunLock
 from topd_jax.trainer.runtime import inference_mesh, initialize_distributed, mesh_from_config
 from topd_jax.trainer.step import TrainState, experience, init_state
@@ -286,6 +287,17 @@ class Trainer:
         self.state: TrainState = jax.jit(init, out_shardings=state_shardings)(params, key=key)
         self.inference_shardings = placement.tree_shardings(params, self.inference_mesh)
         self.data_position = 0
+        self.pool = None
+        if r.mode == "continuous":
+            if jax.process_count() > 1:
+                raise ConfigError(f"rollout.mode 'continuous' runs on one process; this run has {jax.process_count()} "
+                                  "(use rollout.mode=static)")
+            try:
+                placement.batch_size_divides(r.num_slots, self.inference_mesh)
+            except ValueError as err:
+                raise ConfigError(f"rollout.slots: {err}") from None
+            self.pool = RolloutPool(self.rollout_config, next_prompts=self._next_prompts,
+                                    key=jax.random.split(self.state.key)[1])
         # Names this run in its checkpoints (and so in what export says it exported); a resume
         # takes the checkpoint's.
         self.run_id = new_run_id()
@@ -327,6 +339,13 @@ class Trainer:
                                   data_dir=os.path.join(self.config.output_dir, "data"),
                                   process_index=jax.process_index(), process_count=jax.process_count())
 
+    def _next_prompts(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The continuous pool's next source batch: (tokens, mask, its index); advances the position."""
+        index = self.data_position
+        tokens, mask = self.prompts.batch(index)
+        self.data_position += 1
+        return tokens, mask, index
+
     @property
     def step(self) -> int:
         return int(host_value(self.state.step))
@@ -344,6 +363,14 @@ class Trainer:
             {"meta": meta, "config": self.config.to_dict(),
              "model_config": config_to_hf(self.student.config, dtype=self.config.student.dtype)},
             force=force, other=self.prompts.checkpoint_items())  # a prompt stream's state (Grain), if any
+
+    def _save(self, logger: MetricsLogger, *, force: bool) -> None:
+        """`save`, and with a continuous pool its checkpoint policy: dropped at every save
+        (`trainer.rollouts`), said in one line."""
+        if self.save(force=force) and self.pool is not None:
+            line = self.pool.drop(self.step)
+            if line:
+                logger.warn(line)
 
     def restore(self, step: int | None = None) -> None:
         """Continue from checkpoint `step` (None: the newest readable one; unreadable newer steps
@@ -414,9 +441,17 @@ class Trainer:
         step = self.step
         key = jax.random.fold_in(self.state.key, step)
         k_sample, k_locate = placement.place(tuple(jax.random.split(key)), placement.replicated(self.inference_mesh))
-        put = placement.put_local_batch if self.prompts.local else placement.put_batch
-        prompt_tokens, prompt_mask = put(self.prompts.batch(self.data_position), self.inference_mesh)
         params = self.inference_params()
+        rollout, pool_stats = None, {}
+        if self.pool is None:
+            put = placement.put_local_batch if self.prompts.local else placement.put_batch
+            prompt_tokens, prompt_mask = put(self.prompts.batch(self.data_position), self.inference_mesh)
+            self.data_position += 1
+        else:  # the rollouts come from the slots; the source is read as the slots free up
+            prompt_tokens = prompt_mask = None
+            with timer.phase("sample"), jax.set_mesh(self.phase_meshes["sample"]):
+                rollout, pool_stats = self.pool.collect(nnx.merge(self.graphdef, params), version=step,
+                                                        mesh=self.phase_meshes["sample"])
 
         def run(name, phase, *args, **static):
             with timer.phase(name), jax.set_mesh(self.phase_meshes[name]):  # decode loops pin carries to it
@@ -428,7 +463,7 @@ class Trainer:
         rollout, scores, located = phases.no_gradient_phases(
             run, move, self.graphdef, params, self.teacher_graphdef, (self.teacher_score_params, self.teacher_params),
             prompt_tokens, prompt_mask, k_sample, k_locate, options=self.rollout_config, loss=self.loss,
-            chunk_size=self.config.chunk_size, labeller=self.prompts.labeller)
+            chunk_size=self.config.chunk_size, labeller=self.prompts.labeller, rollout=rollout)
         batch = experience(rollout, scores, located)
         del rollout, scores, located, params  # the caches are the largest buffers of the step
         batch = placement.place(batch, placement.experience_shardings(batch, self.mesh))
@@ -436,11 +471,11 @@ class Trainer:
             self._update = self._compile_update(batch)
         with timer.phase("train"):
             self.state, metrics = jax.block_until_ready(self._update(self.state, batch))
-        self.data_position += 1
         host = {k: host_value(v) for k, v in metrics.items()}
         times = timer.split()
         tokens = float(host_value(jnp.sum(batch.rollout.mask)))
-        host.update(times, tokens=tokens, tokens_per_s=tokens / max(times["time_step"], 1e-9))
+        host.update(times, **pool_stats, tokens=tokens, tokens_per_s=tokens / max(times["time_step"], 1e-9),
+                    tokens_per_s_finished=tokens / max(times["time_sample"], 1e-9))
         if self.update_flops:  # XLA's count is per device (the partitioned program), as is the peak
             host["mfu"] = mfu(self.update_flops, times["time_train"], self.peak_flops(), 1)
         return host
@@ -490,9 +525,10 @@ class Trainer:
             if self.resume_changes and os.path.isfile(path):  # keep what the run trained with so far
                 os.replace(path, os.path.join(cfg.output_dir, f"config.before-{start}.yaml"))
             save_config(cfg, path)
+        shown = ("loss", "low_divergence_share", "tokens_per_s") + (("slot_utilisation",) if self.pool else ())
         logger = MetricsLogger(cfg.output_dir, total_steps=cfg.steps, start_step=start,
                                tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                               enabled=self.primary)
+                               enabled=self.primary, progress_keys=shown)
         for notice in self.notices:
             logger.warn(notice)
         self.notices = []
@@ -513,7 +549,7 @@ class Trainer:
                     logger.warn(f"step {step}: non-finite loss or gradients; update skipped, params unchanged")
                 consecutive = consecutive + 1 if metrics["skipped"] else 0
                 logger.log(step, metrics)
-                self.save(force=step == stop)
+                self._save(logger, force=step == stop)
                 for callback in self.callbacks:
                     callback(self, step, metrics)
                 if limit and consecutive >= limit:
@@ -524,7 +560,7 @@ class Trainer:
                         f"is not training: lower optimizer.learning_rate or set optimizer.max_grad_norm; "
                         f"{self._last_checkpoint()}")
                 if step < stop and preemption.agreed():  # after the last step the run just ends
-                    self.save(force=True)
+                    self._save(logger, force=True)
                     self.checkpointer.wait()
                     self.stopped_by = preemption.signal or "a signal on another host"
                     logger.warn(f"{self.stopped_by}: saved a complete checkpoint at step {step} in "

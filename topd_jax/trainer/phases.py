@@ -28,6 +28,7 @@ from flax import nnx
 from topd_jax.models.config import DTYPES, ModelConfig
 from topd_jax.models.decoder import CausalLM
 from topd_jax.models.families import read_config
+from topd_jax.slots import with_cache
 from topd_jax.trainer.config import ComputeConfig, ModelSpec
 from topd_jax.trainer.step import locate, sample, score_teacher, splice
 
@@ -36,6 +37,12 @@ from topd_jax.trainer.step import locate, sample, score_teacher, splice
 def sample_phase(graphdef, params, prompt_tokens, prompt_mask, key, *, options):
     """`step.sample` of the student (graphdef, params): the `time_sample` phase."""
     return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, options)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def cache_phase(graphdef, params, rollout, *, chunk_size):
+    """`slots.with_cache` of the student: a continuous rollout's KV cache for branching (`time_sample`)."""
+    return with_cache(nnx.merge(graphdef, params), rollout, chunk_size=chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "return_cache"))
@@ -71,7 +78,7 @@ PHASE_MESH = {"sample": "inference", "score": "train", "branch": "inference"}
 
 
 def no_gradient_phases(run, move, graphdef, params, teacher_graphdef, teacher_params, prompt_tokens, prompt_mask,
-                       k_sample, k_locate, *, options, loss, chunk_size, labeller=None):
+                       k_sample, k_locate, *, options, loss, chunk_size, labeller=None, rollout=None):
     """sample -> score -> branch of one step, each phase called as `run(name, phase, *args, **static)`.
 
     The one place the step's no-gradient phases are chained: `Trainer.train_step` runs them (`run`
@@ -80,9 +87,14 @@ def no_gradient_phases(run, move, graphdef, params, teacher_graphdef, teacher_pa
     stop the chain). teacher_params: (score, branch), the teacher laid out for each phase's mesh
     (PHASE_MESH; one object when both meshes are one). move(tree, name): `tree` placed where phase
     `name` runs. The rollout reaches scoring without its cache (scoring reads tokens only). Returns
-    (rollout, scores, located) for `step.experience`.
+    (rollout, scores, located) for `step.experience`. rollout: the step's rollouts when they were
+    sampled already (rollout.mode continuous, `trainer.rollouts`; without a cache): then the sample
+    phase only prefills the student's cache, when the windows branch from it.
     """
-    rollout = run("sample", sample_phase, graphdef, params, prompt_tokens, prompt_mask, k_sample, options=options)
+    if rollout is None:
+        rollout = run("sample", sample_phase, graphdef, params, prompt_tokens, prompt_mask, k_sample, options=options)
+    elif loss.uses_windows and not loss.splices:
+        rollout = run("sample", cache_phase, graphdef, params, rollout, chunk_size=chunk_size)
     scores = run("score", score_phase, teacher_graphdef, teacher_params[0],
                  move(dataclasses.replace(rollout, cache=None), "score"), chunk_size=chunk_size,
                  return_cache=loss.uses_windows or loss.splices)
@@ -115,4 +127,4 @@ def abstract_model(cfg: ModelConfig, dtype: str = "float32") -> CausalLM:
     return nnx.eval_shape(lambda: CausalLM(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
 
 
-__all__ = ["DTYPES", "abstract_model", "locate_phase", "model_config", "sample_phase", "score_phase", "splice_phase"]
+__all__ = ["DTYPES", "abstract_model", "cache_phase", "locate_phase", "model_config", "sample_phase", "score_phase", "splice_phase"]
