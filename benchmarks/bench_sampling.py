@@ -3,6 +3,7 @@ transformers' PyTorch `generate`, on the same tiny random Qwen3 checkpoint, in o
 
     python benchmarks/bench_sampling.py            # test-size model, then hidden 256 / 4 layers / vocab 4096
     python benchmarks/bench_sampling.py --quick    # tiny smoke sizes
+    python benchmarks/bench_sampling.py --lengths lognormal:90,0.8    # (d) only: continuous / static
 
 (a) Decode: greedy `generate` of N new tokens for B prompts (EOS disabled, so every row decodes
     all N) against `transformers` `model.generate(do_sample=False)` with its KV cache, same
@@ -13,6 +14,17 @@ transformers' PyTorch `generate`, on the same tiny random Qwen3 checkpoint, in o
     time / (B * M * K), against generate's time per token = time / (B * N). Goal: <= 1.0x.
 (c) Score: jitted `score` of the B prompt+completion sequences (chunked log-softmax at its default
     chunk size); tokens/s.
+(d) With --lengths SPEC (the plan's `plan.lengths` forms: `max`, `lognormal:MEAN,SIGMA`, a JSON
+    histogram; capped at --max-new-tokens): rows of a long-tailed length distribution through the
+    static sampler (`generate`, batches of --rows, each waiting for its longest row) and the
+    continuous one (`slots.sample_continuous`, --rows slots refilled as rows end), the same
+    prompts, keys and temperature-1 sampling; finished tokens/s = tokens of the finished rollouts /
+    wall time, and their ratio. Each row's length is drawn from the distribution and forced by a
+    benchmark-only logits rule built into the weights of a random Qwen3-shaped model ("countdown"):
+    every layer's attention and MLP output projections are zero, so the residual stream at the
+    last layer is the fed token's embedding, a one-hot e_v, and the LM head maps e_v to a logit of
+    40 on v - 1: a prompt ending in L + 1 generates L, L - 1, ..., 1 = EOS, L tokens, with every
+    matmul of the model still computed (XLA does not know the zeros).
 Each JAX function is compiled by a first call (printed apart), then timed over `--repeats`
 calls with block_until_ready; the median is reported. The PyTorch side is timed the same way.
 """
@@ -58,9 +70,91 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lengths", metavar="SPEC", help="(d) only: continuous / static on this length distribution")
+    parser.add_argument("--rows", type=int, default=64, help="(d) static batch = continuous slots")
+    parser.add_argument("--rounds", type=int, default=4, help="(d) prompts = rounds x rows")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="(d) the cap N")
     args = parser.parse_args()
+    if args.lengths:
+        bench_lengths(args.lengths, rows=args.rows, rounds=args.rounds, cap=args.max_new_tokens, repeats=args.repeats)
+        return
     for sizes in QUICK if args.quick else FULL:
         bench(sizes, args.repeats)
+    if args.quick:  # the smoke test runs (d) too
+        bench_lengths("lognormal:6,0.8", rows=4, rounds=2, cap=16, repeats=1)
+
+
+def countdown_model(cap: int, layers: int, intermediate: int):
+    """A random Qwen3-shaped CausalLM whose sampling is forced (module docstring, (d)): hidden =
+    vocab = cap + 8 rounded up to 64; token 1 is the EOS."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from topd_jax.models import ModelConfig
+    from topd_jax.models.decoder import CausalLM
+
+    width = -(-(cap + 8) // 64) * 64
+    cfg = ModelConfig(family="qwen3", vocab_size=width, hidden_size=width, intermediate_size=intermediate,
+                      num_layers=layers, num_heads=8, num_kv_heads=4, head_dim=64, qk_norm=True)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+
+    def rule(path, x):
+        name = jax.tree_util.keystr(path)
+        if "o_proj" in name or "down_proj" in name:
+            return jnp.zeros_like(x)
+        if "embed_tokens" in name:
+            return jnp.eye(width, dtype=x.dtype)
+        if "lm_head" in name:  # e_v -> 40 on v - 1 (after the final norm's sqrt(width))
+            return jnp.asarray(np.eye(width, k=-1) * 40 / np.sqrt(width), x.dtype)
+        return x
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(rule, nnx.state(model, nnx.Param)))
+    return model
+
+
+def bench_lengths(spec: str, *, rows: int, rounds: int, cap: int, repeats: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from topd_jax.plan.lengths import cdf, expected_length, parse_lengths
+    from topd_jax.sampling import SamplingOptions, generate
+    from topd_jax.slots import sample_continuous
+
+    f = cdf(parse_lengths(spec), cap)
+    rng = np.random.default_rng(0)
+    total = rows * rounds
+    lengths = np.searchsorted(f, rng.random(total), side="left").clip(1, cap)  # inverse CDF: min(L, N)
+    prompt_len = 16
+    prompts = rng.integers(cap + 2, cap + 8, (total, prompt_len)).astype(np.int32)
+    prompts[:, -1] = lengths + 1
+    mask = np.ones_like(prompts, bool)
+    model = countdown_model(cap, layers=2 if cap <= 32 else 4, intermediate=256 if cap <= 32 else 1024)
+    options = SamplingOptions(temperature=1.0, eos_ids=(1,))
+    key = jax.random.key(0)
+
+    def static():
+        return [generate(model, jnp.asarray(prompts[i:i + rows]), jnp.asarray(mask[i:i + rows]),
+                         key=jax.random.fold_in(key, i), max_new_tokens=cap, options=options)
+                for i in range(0, total, rows)]
+
+    def continuous():
+        return sample_continuous(model, prompts, mask, key=key, max_new_tokens=cap, slots=rows, options=options)
+
+    s_first, s_time = timed(static, repeats)
+    c_first, c_time = timed(continuous, repeats)
+    got = np.concatenate([np.asarray(r.mask.sum(1)) for r in static()])
+    cont = np.asarray(continuous()[0].mask.sum(1))
+    assert np.array_equal(got, lengths) and np.array_equal(cont, lengths), "the countdown rule did not hold"
+    tokens = int(lengths.sum())
+    print(f"(d) {total} rollouts, lengths {spec} capped at {cap} (drawn: mean {lengths.mean():.1f} = "
+          f"{lengths.mean() / cap:.2f} x cap, max {lengths.max()}; E[min(L, N)] = {expected_length(f):.1f}), "
+          f"{rows} rows a batch / {rows} slots; first calls {s_first:.1f} s / {c_first:.1f} s")
+    print(f"    static      {s_time:8.2f} s  {tokens / s_time:9.0f} finished tokens/s")
+    print(f"    continuous  {c_time:8.2f} s  {tokens / c_time:9.0f} finished tokens/s")
+    print(f"    continuous / static finished tokens/s: {s_time / c_time:.2f}x")
 
 
 def bench(sizes: dict, repeats: int) -> None:

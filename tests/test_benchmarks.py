@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "bench_loss.py": "ratio topd/opd",
     "bench_model.py": "jax / torch throughput",
-    "bench_sampling.py": "branch / generate cost per token",
+    "bench_sampling.py": "continuous / static finished tokens/s",
     "bench_step.py": "TOPD / OPD step time",
 }
 

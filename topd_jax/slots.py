@@ -258,12 +258,14 @@ def padded(where: np.ndarray, rows: int, slots: int) -> np.ndarray:
 
 def sample_continuous(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array, max_new_tokens: int,
                       num_samples: int = 1, slots: int | None = None, check_every: int = 8,
-                      options: SamplingOptions = SamplingOptions()) -> tuple[Rollout, Array]:
+                      refill: int | None = None, options: SamplingOptions = SamplingOptions()) -> tuple[Rollout, Array]:
     """`sampling.generate`'s request decoded on S slots (default: every row at once): rows are
     inserted as slots free up, so the request never waits for its longest row with a slot idle.
     Returns (Rollout without a cache, rows in request order: r = i * num_samples + j, versions
     [B, N], all 0). Row r draws from `sampling.row_keys(key, B)[r]`: the tokens equal generate's
-    for the same prompts and key (up to float summation order in the log-probs)."""
+    for the same prompts and key (up to float summation order in the log-probs). refill: the
+    slots that must be free before the loop returns to refill them (default max(1, S // 8): each
+    return costs a host round trip and an insert)."""
     prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
     if prompts.ndim != 2 or prompt_mask.shape != prompts.shape:
         raise ValueError(f"prompts and prompt_mask must both be [batch, P], got {prompts.shape} and "
@@ -275,6 +277,7 @@ def sample_continuous(model: CausalLM, prompts: Array, prompt_mask: Array, *, ke
     prompt_mask = jnp.repeat(prompt_mask.astype(bool), samples, axis=0)
     total = prompts.shape[0]
     s = total if slots is None else check_count("slots", slots)
+    refill = max(1, s // 8) if refill is None else check_count("refill", refill)
     keys = row_keys(key, total)
     state = init_slots(model, slots=s, prompt_len=prompts.shape[1], max_new_tokens=n)
     holds = np.full(s, -1)  # the request row each slot holds, -1 = free
@@ -287,7 +290,8 @@ def sample_continuous(model: CausalLM, prompts: Array, prompt_mask: Array, *, ke
             pick = np.concatenate([rows, np.full(size - len(rows), rows[0])])
             state = insert(model, state, padded(free, size, s), prompts[pick], prompt_mask[pick], keys[pick])
             holds[free], queue = rows, queue + len(free)
-        state = decode(model, state, min_free=1 if queue < total else s, check_every=check_every, options=options)
+        state = decode(model, state, min_free=min(refill, s) if queue < total else s, check_every=check_every,
+                       options=options)
         done = ended(state, holds >= 0)
         if len(done):
             pieces.append(take(state, done, options.eos_ids))

@@ -10,7 +10,8 @@ free. Each `collect` at policy version v (the number of updates so far):
      rows still decoding evicted (`slots.evict`);
   2. free slots are filled with the next groups (prompts from `next_prompts`, a source batch at a
      time, in order), a padding bucket of rows per insert (`slots.bucket`);
-  3. `slots.decode` runs until a group's worth of slots is free (checked every check_every steps);
+  3. `slots.decode` runs until an eighth of the slots (whole groups, at least one) is free
+     (checked every check_every steps);
      the ended rows are taken (`slots.take`, their tokens, behaviour log-probs and versions copied
      to the host) and their slots freed;
   2-3 repeat until prompts_per_step groups are complete. The step takes the first completed groups
@@ -63,8 +64,10 @@ class RolloutPool:
         self.config = rollout
         self.options = sampling_options(rollout)
         self.num_slots = rollout.num_slots
+        # Free slots before the decode loop returns to refill: an eighth of them, whole groups.
+        self.refill = max(rollout.num_samples, self.num_slots // 8 // rollout.num_samples * rollout.num_samples)
         self.next_prompts = next_prompts
-        self.key = key
+        self.key = np.asarray(jax.device_get(key))  # a host value: used under the inference mesh
         self.state: slots_lib.Slots | None = None
         self.reset()
 
@@ -91,12 +94,15 @@ class RolloutPool:
         need, ns = self.config.prompts_per_step, self.config.num_samples
         while len(self.complete) < need:
             self._fill(student, version)
-            self.state = slots_lib.decode(student, self.state, version=version, min_free=ns,
+            self.state = slots_lib.decode(student, self.state, version=version, min_free=self.refill,
                                           check_every=self.config.check_every, options=self.options)
             self._harvest()
         taken, self.complete = self.complete[:need], self.complete[need:]
-        rows = [self.groups.pop(g).rows[j] for g in taken for j in range(ns)]
-        versions = np.stack([r["versions"] for r in rows])
+        rows = []
+        for g in taken:  # samples of a prompt adjacent, in sample order
+            group = self.groups.pop(g)
+            rows.extend(group.rows[j] for j in range(ns))
+        versions = self.last_versions = np.stack([r["versions"] for r in rows])  # [B, N], -1 past a row's end
         rollout = Rollout(*(np.stack([r[f] for r in rows]) for f in ROW_FIELDS), None)
         busy, steps = int(self.state.busy_steps) - busy0, int(self.state.steps) - steps0
         valid = rollout.mask
