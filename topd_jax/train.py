@@ -58,7 +58,8 @@ def _train(args: argparse.Namespace) -> int:
 
     check_command_line(args.config, args.overrides)
     config = load_config(args.config, args.overrides)
-    from topd_jax.trainer.loop import PREEMPTION, Interrupted, Trainer
+    from topd_jax.trainer.loop import Trainer
+    from topd_jax.trainer.preemption import PREEMPTION, Interrupted
 
     # SIGTERM, SIGINT (Ctrl-C) and SIGHUP alike, from here to the exit: while the trainer is built there
     # is nothing to save, so the first one stops at once; from then on it saves a complete

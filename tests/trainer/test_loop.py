@@ -150,7 +150,7 @@ def test_sighup_saves_a_complete_checkpoint_and_the_run_resumes_exactly(tmp_path
 
 
 def test_sighup_under_nohup_stays_ignored():
-    from topd_jax.trainer.loop import PREEMPTION
+    from topd_jax.trainer.preemption import PREEMPTION
 
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
