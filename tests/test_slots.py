@@ -37,6 +37,14 @@ def test_continuous_equals_static(student, slots, check_every):
     np.testing.assert_array_equal(versions, np.where(static.mask, 0, -1))
 
 
+def test_typed_keys_draw_as_raw_keys(student):
+    """A typed key (jax.random.key) gives the same tokens as its raw bits (jax.random.PRNGKey)."""
+    typed, _ = sample_continuous(student, PROMPTS, PROMPT_MASK, key=jax.random.key(4), max_new_tokens=N, slots=2,
+                                 options=OPTIONS)
+    static = generate(student, PROMPTS, PROMPT_MASK, key=jax.random.key(4), max_new_tokens=N, options=OPTIONS)
+    np.testing.assert_array_equal(typed.tokens, static.tokens)
+
+
 def test_other_key_other_tokens(student):
     a, _ = sample_continuous(student, PROMPTS, PROMPT_MASK, key=jax.random.PRNGKey(0), max_new_tokens=N, slots=2)
     b, _ = sample_continuous(student, PROMPTS, PROMPT_MASK, key=jax.random.PRNGKey(1), max_new_tokens=N, slots=2)

@@ -147,6 +147,9 @@ def insert(model: CausalLM, slots: Slots, where, prompts, prompt_mask, keys) -> 
         raise ValueError(f"insert needs prompts and prompt_mask [R, {p}] and where [R], got {prompts.shape}, "
                          f"{prompt_mask.shape} and {where.shape}")
     check_left_padded(prompt_mask)
+    keys = jnp.asarray(keys)
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):  # typed keys: the slots hold their raw bits
+        keys = jax.random.key_data(keys)
     graphdef, params = nnx.split(model)
     return _insert(graphdef, params, slots, where, prompts, prompt_mask, keys)
 
