@@ -264,6 +264,18 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, opt
     return Rollout(prompts, prompt_mask, out.tokens, out.mask, out.logprobs, ~out.alive, out.cache)
 
 
+def check_request(model: CausalLM, prompts, prompt_mask, options, max_new_tokens, num_samples):
+    """A sampling request's arguments checked, one line per problem: (prompts [b, P], prompt_mask
+    [b, P] (left-padded), options, N, num_samples)."""
+    prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
+    if prompts.ndim != 2 or prompt_mask.shape != prompts.shape:
+        raise ValueError(f"prompts and prompt_mask must both be [batch, P], got {prompts.shape} and "
+                         f"{prompt_mask.shape}")
+    check_left_padded(prompt_mask)
+    return (prompts, prompt_mask, check_options(options, model.config.vocab_size),
+            check_count("max_new_tokens", max_new_tokens), check_count("num_samples", num_samples))
+
+
 def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array, max_new_tokens: int,
              num_samples: int = 1, options: SamplingOptions = SamplingOptions()) -> Rollout:
     """Sample num_samples completions of up to max_new_tokens tokens for each left-padded prompt.
@@ -274,14 +286,8 @@ def generate(model: CausalLM, prompts: Array, prompt_mask: Array, *, key: Array,
     (`SamplingOptions`) that stops when every row has sampled an EOS or after N steps.
     Returns a Rollout with B = b * num_samples rows (samples of a prompt adjacent).
     """
-    prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
-    if prompts.ndim != 2 or prompt_mask.shape != prompts.shape:
-        raise ValueError(f"prompts and prompt_mask must both be [batch, P], got {prompts.shape} and "
-                         f"{prompt_mask.shape}")
-    check_left_padded(prompt_mask)
-    options = check_options(options, model.config.vocab_size)
-    steps = check_count("max_new_tokens", max_new_tokens)
-    samples = check_count("num_samples", num_samples)
+    prompts, prompt_mask, options, steps, samples = check_request(model, prompts, prompt_mask, options,
+                                                                  max_new_tokens, num_samples)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompts, prompt_mask, key, max_new_tokens=steps, options=options,
                      num_samples=samples)

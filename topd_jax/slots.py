@@ -49,8 +49,8 @@ from flax import nnx
 from topd_jax.models.decoder import CausalLM, KVCache, init_cache
 from topd_jax.models.masks import check_left_padded
 from topd_jax.models.sharding import constrain_batch
-from topd_jax.sampling import (PAD_ID, Rollout, SamplingOptions, check_count, check_options, draw, is_eos,
-                               row_keys, token_logprob)
+from topd_jax.sampling import (PAD_ID, Rollout, SamplingOptions, check_count, check_options, check_request, draw,
+                               is_eos, row_keys, token_logprob)
 from topd_jax.scoring import score_rollout
 
 Array = jax.Array
@@ -269,13 +269,8 @@ def sample_continuous(model: CausalLM, prompts: Array, prompt_mask: Array, *, ke
     for the same prompts and key (up to float summation order in the log-probs). refill: the
     slots that must be free before the loop returns to refill them (default max(1, S // 8): each
     return costs a host round trip and an insert)."""
-    prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
-    if prompts.ndim != 2 or prompt_mask.shape != prompts.shape:
-        raise ValueError(f"prompts and prompt_mask must both be [batch, P], got {prompts.shape} and "
-                         f"{prompt_mask.shape}")
-    check_left_padded(prompt_mask)
-    options = check_options(options, model.config.vocab_size)
-    n, samples = check_count("max_new_tokens", max_new_tokens), check_count("num_samples", num_samples)
+    prompts, prompt_mask, options, n, samples = check_request(model, prompts, prompt_mask, options, max_new_tokens,
+                                                              num_samples)
     prompts = jnp.repeat(prompts.astype(jnp.int32), samples, axis=0)
     prompt_mask = jnp.repeat(prompt_mask.astype(bool), samples, axis=0)
     total = prompts.shape[0]

@@ -52,7 +52,11 @@ def test_sharded_step_equals_the_single_device_step(tmp_path, single_device_step
     assert ref_metrics["num_divergent"] > 0 and ref_metrics["loss_traj"] > 0  # every TOPD term is live
     for key in ("loss", "loss_opd", "loss_traj", "low_divergence_share", "grad_norm", "ot_candidates_mean"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], atol=1e-5, rtol=1e-5, err_msg=key)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5), params, ref_params)
+    # Adam's first step moves a parameter by lr g / (|g| + eps): for a gradient element near 0 the
+    # meshes' different reduction order (~1e-7 relative) becomes up to lr of movement, so params are
+    # compared at 1% of lr (seen: one element of 4096 off by 2.8e-5 with the issue-26 rollouts);
+    # the metrics above, grad_norm included, hold at 1e-5.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-4, rtol=1e-5), params, ref_params)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), params, initial))
     assert max(moved) > 1e-4  # the update really changed the params
 
