@@ -8,8 +8,8 @@ from flax import nnx
 
 from topd_jax.models import init_cache
 from topd_jax.sampling import SamplingOptions, branch, generate, row_keys
-from topd_jax.slots import (_decode, _insert, bucket, decode, ended, init_slots, insert, padded, sample_continuous, take,
-                            with_cache)
+from topd_jax.slots import (_decode, _insert, bucket, decode, ended, init_slots, insert, padded, sample_continuous,
+                            take, with_cache)
 from test_sampling import N, P, PROMPT_MASK, PROMPTS, tiny_model
 
 OPTIONS = SamplingOptions(temperature=1.0, eos_ids=(3, 5, 7))

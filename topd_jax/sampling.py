@@ -16,8 +16,9 @@ rollout's row r (prompt i, sample j: r = i * num_samples + j) draws its token t 
 fold_in(fold_in(key, r), t) (`row_keys`, `draw`), so its completion depends on its prompt, the key
 and r only, whichever batch or decode slot it is in (`topd_jax.slots` draws the same tokens); a
 window (b, m) is row r = b M + m of its [B, M] branches, drawn likewise (the same tokens as
-`generate` from its re-prefilled prefix, row for row). A fixed key gives identical output. The returned log-probs are always log softmax(z)[y] at temperature 1 without
-truncation: the behaviour log-prob b_t that OPD compares with the teacher (TOPD.md, section 1).
+`generate` from its re-prefilled prefix, row for row). A fixed key gives identical output. The
+returned log-probs are always log softmax(z)[y] at temperature 1 without truncation: the
+behaviour log-prob b_t that OPD compares with the teacher (TOPD.md, section 1).
 
 Completion masks are 1 through the first EOS inclusive and 0 after; after a row finished, its
 tokens are the pad id 0. Prompts are left-padded and every row must hold at least one real token.

@@ -93,13 +93,14 @@ class Slots:
         return self.tokens.shape[0]
 
 
-def init_slots(model: CausalLM, *, slots: int, prompt_len: int, max_new_tokens: int, key: Array | None = None) -> Slots:
-    """S empty slots (none decoding) for prompts of width P and completions of up to N tokens."""
+def init_slots(model: CausalLM, *, slots: int, prompt_len: int, max_new_tokens: int) -> Slots:
+    """S empty slots (none decoding) for prompts of width P and completions of up to N tokens
+    (their keys are placeholders until `insert` gives each row its own)."""
     s, p, n = (check_count(name, v) for name, v in (("slots", slots), ("prompt_len", prompt_len),
                                                     ("max_new_tokens", max_new_tokens)))
     cfg = model.config
     cache = init_cache(cfg, s, p + n, model.dtype)
-    keys = row_keys(jax.random.PRNGKey(0) if key is None else key, s)
+    keys = row_keys(jax.random.PRNGKey(0), s)
     return Slots(
         prompt_tokens=jnp.zeros((s, p), jnp.int32), prompt_mask=jnp.zeros((s, p), bool),
         tokens=jnp.zeros((s, n), jnp.int32), mask=jnp.zeros((s, n), bool), logprobs=jnp.zeros((s, n), jnp.float32),
@@ -133,7 +134,8 @@ def _insert(graphdef, params, slots: Slots, where, prompts, prompt_mask, keys):
         tokens=put(slots.tokens, jnp.zeros((r, n), jnp.int32)), mask=put(slots.mask, jnp.zeros((r, n), bool)),
         logprobs=put(slots.logprobs, jnp.zeros((r, n), jnp.float32)),
         versions=put(slots.versions, jnp.full((r, n), -1, jnp.int32)), length=put(slots.length, jnp.zeros((r,))),
-        decoding=put(slots.decoding, jnp.ones((r,), bool)), keys=put(slots.keys, keys), logits=put(slots.logits, logits),
+        decoding=put(slots.decoding, jnp.ones((r,), bool)), keys=put(slots.keys, keys),
+        logits=put(slots.logits, logits),
         cache=cache)
 
 
@@ -141,9 +143,11 @@ def insert(model: CausalLM, slots: Slots, where, prompts, prompt_mask, keys) -> 
     """Prefill R left-padded prompts [R, P] into slots `where` [R] (int; S = a padding row, not
     written) with their row keys [R, ...] (`sampling.row_keys`); the slots start decoding at t = 0.
     `slots` is donated: its buffers are updated in place (use the returned state)."""
-    where, prompts, prompt_mask = jnp.asarray(where, jnp.int32), jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, bool)
-    s, p = slots.prompt_tokens.shape
-    if prompts.ndim != 2 or prompts.shape[1] != p or prompt_mask.shape != prompts.shape or where.shape != prompts.shape[:1]:
+    where, prompts = jnp.asarray(where, jnp.int32), jnp.asarray(prompts, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, bool)
+    p = slots.prompt_tokens.shape[1]
+    if (prompts.ndim != 2 or prompts.shape[1] != p or prompt_mask.shape != prompts.shape
+            or where.shape != prompts.shape[:1]):
         raise ValueError(f"insert needs prompts and prompt_mask [R, {p}] and where [R], got {prompts.shape}, "
                          f"{prompt_mask.shape} and {where.shape}")
     check_left_padded(prompt_mask)

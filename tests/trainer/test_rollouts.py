@@ -120,7 +120,8 @@ def test_continuous_run_resumes_exactly(tmp_path):
     events = (straight / "events.log").read_text()
     assert "dropped the rollout pool" in events
     rows = metrics_of(straight)
-    assert {"slot_utilisation", "rollouts_carried", "off_policy_share", "version_lag", "rollouts_dropped"} <= set(rows[0])
+    pool_metrics = {"slot_utilisation", "rollouts_carried", "off_policy_share", "version_lag", "rollouts_dropped"}
+    assert pool_metrics <= set(rows[0])
     assert any(r["rollouts_carried"] > 0 for r in rows)
     parts = tmp_path / "parts"
     t = Trainer(config(parts))
