@@ -31,3 +31,22 @@ def tpu_compile_env(monkeypatch):
     monkeypatch.setenv("TPU_WORKER_ID", "0")
     monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                 "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_compilation_cache():
+    """A test that turns on JAX's persistent compilation cache (the protocol's `_Jobs` does, for
+    its process) leaves it off again: otherwise every later test of the same worker reads that
+    test's temporary cache, which crashed a worker reading an entry of another device count."""
+    before = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
+    yield
+    if any(getattr(jax.config, name) != value for name, value in before.items()):
+        from jax._src import compilation_cache
+
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()

@@ -215,8 +215,9 @@ def _evict(slots: Slots, where):
 
 def evict(slots: Slots, where) -> Slots:
     """Stop the rows of slots `where` [R] (S = padding): they no longer decode and their slots are
-    free for `insert`. `slots` is donated."""
-    return _evict(slots, jnp.asarray(where, jnp.int32))
+    free for `insert`. `slots` is donated. R is padded to its bucket (one program per bucket)."""
+    where = np.asarray(where, np.int32)
+    return _evict(slots, jnp.asarray(padded(where, bucket(len(where), slots.num_slots), slots.num_slots)))
 
 
 def ended(slots: Slots, occupied: np.ndarray) -> np.ndarray:
@@ -238,8 +239,11 @@ def _take(slots: Slots, where, *, eos_ids):
 def take(slots: Slots, where, eos_ids: tuple[int, ...] = ()) -> tuple[Rollout, Array]:
     """The rows of slots `where` [R] as a Rollout without a cache (finished: an EOS of `eos_ids`
     among its tokens) and the versions [R, N] that wrote their tokens. A copy: the slots may be
-    refilled afterwards."""
-    return _take(slots, jnp.asarray(where, jnp.int32), eos_ids=tuple(eos_ids))
+    refilled afterwards. R is padded to its bucket (one program per bucket, not per count)."""
+    where = np.asarray(where, np.int32)
+    count = len(where)
+    rows = np.concatenate([where, np.full(bucket(count, slots.num_slots) - count, where[0], np.int32)])
+    return jax.tree.map(lambda x: x[:count], _take(slots, jnp.asarray(rows), eos_ids=tuple(eos_ids)))
 
 
 def with_cache(model: CausalLM, rollout: Rollout, *, chunk_size: int = 512) -> Rollout:
