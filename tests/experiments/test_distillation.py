@@ -5,6 +5,7 @@ return to the noisy regime (16 prompts per step could not learn) is caught."""
 import dataclasses
 
 import numpy as np
+from scipy import stats
 
 from topd_jax.experiments import models, protocol
 
@@ -20,4 +21,7 @@ def test_opd_at_the_default_batch_moves_the_student_toward_the_teacher(tmp_path)
     agreement = np.array([r["teacher_agreement"] for r in run["metrics"]])
     assert len(kl) == 12 and run["metrics"][-1]["skipped"] == 0.0
     assert kl[-3:].mean() < 0.8 * kl[:3].mean(), kl
-    assert agreement[-3:].mean() > agreement[:3].mean() + 0.02, agreement
+    # Agreement rises along the run: a least-squares slope over the 12 steps at least 3 standard
+    # errors above 0 (its per-step noise, not a fixed margin, sets the bar).
+    fit = stats.linregress(np.arange(len(agreement)), agreement)
+    assert fit.slope > 3 * fit.stderr, (fit, agreement)
