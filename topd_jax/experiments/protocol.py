@@ -34,6 +34,7 @@ from topd_jax import fileio
 from topd_jax.data import synthetic
 from topd_jax.experiments import models
 from topd_jax.experiments.locator_analysis import candidate_table, located_rollouts, locator_analysis
+from topd_jax.experiments.ordering import longest_first
 from topd_jax.experiments.statistics import curve_area
 from topd_jax.losses.locators import LOCATORS
 from topd_jax.trainer.config import TrainConfig, load_config
@@ -343,32 +344,6 @@ class _Jobs:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
             self.pool = None
-
-
-def _kind(method: str) -> int:
-    """A method's cost class before it ran: relay (rounds of decoding), window or branching
-    methods, OPD's (sample, score, update only)."""
-    return 2 if "relay" in method else 1 if method.startswith("topd") else 0
-
-
-def longest_first(tasks, screen: dict[str, dict[str, Any]]) -> list:
-    """Tasks (method, seed, lr, split) ordered by expected run time, longest first, so that a stage
-    does not end on one long run with the other workers idle: a method's screened step time when
-    it has one, else the mean screened step time of its kind (`_kind`), else its kind's rank. The
-    order changes no result (each run is a pure function of its task)."""
-    by_kind: dict[int, list[float]] = {}
-    for method, record in screen.items():
-        by_kind.setdefault(_kind(method), []).append(record["step_time"])
-
-    def cost(task):
-        method = task[0]
-        if method in screen:
-            return (1, screen[method]["step_time"])
-        if _kind(method) in by_kind:
-            return (1, float(np.mean(by_kind[_kind(method)])))
-        return (0, _kind(method))
-
-    return sorted(tasks, key=cost, reverse=True)
 
 
 @dataclasses.dataclass(frozen=True)
