@@ -32,7 +32,8 @@ def _tpu_devices(name=TOPOLOGY):
 
 def test_plan_tiny_config_on_a_tpu_topology(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["--config", TINY, "--topology", TOPOLOGY, "--json", str(out), f"output_dir={tmp_path}"]) == 0
+    assert main(["--config", TINY, "--topology", TOPOLOGY, "--json", str(out), f"output_dir={tmp_path}",
+                 "rollout.mode=static"]) == 0
     printed = capsys.readouterr().out
     assert "| sample" in printed and "| train" in printed and "roofline s (est.)" in printed
     plan = json.loads(out.read_text())
@@ -61,7 +62,7 @@ def test_plan_tiny_config_on_a_tpu_topology(tmp_path, capsys):
     assert plan["step"]["bound_s"] == pytest.approx(sum(p["bound_s"] for p in plan["phases"]))
     assert plan["step"]["roofline_s"] == pytest.approx(sum(p["roofline_s"] for p in plan["phases"]))
     assert sample["decode_tokens_per_device"] == 8 * 24 / 4  # 8 rollouts x 24 tokens over 4 chips
-    # --lengths max, rollout.mode static (the defaults): the sample row is its loop run to the cap.
+    # --lengths max (the default), rollout.mode static: the sample row is its loop run to the cap.
     static, chip = plan["sampling"]["modes"]["static"], plan["chip_figures"]
     assert plan["step"]["rollout_mode"] == "static" and plan["sampling"]["lengths"] == "max"
     assert static["decode_steps"] == 24 and static["roofline_s"] == pytest.approx(sample["roofline_s"])

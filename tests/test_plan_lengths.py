@@ -157,11 +157,10 @@ def test_sample_modes_multiply_the_steps_and_bound_each_mode():
     assert produced.bound.seconds(chip) == pytest.approx(prefill.seconds(chip) + 4 * step)
 
 
-def test_the_rollout_mode_is_the_configs_or_static():
+def test_the_rollout_mode_is_the_configs():
     from topd_jax.trainer.config import load_config
 
-    config = load_config(TINY, [])
-    assert modes.check_mode(getattr(config.rollout, "mode", "static")) in modes.MODES
+    assert modes.check_mode(load_config(TINY, []).rollout.mode) == "continuous"  # the default
     with pytest.raises(ValueError, match="^rollout.mode: unknown 'paged'; choose from static, continuous$"):
         modes.check_mode("paged")
 
@@ -173,7 +172,7 @@ def test_the_lengths_option_reaches_the_plan(tmp_path, capsys):
 
     out = tmp_path / "plan.json"
     assert main(["--config", TINY, "--topology", "v5e:2x2", "--phases", "sample", "--lengths", "lognormal:10,0.8",
-                 "--json", str(out), f"output_dir={tmp_path}"]) == 0
+                 "--json", str(out), f"output_dir={tmp_path}", "rollout.mode=static"]) == 0
     printed = capsys.readouterr().out
     assert "Sample phase per rollout mode at lengths lognormal:10,0.8" in printed
     assert "| static *" in printed and "| continuous " in printed and "| produced " in printed

@@ -48,7 +48,7 @@ from flax import nnx
 
 from topd_jax.models.decoder import CausalLM, KVCache, init_cache
 from topd_jax.models.masks import check_left_padded
-from topd_jax.models.sharding import constrain_batch
+from topd_jax.models.sharding import constrain_batch, host_global
 from topd_jax.sampling import (PAD_ID, Rollout, SamplingOptions, check_count, check_options, check_request, draw,
                                is_eos, row_keys, token_logprob)
 from topd_jax.scoring import score_rollout
@@ -222,7 +222,7 @@ def evict(slots: Slots, where) -> Slots:
 
 def ended(slots: Slots, occupied: np.ndarray) -> np.ndarray:
     """Host: the occupied slots (bool [S], the caller's bookkeeping) that are no longer decoding."""
-    return np.flatnonzero(np.asarray(occupied) & ~np.asarray(jax.device_get(slots.decoding)))
+    return np.flatnonzero(np.asarray(occupied) & ~np.asarray(host_global(slots.decoding)))
 
 
 @functools.partial(jax.jit, static_argnames=("eos_ids",))

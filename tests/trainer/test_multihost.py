@@ -1,4 +1,6 @@
-"""Two processes on localhost (jax.distributed, 4 CPU devices each) train like one of 8 devices."""
+"""Two processes on localhost (jax.distributed, 4 CPU devices each) train like one of 8 devices,
+with lockstep rollouts and with the continuous pool (whose bookkeeping every process runs on
+all-gathered values)."""
 
 import os
 import socket
@@ -6,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from .test_loop import ROOT, TIMING, WORKER, metrics_of
 
@@ -20,11 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(output_dir, num_processes):
+def launch(output_dir, num_processes, *extra):
     env = {**os.environ, "PYTHONPATH": ROOT}
     port = free_port()
     procs = [subprocess.Popen([sys.executable, WORKER, "multihost", str(output_dir), str(i), str(num_processes),
-                               str(port), *RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               str(port), *RUN, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(num_processes)]
     outputs = [p.communicate(timeout=400) for p in procs]
     for p, (out, err) in zip(procs, outputs):
@@ -34,9 +37,10 @@ def launch(output_dir, num_processes):
         return metrics_of(output_dir), [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
-def test_two_processes_of_four_devices_agree_with_one_process_of_eight(tmp_path):
-    two_metrics, two_params = launch(tmp_path / "two", 2)
-    one_metrics, one_params = launch(tmp_path / "one", 1)
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_two_processes_of_four_devices_agree_with_one_process_of_eight(tmp_path, mode):
+    two_metrics, two_params = launch(tmp_path / "two", 2, f"rollout.mode={mode}", "rollout.eos_ids=[1,2,3,4,5,6]")
+    one_metrics, one_params = launch(tmp_path / "one", 1, f"rollout.mode={mode}", "rollout.eos_ids=[1,2,3,4,5,6]")
     assert [r["step"] for r in two_metrics] == [1, 2, 3]
     for a, b in zip(two_metrics, one_metrics):
         assert a.keys() == b.keys()

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -166,3 +166,12 @@ def constrain_batch(tree: Any, rules: Rules | Mapping[str, MeshAxes] | None = No
         return jax.lax.with_sharding_constraint(x, spec)
 
     return jax.tree.map(one, tree)
+
+
+def host_global(tree: Any) -> Any:
+    """The global value of each array of `tree` (sharded, possibly over several hosts) as numpy,
+    on every process: `jax.device_get` on one process, an all-gather across processes otherwise
+    (every process then holds the same values, so host logic that reads them stays in step)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from topd_jax.plan.modes import check_mode
 
         lengths = parse_lengths(args.lengths)
-        check_mode(getattr(config.rollout, "mode", "static"))
+        check_mode(config.rollout.mode)
         if args.json:  # before minutes of compiling, not after
             check_writable(args.json, directory=False)
     except (ConfigError, ValueError, OSError) as err:

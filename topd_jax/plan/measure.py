@@ -214,7 +214,7 @@ def plan_step(config: TrainConfig, devices, *, student_layers: int | None = None
     if bad:
         raise ValueError(f"unknown phase {', '.join(bad)}; phases: {', '.join(PHASES)}")
     lengths = parse_lengths(lengths) if isinstance(lengths, str) else lengths
-    modes.check_mode(getattr(config.rollout, "mode", "static"))
+    modes.check_mode(config.rollout.mode)
     mesh = mesh_from_config(config.mesh, devices)
     r = config.rollout
     placement.batch_size_divides(r.prompts_per_step * r.num_samples, mesh)

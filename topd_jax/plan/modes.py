@@ -43,8 +43,6 @@ from topd_jax.plan import lengths as length_stats
 from topd_jax.plan.bound import Bound, Part, decode_part, prefill_part
 from topd_jax.plan.figures import computed_bytes, per_device_bytes
 
-CHECK_EVERY = 8  # steps between host checks for free slots, when the config does not say
-
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -150,8 +148,8 @@ def plan_sampling(config, lengths: length_stats.Lengths, cache, params, cfg, dev
     parameters (inference layout), cfg the student's model config, sample its `PhaseFigures`
     (None or failed: no estimate), mid / first its compiled decode steps (`steps.sample_steps`)."""
     r = config.rollout
-    mode = check_mode(getattr(r, "mode", "static"))
-    check_every = getattr(r, "check_every", CHECK_EVERY)
+    mode = check_mode(r.mode)
+    check_every = r.check_every
     rows, prompt, cap = r.prompts_per_step * r.num_samples, config.data.prompt_length, r.max_new_tokens
     weights = computed_bytes(params)
     slot_bytes = per_device_bytes((cache.keys, cache.values)) / cache.max_len
@@ -166,5 +164,5 @@ def plan_sampling(config, lengths: length_stats.Lengths, cache, params, cfg, dev
     return Sampling(lengths.spec, mode, rows, rows, check_every, cap, length_stats.expected_length(f), modes)
 
 
-__all__ = ["CHECK_EVERY", "MODES", "ROWS", "SampleMode", "Sampling", "Schedule", "check_mode", "continuous_schedule",
+__all__ = ["MODES", "ROWS", "SampleMode", "Sampling", "Schedule", "check_mode", "continuous_schedule",
            "plan_sampling", "produced_schedule", "sample_modes", "static_schedule", "step_at"]

@@ -173,11 +173,10 @@ class RolloutConfig:
                       tokenizer, else none (random models run to max_new_tokens)
     window_temperature  sampling temperature of the look-ahead windows both models branch
                       (>= 0); null = temperature
-    mode              static: each step decodes its batch in lockstep until every row ended
-                      (`sampling.generate`); continuous: decode slots refilled as rows end and
-                      rollouts carried across steps (`trainer.rollouts`, docs/trainer.md: faster
-                      on long-tailed lengths, but it learned less on the miniature; the default
-                      stays static)
+    mode              continuous: decode slots refilled as rows end and rollouts carried
+                      across steps (`trainer.rollouts`; the default: the plan and the benchmark
+                      show it faster on long-tailed lengths, docs/trainer.md); static: each step
+                      decodes its batch in lockstep until every row ended (`sampling.generate`)
     slots             continuous: decode slots (>= num_samples); 0 = the batch,
                       prompts_per_step * num_samples
     check_every       continuous: decode steps between the loop's checks for ended rows (>= 1)
@@ -193,7 +192,7 @@ class RolloutConfig:
     top_k: int = 0
     eos_ids: tuple[int, ...] = ()
     window_temperature: float | None = None
-    mode: Literal["static", "continuous"] = "static"
+    mode: Literal["static", "continuous"] = "continuous"
     slots: int = 0
     check_every: int = 8
     max_staleness: int = 1

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from topd_jax.errors import CheckpointError, ConfigError, TrainingError, is_disk_full, one_line
 from topd_jax.losses.locators import LOCATORS
@@ -212,9 +213,6 @@ class Trainer:
         self.data_position = 0
         self.pool = None
         if r.mode == "continuous":
-            if jax.process_count() > 1:
-                raise ConfigError(f"rollout.mode 'continuous' runs on one process; this run has {jax.process_count()} "
-                                  "(use rollout.mode=static)")
             try:
                 placement.batch_size_divides(r.num_slots, self.inference_mesh)
             except ValueError as err:
@@ -263,9 +261,12 @@ class Trainer:
                                   process_index=jax.process_index(), process_count=jax.process_count())
 
     def _next_prompts(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """The continuous pool's next source batch: (tokens, mask, its index); advances the position."""
+        """The continuous pool's next source batch, global (every process's rows, in process order,
+        as `placement.put_local_batch` lays them): (tokens, mask, its index); advances the position."""
         index = self.data_position
         tokens, mask = self.prompts.batch(index)
+        if self.prompts.local and jax.process_count() > 1:
+            tokens, mask = multihost_utils.process_allgather((np.asarray(tokens), np.asarray(mask)), tiled=True)
         self.data_position += 1
         return tokens, mask, index
 

@@ -28,7 +28,11 @@ a resumed run starts with an empty pool, and the uninterrupted run drops its poo
 well (the line `drop` returns says how much) so that both continue identically. A save every
 `checkpoint.every` steps loses at most one pool's worth of rollouts per `every` steps.
 
-Single process only (`jax.process_count() == 1`): the ended rows are read on the host.
+Several processes (a pod) run the same bookkeeping on the same values: the prompts are every
+process's rows gathered (`next_prompts` returns the global batch), and what is read back from the
+slots (which rows ended, the taken rows, the counters) is all-gathered (`sharding.host_global`),
+so every process makes the same choices and the step's Rollout is placed from identical host
+values (`placement.put_global`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import jax
 import numpy as np
 
 from topd_jax import slots as slots_lib
+from topd_jax.models.sharding import host_global
 from topd_jax.sampling import Rollout, row_keys
 from topd_jax.trainer import placement
 from topd_jax.trainer.config import RolloutConfig
@@ -67,7 +72,7 @@ class RolloutPool:
         # Free slots before the decode loop returns to refill: an eighth of them, whole groups.
         self.refill = max(rollout.num_samples, self.num_slots // 8 // rollout.num_samples * rollout.num_samples)
         self.next_prompts = next_prompts
-        self.key = np.asarray(jax.device_get(key))  # a host value: used under the inference mesh
+        self.key = np.asarray(host_global(key))  # a host value: used under the inference mesh
         self.state: slots_lib.Slots | None = None
         self.reset()
 
@@ -86,10 +91,13 @@ class RolloutPool:
         statistics (module docstring); `student` is the CausalLM at policy version `version`."""
         self._top_up(1)
         if self.state is None:  # the prompts' width P is the source's
-            state = slots_lib.init_slots(student, slots=self.num_slots, prompt_len=self.queue[0][0].shape[0],
-                                         max_new_tokens=self.config.max_new_tokens)
-            self.state = jax.device_put(state, placement.phase_shardings(state, mesh))
-        busy0, steps0 = int(self.state.busy_steps), int(self.state.steps)
+            def init():
+                return slots_lib.init_slots(student, slots=self.num_slots, prompt_len=self.queue[0][0].shape[0],
+                                            max_new_tokens=self.config.max_new_tokens)
+
+            shardings = placement.phase_shardings(jax.eval_shape(init), mesh)
+            self.state = jax.jit(init, out_shardings=shardings)()  # made in place, on every host
+        busy0, steps0 = self._counters()
         dropped = self._drop_stale(version)
         need, ns = self.config.prompts_per_step, self.config.num_samples
         while len(self.complete) < need:
@@ -104,7 +112,7 @@ class RolloutPool:
             rows.extend(group.rows[j] for j in range(ns))
         versions = self.last_versions = np.stack([r["versions"] for r in rows])  # [B, N], -1 past a row's end
         rollout = Rollout(*(np.stack([r[f] for r in rows]) for f in ROW_FIELDS), None)
-        busy, steps = int(self.state.busy_steps) - busy0, int(self.state.steps) - steps0
+        busy, steps = (now - then for now, then in zip(self._counters(), (busy0, steps0)))
         valid = rollout.mask
         lag = np.where(valid, version - versions, 0)
         stats = {
@@ -115,7 +123,12 @@ class RolloutPool:
             "off_policy_share": float((lag > 0).sum() / max(valid.sum(), 1)),
             "version_lag": float(lag.sum() / max(valid.sum(), 1)),
         }
-        return jax.device_put(rollout, placement.phase_shardings(rollout, mesh)), stats
+        return jax.tree.map(placement.put_global, rollout, placement.phase_shardings(rollout, mesh)), stats
+
+    def _counters(self) -> tuple[int, int]:
+        """The slots' (busy slot-steps, loop steps) so far."""
+        busy, steps = host_global((self.state.busy_steps, self.state.steps))
+        return int(busy), int(steps)
 
     def _drop_stale(self, version: int) -> int:
         """Drop the groups started before version - max_staleness; returns the rows dropped."""
@@ -168,7 +181,7 @@ class RolloutPool:
         done = slots_lib.ended(self.state, self.holds[:, 0] >= 0)
         if not len(done):
             return
-        rollout, versions = jax.device_get(slots_lib.take(self.state, done, self.options.eos_ids))
+        rollout, versions = host_global(slots_lib.take(self.state, done, self.options.eos_ids))
         for i, slot in enumerate(done):
             g, j = (int(x) for x in self.holds[slot])
             row = {f: np.asarray(getattr(rollout, f)[i]) for f in ROW_FIELDS}
