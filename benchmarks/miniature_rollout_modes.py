@@ -1,7 +1,7 @@
 """Does OPD learn the same with continuous rollouts? The miniature's OPD run on the development seed
 with `rollout.mode=static` and `rollout.mode=continuous`, everything else the protocol's.
 
-    python benchmarks/miniature_rollout_modes.py --results results/miniature_v4/results.json
+    python benchmarks/miniature_rollout_modes.py --results docs/results_miniature_rerun.json
 
 Each mode: one `protocol.distil` run (OPD, development seed and problems, the protocol's rate,
 steps, batch and evaluations) on the cached SFT'd pair (`--cache`, trained once if missing).

@@ -50,7 +50,7 @@ class TopdConfig:
     clip_eps            e: PPO-style clip range of rho_t = exp(s_t - b_t), l_t = -w_t min(A_t rho_t,
                         A_t clip(rho_t, 1 - e, 1 + e)). Inert on-policy (rho_t = 1); it bounds the
                         step on tokens an older student drew (rollout.mode continuous carries them:
-                        unclipped, OPD learned 13 points of area less on the miniature, docs/
+                        unclipped, OPD learned 12 points of area less on the miniature, docs/
                         trainer.md). Allowed: a float > 0, or null = no clipping.
     agg                 How per-token OPD losses are averaged. Allowed: token_mean (over all valid
                         tokens of the batch) | sequence_mean (mean of each rollout's token mean).
