@@ -46,8 +46,23 @@ if num_processes > 1:
                    f"distributed.num_processes={num_processes}", f"distributed.process_id={process_id}"]
 config = load_config("configs/tiny_cpu.yaml", [f"output_dir={output_dir}", *distributed, *overrides])
 trainer = Trainer(config)
+pool_views = []  # per step, a digest of what this process's pool holds: every process must agree
+if trainer.pool is not None:
+    import hashlib
+
+    collect = trainer.pool.collect
+
+    def collect_and_record(*args, **kwargs):
+        out = collect(*args, **kwargs)
+        pool = trainer.pool
+        view = [pool.holds.tobytes()] + [t.tobytes() + m.tobytes() + str(g).encode() for t, m, g in pool.queue]
+        pool_views.append(hashlib.sha256(b"".join(view)).hexdigest()[:16])
+        return out
+
+    trainer.pool.collect = collect_and_record
 trainer.run()
 trainer.close()
+print(f"process {jax.process_index()}: pool views {pool_views}")
 
 
 def gathered(params):
