@@ -31,7 +31,11 @@ def launch(output_dir, num_processes, *extra):
     procs = [subprocess.Popen([sys.executable, WORKER, "multihost", str(output_dir), str(i), str(num_processes),
                                str(port), *RUN, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(num_processes)]
-    outputs = [p.communicate(timeout=400) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=400) for p in procs]
+    finally:  # a hung collective (processes that disagree) must not outlive the test
+        for p in procs:
+            p.kill()
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
         assert f"{num_processes} processes, 8 devices, ok" in out
