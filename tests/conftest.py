@@ -37,12 +37,17 @@ CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_
                  "jax_persistent_cache_min_entry_size_bytes")
 
 
+SESSION_CACHE = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}  # as the session began
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_compilation_cache():
     """A test that turns on JAX's persistent compilation cache (the protocol's `_Jobs` does, for
     its process) leaves it off again: otherwise every later test of the same worker reads that
-    test's temporary cache, which crashed a worker reading an entry of another device count."""
-    before = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
+    test's temporary cache, which crashed a worker reading an entry of another device count.
+    Compared with the session's start, not the test's, so that a cache turned on outside a
+    test function (a module fixture, an import) is turned off too."""
+    before = SESSION_CACHE
     yield
     if any(getattr(jax.config, name) != value for name, value in before.items()):
         from jax._src import compilation_cache
