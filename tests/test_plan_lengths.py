@@ -160,7 +160,8 @@ def test_sample_modes_multiply_the_steps_and_bound_each_mode():
 def test_the_rollout_mode_is_the_configs():
     from topd_jax.trainer.config import load_config
 
-    assert modes.check_mode(load_config(TINY, []).rollout.mode) == "continuous"  # the default
+    assert modes.check_mode(load_config(None, []).rollout.mode) == "continuous"  # the default
+    assert modes.check_mode(load_config(TINY, []).rollout.mode) == "static"  # the tiny CPU config's
     with pytest.raises(ValueError, match="^rollout.mode: unknown 'paged'; choose from static, continuous$"):
         modes.check_mode("paged")
 
