@@ -261,8 +261,7 @@ class Trainer:
                                   process_index=jax.process_index(), process_count=jax.process_count())
 
     def _next_prompts(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """The continuous pool's next source batch, global (every process's rows, in process order,
-        as `placement.put_local_batch` lays them): (tokens, mask, its index); advances the position."""
+        """The pool's next global source batch (tokens, mask, its index); advances the position."""
         index = self.data_position
         tokens, mask = self.prompts.batch(index)
         if self.prompts.local and jax.process_count() > 1:
@@ -289,12 +288,9 @@ class Trainer:
             force=force, other=self.prompts.checkpoint_items())  # a prompt stream's state (Grain), if any
 
     def _save(self, logger: MetricsLogger, *, force: bool) -> None:
-        """`save`, and with a continuous pool its checkpoint policy: dropped at every save
-        (`trainer.rollouts`), said in one line."""
-        if self.save(force=force) and self.pool is not None:
-            line = self.pool.drop(self.step)
-            if line:
-                logger.warn(line)
+        """`save`; a continuous pool is dropped at every save (`trainer.rollouts`), said in one line."""
+        if self.save(force=force) and self.pool is not None and (line := self.pool.drop(self.step)):
+            logger.warn(line)
 
     def restore(self, step: int | None = None) -> None:
         """Continue from checkpoint `step` (None: the newest readable one; unreadable newer steps
